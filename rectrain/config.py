@@ -1,0 +1,263 @@
+"""Typed job configuration (pydantic v2), loaded from a YAML file in ``jobs/``.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key, a wrong type or an
+out-of-range value raises :class:`ConfigError` whose message names the file and the dotted field
+path (e.g. ``jobs/x.yaml: features.3.kind: Input should be 'sparse', 'multi_hot', ...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A job configuration is malformed; the message names the file and the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SideTable(_Model):
+    """A side table (users or items) joined onto events by ``key``."""
+
+    path: str = Field(description="fsspec URL of a Parquet file or folder")
+    key: str = Field(description="column joined with the events' user or item column")
+
+
+class LabelSpec(_Model):
+    """How the binary label is derived from an events column.
+
+    With ``threshold`` set, ``label = 1.0 if column >= threshold else 0.0``; without it, the
+    column must already hold 0/1 values (anything else is rejected).
+    """
+
+    column: str
+    threshold: Optional[float] = None
+
+
+class SplitSpec(_Model):
+    """Chronological per-user split: the last ``test`` events of each user go to test, the
+    ``valid`` events before them to valid, the rest to train."""
+
+    test: int = Field(10, ge=0)
+    valid: int = Field(10, ge=0)
+
+
+class DatasetSpec(_Model):
+    """Where the raw behaviour logs are and which columns mean what."""
+
+    source: Optional[Literal["movielens-100k"]] = Field(
+        None, description="adapter that writes the raw logs below when they are missing"
+    )
+    events: str = Field(description="fsspec URL of the events Parquet file or folder")
+    users: Optional[SideTable] = None
+    items: Optional[SideTable] = None
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    timestamp_column: str = "timestamp"
+    label: LabelSpec
+    sequence_length: int = Field(50, ge=1, description="max behaviour-sequence length")
+    split: SplitSpec = SplitSpec()
+    on_invalid: Literal["error", "skip"] = Field(
+        "error", description="bad rows: raise (naming file, column, row, value) or skip and count"
+    )
+
+
+class Transform(_Model):
+    """A vectorised transform applied to a source column before encoding (exactly one field)."""
+
+    floor_div: Optional[int] = Field(None, ge=1, description="integer division, e.g. age // 10")
+    prefix: Optional[int] = Field(None, ge=1, description="first N characters of a string")
+    year: bool = Field(False, description="calendar year of a date/timestamp; null -> 0")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Transform":
+        n = sum([self.floor_div is not None, self.prefix is not None, bool(self.year)])
+        if n != 1:
+            raise ValueError("set exactly one of floor_div, prefix, year")
+        return self
+
+
+class FeatureSpec(_Model):
+    """One model input.
+
+    kinds: ``sparse`` (one categorical id per sample), ``multi_hot`` (a list column, pooled),
+    ``sequence`` (the user's behaviour sequence of another feature's ids, most recent last;
+    ``source`` names that feature), ``dense`` (a numeric column, z-normalised with train stats).
+    Features with the same ``table`` share one embedding table (default: their own name).
+    """
+
+    name: str
+    kind: Literal["sparse", "multi_hot", "sequence", "dense"]
+    source: str
+    table: Optional[str] = None
+    transform: Optional[Transform] = None
+    pooling: Literal["sum", "mean"] = "sum"
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+
+class ModelSpec(_Model):
+    """Model choice and sizes. ``din``: Deep Interest Network (Zhou et al., KDD 2018)."""
+
+    name: Literal["din"] = "din"
+    embedding_dim: int = Field(16, ge=1)
+    query_feature: str = "item_id"
+    sequence_feature: str = "hist_item_id"
+    attention_hidden: list[int] = [64, 32]
+    mlp_hidden: list[int] = [200, 80]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class OptimSpec(_Model):
+    """Dense parameters: Adam/AdamW. Sparse (embedding) parameters: a fused optimiser applied in
+    backward (TorchRec ``apply_optimizer_in_backward``)."""
+
+    dense: Literal["adam", "adamw", "sgd"] = "adam"
+    dense_lr: float = Field(1e-3, gt=0)
+    dense_weight_decay: float = Field(0.0, ge=0)
+    sparse: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = Field(0.05, gt=0)
+    sparse_weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainSpec(_Model):
+    """Training loop settings; sizes in samples (global batch = batch_size * num_workers)."""
+
+    batch_size: int = Field(1024, ge=1, description="per-worker batch size (samples)")
+    eval_batch_size: int = Field(4096, ge=1)
+    epochs: int = Field(5, ge=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Optional[bool] = Field(None, description="None: use GPUs when the cluster has them")
+    seed: int = 0
+    log_every: int = Field(20, ge=1, description="log a line every N steps")
+    max_train_rows: Optional[int] = Field(None, ge=1, description="cap rows per epoch (smoke runs)")
+
+
+class ShardingSpec(_Model):
+    """Sharding types offered to TorchRec's planner (table_wise, row_wise, column_wise)."""
+
+    types: list[Literal["table_wise", "row_wise", "column_wise"]] = ["table_wise"]
+
+
+class RaySpec(_Model):
+    """Where to run. ``address`` None starts an embedded local Ray with ``num_cpus`` logical CPUs
+    = workers * cpus_per_worker + data_cpus, so Ray Data always has CPUs left to read with."""
+
+    address: Optional[str] = None
+    data_cpus: float = Field(2.0, gt=0)
+
+
+class JobConfig(_Model):
+    """A whole job: data → prepared samples → training run → recommendations."""
+
+    name: str
+    prepared_dir: str = Field(description="fsspec URL where prepare writes samples + manifest")
+    run_dir: str = Field(description="where train writes metrics, checkpoints, predictions")
+    dataset: DatasetSpec
+    features: list[FeatureSpec]
+    model: ModelSpec = ModelSpec()
+    optim: OptimSpec = OptimSpec()
+    train: TrainSpec = TrainSpec()
+    sharding: ShardingSpec = ShardingSpec()
+    ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _check_features(self) -> "JobConfig":
+        names = [f.name for f in self.features]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate feature names {sorted(dup)}")
+        by_name = {f.name: f for f in self.features}
+        for f in self.features:
+            if f.kind == "sequence":
+                src = by_name.get(f.source)
+                if src is None or src.kind != "sparse":
+                    raise ValueError(
+                        f"feature {f.name!r}: a sequence's source must name a sparse feature, "
+                        f"got {f.source!r}"
+                    )
+                if src.table_name != f.table_name:
+                    raise ValueError(
+                        f"feature {f.name!r}: must share table {src.table_name!r} with its "
+                        f"source feature (set table: {src.table_name})"
+                    )
+            if f.kind == "dense" and f.transform is not None and f.transform.prefix:
+                raise ValueError(f"feature {f.name!r}: prefix transform on a dense feature")
+        for attr in ("query_feature", "sequence_feature"):
+            fname = getattr(self.model, attr)
+            if fname not in by_name:
+                raise ValueError(f"model.{attr}: no feature named {fname!r}")
+        if by_name[self.model.sequence_feature].kind != "sequence":
+            raise ValueError("model.sequence_feature must name a feature of kind 'sequence'")
+        return self
+
+
+def _resolve(value: str, base: Path) -> str:
+    if "://" in value or os.path.isabs(value):
+        return value
+    return str((base / value).resolve())
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> JobConfig:
+    """Load and validate a job YAML.
+
+    Relative paths in the file (dataset, prepared_dir, run_dir) are resolved against the current
+    directory. ``overrides`` is a nested dict merged over the YAML (used by the CLI and tests).
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or a field is invalid (message names the
+            file and the dotted field path).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    return config_from_dict(raw, source=str(p))
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
+    """Validate a config dict; raises :class:`ConfigError` naming ``source`` and the field."""
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+            lines.append(f"{source}: {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    base = Path.cwd()
+    cfg.prepared_dir = _resolve(cfg.prepared_dir, base)
+    cfg.run_dir = _resolve(cfg.run_dir, base)
+    ds = cfg.dataset
+    ds.events = _resolve(ds.events, base)
+    for side in (ds.users, ds.items):
+        if side is not None:
+            side.path = _resolve(side.path, base)
+    return cfg
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,171 @@
+"""Feature layer: feature specs -> TorchRec table configs, Arrow record batches -> :class:`Batch`.
+
+Conversion is vectorised: a list column's lengths come from its Arrow offsets and its values
+from the flattened child array; scalar ids are a single ``int64`` column with length 1 each. No
+per-row Python runs between Parquet and the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from rectrain.config import FeatureSpec, JobConfig
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One training/eval batch (the Batch contract of DESIGN.md).
+
+    Attributes:
+        dense: float32 ``[B, D]`` z-normalised dense features (``D`` may be 0).
+        sparse: :class:`KeyedJaggedTensor` with int64 values and int32 lengths, keys in
+            :attr:`FeatureLayout.sparse_keys` order (pooled features first, then the
+            sequence-table features).
+        labels: float32 ``[B]``.
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(self.dense.to(device, non_blocking=non_blocking),
+                     self.sparse.to(device, non_blocking=non_blocking),
+                     self.labels.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream) -> None:  # for TorchRec train pipelines
+        self.dense.record_stream(stream)
+        self.sparse.record_stream(stream)
+        self.labels.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _list_parts(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values int64, lengths int32) of a (possibly sliced) list column, from its offsets."""
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.int64, copy=False), lengths.astype(np.int32, copy=False)
+
+
+class FeatureLayout:
+    """How a job's features map onto embedding tables and KJT keys.
+
+    A table is a *sequence table* when a ``sequence`` feature uses it; all features on sequence
+    tables are looked up unpooled through an ``EmbeddingCollection`` (the DIN query and the
+    behaviour sequence share the item table). All other sparse / multi-hot features are pooled
+    through an ``EmbeddingBagCollection``.
+
+    Args:
+        cfg: the job config (features, embedding dim).
+        manifest: the prepared data's manifest (table cardinalities, dense stats).
+    """
+
+    def __init__(self, cfg: JobConfig, manifest: dict):
+        self.cfg = cfg
+        self.embedding_dim = cfg.model.embedding_dim
+        feats = cfg.features
+        seq_tables = {f.table_name for f in feats if f.kind == "sequence"}
+        sparse = [f for f in feats if f.kind != "dense"]
+        self.pooled: list[FeatureSpec] = [f for f in sparse if f.table_name not in seq_tables]
+        self.sequence: list[FeatureSpec] = [f for f in sparse if f.table_name in seq_tables]
+        self.dense: list[FeatureSpec] = [f for f in feats if f.kind == "dense"]
+        self.sparse_keys = [f.name for f in self.pooled] + [f.name for f in self.sequence]
+        self.num_embeddings: dict[str, int] = dict(manifest["tables"])
+        self.dense_stats = manifest.get("dense_stats", {})
+        self.max_sequence_length = cfg.dataset.sequence_length
+        self.columns = self.sparse_keys + [f.name for f in self.dense] + ["label"]
+
+    def ebc_tables(self) -> list[EmbeddingBagConfig]:
+        """Pooled tables (one per table name), for an ``EmbeddingBagCollection``."""
+        out: dict[str, EmbeddingBagConfig] = {}
+        for f in self.pooled:
+            t = out.get(f.table_name)
+            if t is None:
+                out[f.table_name] = EmbeddingBagConfig(
+                    name=f.table_name, embedding_dim=self.embedding_dim,
+                    num_embeddings=self.num_embeddings[f.table_name], feature_names=[f.name],
+                    pooling=PoolingType.MEAN if f.pooling == "mean" else PoolingType.SUM)
+            else:
+                t.feature_names.append(f.name)
+        return list(out.values())
+
+    def ec_tables(self) -> list[EmbeddingConfig]:
+        """Sequence tables (unpooled), for an ``EmbeddingCollection``."""
+        out: dict[str, EmbeddingConfig] = {}
+        for f in self.sequence:
+            t = out.get(f.table_name)
+            if t is None:
+                out[f.table_name] = EmbeddingConfig(
+                    name=f.table_name, embedding_dim=self.embedding_dim,
+                    num_embeddings=self.num_embeddings[f.table_name], feature_names=[f.name])
+            else:
+                t.feature_names.append(f.name)
+        return list(out.values())
+
+    def arrow_schema(self) -> pa.Schema:
+        """Arrow schema of :attr:`columns` as prepare writes them."""
+        fields = []
+        for f in self.pooled + self.sequence:
+            ty = pa.int64() if f.kind == "sparse" else pa.list_(pa.int64())
+            fields.append(pa.field(f.name, ty))
+        fields += [pa.field(f.name, pa.float64()) for f in self.dense]
+        return pa.schema(fields + [pa.field("label", pa.float32())])
+
+    @property
+    def dense_dim(self) -> int:
+        return len(self.dense)
+
+    def to_batch(self, table: pa.Table | pa.RecordBatch) -> Batch:
+        """Convert Arrow rows (prepared-sample schema) to a :class:`Batch`.
+
+        Raises:
+            KeyError: a feature column is missing (message names the column).
+        """
+        missing = [c for c in self.columns if c not in table.column_names]
+        if missing:
+            raise KeyError(f"batch lacks feature column(s) {missing}; has {table.column_names}")
+        n = table.num_rows
+        values, lengths = [], []
+        for name in self.sparse_keys:
+            col = table.column(name)
+            if isinstance(col, pa.ChunkedArray):
+                col = col.combine_chunks()
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                v, ln = _list_parts(col)
+            else:
+                v = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+                ln = np.ones(n, dtype=np.int32)
+            values.append(v)
+            lengths.append(ln)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=self.sparse_keys,
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+        )
+        if self.dense:
+            cols = []
+            for f in self.dense:
+                x = table.column(f.name).to_numpy(zero_copy_only=False).astype(np.float32)
+                st = self.dense_stats.get(f.name, {"mean": 0.0, "std": 1.0})
+                x = (x - st["mean"]) / (st["std"] or 1.0)
+                cols.append(np.nan_to_num(x, nan=0.0))
+            dense = torch.from_numpy(np.stack(cols, axis=1))
+        else:
+            dense = torch.zeros(n, 0)
+        labels = torch.from_numpy(
+            table.column("label").to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
+        return Batch(dense=dense, sparse=kjt, labels=labels)

@@ -1,0 +1,435 @@
+"""The generic prepare stage (Ray): raw behaviour logs -> training samples + manifest.
+
+::
+
+    events files ──(Ray task per file: read, validate, join users/items by index, label, encode)──┐
+    users, items (small side tables, encoded once in the driver, broadcast via the object store)  │
+    Ray Data: group by user bucket → per bucket, vectorised: order each user's events by          │
+        (timestamp, file, row), behaviour sequences from list offsets, chronological split ←──────┘
+    → train (globally shuffled) / valid / test Parquet + catalog (users, items) + vocabularies
+    → manifest.json (schema, cardinalities, counts per split and file, rejected rows by reason)
+
+Nothing is dropped silently: every row read is either in exactly one split or counted in
+``rejected`` by reason; the manifest asserts ``rows_read == rows_used + rows_rejected``.
+No MovieLens-specific code lives here: the job config names the columns (see
+:class:`rectrain.config.DatasetSpec` and :class:`rectrain.config.FeatureSpec`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rectrain.config import DatasetSpec, FeatureSpec, JobConfig
+from rectrain.data import storage
+from rectrain.data.encode import apply_transform, build_vocab, encode
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+# meta columns carried in every sample next to the features
+USER, ITEM, TS, POS, LABEL, SPLIT = "_user", "_item", "_ts", "_pos", "label", "_split"
+_UID, _BUCKET, _FILE, _ROW = "_uid", "_bucket", "_file", "_row"
+
+
+class DataValidationError(ValueError):
+    """A raw input violates the job's data contract; the message names file, column, row, value."""
+
+
+# ----------------------------------------------------------------------------- side tables
+def _read_all(url: str, what: str) -> tuple[pa.Table, list[str]]:
+    files, _ = storage.list_parquet_files(url)
+    tables = [storage.read_parquet(f) for f in files]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive"), files
+    except pa.ArrowInvalid as e:
+        raise DataValidationError(f"{what} {url}: files disagree on schema: {e}") from None
+
+
+def _check_key(table: pa.Table, key: str, url: str) -> None:
+    if key not in table.column_names:
+        raise DataValidationError(f"{url}: key column {key!r} missing (has {table.column_names})")
+    col = table[key]
+    if col.null_count:
+        row = pc.index(pc.is_null(col), True).as_py()
+        raise DataValidationError(f"{url}: column {key!r} row {row}: null key")
+    if pc.count_distinct(col).as_py() != len(col):
+        counts = pc.value_counts(col).flatten()
+        dup = pc.filter(counts[0], pc.greater(counts[1], 1))[0].as_py()
+        row = pc.index(col, dup).as_py()
+        raise DataValidationError(f"{url}: column {key!r} row {row}: duplicate key value {dup!r}")
+
+
+def _source_of(f: FeatureSpec, spec: DatasetSpec, side: dict[str, pa.Table]) -> str:
+    """Which table a (non-sequence) feature's source column lives in."""
+    for role, key_col in (("users", spec.user_column), ("items", spec.item_column)):
+        t = side.get(role)
+        if t is not None and f.source in t.column_names:
+            return role
+    return "events"
+
+
+# ----------------------------------------------------------------------------- per-file task
+def _fail_or_mask(table: pa.Table, bad: pa.Array, path: str, col: str, problem: str,
+                  policy: str, stats: Counter, reason: str) -> pa.Table:
+    n_bad = pc.sum(bad).as_py() or 0
+    if not n_bad:
+        return table
+    row_idx = pc.index(bad, True).as_py()
+    if policy == "error":
+        value = table[col][row_idx].as_py() if col in table.column_names else None
+        row = table[_ROW][row_idx].as_py()
+        raise DataValidationError(
+            f"{path}: column {col!r} row {row}: {problem} (value {value!r}); "
+            f"{n_bad} such row(s) in this file. Set dataset.on_invalid: skip to drop and count them."
+        )
+    stats[reason] += n_bad
+    return table.filter(pc.invert(bad))
+
+
+def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: list[str],
+                     side: dict[str, pa.Table], keys: dict[str, pa.Array],
+                     event_vocabs: dict[str, pa.Array], features: list[dict],
+                     num_buckets: int) -> tuple[pa.Table, dict]:
+    """Read, validate, label, join and encode one events file (runs as a Ray task).
+
+    Returns ``(table, stats)`` where ``table`` has the encoded feature columns plus the meta
+    columns and ``stats`` = ``{"file", "rows_read", "rows_used", "rejected": {reason: n}}``.
+    Raises :class:`DataValidationError` with ``on_invalid: error``.
+    """
+    import pyarrow.parquet as pq  # noqa: F401  (Ray task imports)
+
+    stats: Counter = Counter()
+    feats = [FeatureSpec.model_validate(f) for f in features]
+    t = storage.read_parquet(path)
+    rows_read = t.num_rows
+    required = [spec.user_column, spec.item_column, spec.timestamp_column, spec.label.column]
+    missing = [c for c in dict.fromkeys(required + event_cols) if c not in t.column_names]
+    if missing and rows_read:
+        raise DataValidationError(
+            f"{path}: missing column(s) {missing}; the file has {t.column_names}"
+        )
+    if rows_read == 0:
+        return pa.table({}), {"file": path, "rows_read": 0, "rows_used": 0, "rejected": {}}
+    t = t.select(list(dict.fromkeys(required + event_cols)))
+    t = t.append_column(_ROW, pa.array(np.arange(rows_read, dtype=np.int64)))
+    pol = spec.on_invalid
+    for c in required:
+        t = _fail_or_mask(t, pc.is_null(t[c]), path, c, "null value", pol, stats, f"null_{c}")
+    ts = t[spec.timestamp_column]
+    if not pa.types.is_integer(ts.type):
+        raise DataValidationError(
+            f"{path}: column {spec.timestamp_column!r}: expected integer unix seconds, got {ts.type}"
+        )
+    t = _fail_or_mask(t, pc.less(t[spec.timestamp_column], 0), path, spec.timestamp_column,
+                      "negative timestamp", pol, stats, "bad_timestamp")
+    lab = t[spec.label.column]
+    if not (pa.types.is_integer(lab.type) or pa.types.is_floating(lab.type)
+            or pa.types.is_boolean(lab.type)):
+        raise DataValidationError(
+            f"{path}: column {spec.label.column!r}: label must be numeric, got {lab.type}"
+        )
+    lab = pc.cast(lab, pa.float64())
+    if spec.label.threshold is None:
+        bad = pc.invert(pc.is_in(lab, value_set=pa.array([0.0, 1.0])))
+        t = _fail_or_mask(t, bad, path, spec.label.column, "label not 0/1", pol, stats,
+                          "label_out_of_domain")
+        lab = pc.cast(t[spec.label.column], pa.float64())
+    else:
+        bad = pc.invert(pc.is_finite(lab))
+        t = _fail_or_mask(t, bad, path, spec.label.column, "label not finite", pol, stats,
+                          "label_out_of_domain")
+        lab = pc.cast(t[spec.label.column], pa.float64())
+    label = (pc.cast(pc.greater_equal(lab, spec.label.threshold), pa.float32())
+             if spec.label.threshold is not None else pc.cast(lab, pa.float32()))
+    t = t.append_column(LABEL, label)
+
+    # join side tables by row index (vectorised; supports list columns)
+    rows_of = {}
+    for role, col in (("users", spec.user_column), ("items", spec.item_column)):
+        if role in side:
+            raw = t[col]
+            if raw.type != keys[role].type:
+                try:
+                    raw = pc.cast(raw, keys[role].type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    raise DataValidationError(
+                        f"{path}: column {col!r}: type {t[col].type} cannot match the {role} "
+                        f"table key type {keys[role].type}"
+                    ) from None
+            idx = pc.index_in(raw, value_set=keys[role])
+            t = t.append_column(f"_{role}_row", idx)
+            t = _fail_or_mask(t, pc.is_null(idx), path, col, f"id not in the {role} table", pol,
+                              stats, f"unknown_{role[:-1]}")
+            rows_of[role] = t[f"_{role}_row"]
+    out: dict[str, Any] = {}
+    for f in feats:
+        if f.kind == "sequence":
+            continue
+        if f.name in side.get("users", pa.table({})).column_names and "users" in rows_of:
+            out[f.name] = side["users"][f.name].take(rows_of["users"])
+        elif f.name in side.get("items", pa.table({})).column_names and "items" in rows_of:
+            out[f.name] = side["items"][f.name].take(rows_of["items"])
+        else:
+            col = apply_transform(t[f.source], f.transform)
+            if f.kind == "dense":
+                out[f.name] = pc.cast(col, pa.float64())
+            else:
+                out[f.name] = encode(col, event_vocabs[f.name])
+    uid = (pc.add(pc.cast(rows_of["users"], pa.int64()), 1) if "users" in rows_of
+           else encode(t[spec.user_column], event_vocabs[_UID]))
+    out[_UID] = uid
+    out[_BUCKET] = pa.array(uid.to_numpy(zero_copy_only=False) % num_buckets)
+    out[USER] = t[spec.user_column]
+    out[ITEM] = t[spec.item_column]
+    out[TS] = pc.cast(t[spec.timestamp_column], pa.int64())
+    out[LABEL] = t[LABEL]
+    out[_FILE] = pa.array(np.full(t.num_rows, file_id, dtype=np.int32))
+    out[_ROW] = t[_ROW]
+    table = pa.table({k: (v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v)
+                      for k, v in out.items()})
+    return table, {"file": path, "rows_read": rows_read, "rows_used": table.num_rows,
+                   "rejected": dict(stats)}
+
+
+# ----------------------------------------------------------------------------- sequences
+def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: int,
+                    n_test: int, n_valid: int) -> pa.Table:
+    """Behaviour sequences and chronological split for whole users (vectorised).
+
+    ``t`` holds all events of some users. Each user's events are ordered by
+    ``(timestamp, file, row)``; event ``i`` of a user gets, for each ``(name, source)`` in
+    ``seq_features``, the ``source`` ids of that user's up to ``max_len`` strictly earlier events,
+    most recent last, as a ``list<int64>`` column ``name``. ``_pos`` is the event's 0-based
+    position in its user's history; ``_split`` is 2 (test) for the user's last ``n_test``
+    events, 1 (valid) for the ``n_valid`` before, else 0 (train).
+    """
+    if t.num_rows == 0:
+        return t
+    order = pc.sort_indices(t, sort_keys=[(_UID, "ascending"), (TS, "ascending"),
+                                          (_FILE, "ascending"), (_ROW, "ascending")])
+    t = t.take(order)
+    uid = t[_UID].to_numpy()
+    n = len(uid)
+    is_start = np.empty(n, dtype=bool)
+    is_start[0] = True
+    np.not_equal(uid[1:], uid[:-1], out=is_start[1:])
+    starts = np.flatnonzero(is_start)
+    group = np.cumsum(is_start) - 1
+    pos = np.arange(n, dtype=np.int64) - starts[group]
+    sizes = np.diff(np.append(starts, n))
+    from_end = sizes[group] - 1 - pos
+    split = np.where(from_end < n_test, 2, np.where(from_end < n_test + n_valid, 1, 0))
+    lengths = np.minimum(pos, max_len)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    # index of each sequence element in t: from i - len_i up to i - 1 (most recent last)
+    first = np.repeat(np.arange(n, dtype=np.int64) - lengths, lengths)
+    within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    src_idx = first + within
+    for name, source in seq_features:
+        values = t[source].to_numpy()[src_idx]
+        t = t.append_column(name, pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                                           pa.array(values, pa.int64())))
+    t = t.append_column(POS, pa.array(pos))
+    t = t.append_column(SPLIT, pa.array(split.astype(np.int8)))
+    return t.drop_columns([_BUCKET, _FILE, _ROW])
+
+
+def _sequences_udf(t: pa.Table, seq_features, max_len, n_test, n_valid) -> pa.Table:
+    return build_sequences(t, seq_features, max_len, n_test, n_valid)
+
+
+# ----------------------------------------------------------------------------- driver
+def prepare(cfg: JobConfig, num_buckets: int = 16) -> dict:
+    """Run the prepare stage for ``cfg`` on the connected Ray cluster; returns the manifest.
+
+    Writes under ``cfg.prepared_dir``: ``{train,valid,test}/*.parquet`` (train globally
+    shuffled with ``cfg.train.seed``), ``catalog/{users,items}.parquet`` (encoded side
+    features per id), ``vocab/<feature>.parquet`` (raw value -> id) and ``manifest.json``.
+
+    Raises:
+        DataValidationError: bad input under ``on_invalid: error`` (names file/column/row/value).
+        FileNotFoundError: an input path does not exist.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    spec = cfg.dataset
+    out = cfg.prepared_dir
+    storage.remove(out)
+    event_files, markers = storage.list_parquet_files(spec.events)
+    side_raw: dict[str, pa.Table] = {}
+    side_files: dict[str, list[str]] = {}
+    for role, s in (("users", spec.users), ("items", spec.items)):
+        if s is not None:
+            side_raw[role], side_files[role] = _read_all(s.path, role)
+            _check_key(side_raw[role], s.key, s.path)
+
+    # encode side-table features once, in the driver
+    feats = [f for f in cfg.features if f.kind != "sequence"]
+    roles = {f.name: _source_of(f, spec, side_raw) for f in feats}
+    vocabs: dict[str, pa.Array] = {}
+    side_enc: dict[str, dict[str, pa.Array]] = {r: {} for r in side_raw}
+    keys: dict[str, pa.Array] = {}
+    for role, s in (("users", spec.users), ("items", spec.items)):
+        if s is not None:
+            keys[role] = side_raw[role][s.key].combine_chunks()
+    for f in feats:
+        role = roles[f.name]
+        if role == "events":
+            continue
+        col = apply_transform(side_raw[role][f.source], f.transform)
+        if f.kind == "dense":
+            side_enc[role][f.name] = pc.cast(col, pa.float64())
+        else:
+            vocabs[f.name] = build_vocab(col)
+            side_enc[role][f.name] = encode(col, vocabs[f.name])
+    side_tables = {r: pa.table(c) for r, c in side_enc.items()}
+
+    # vocabularies of event-level columns: one Ray Data pass
+    event_feats = [f for f in feats if roles[f.name] == "events"]
+    need_uid = "users" not in side_raw
+    unique_cols = sorted({f.source for f in event_feats if f.kind != "dense"}
+                         | ({spec.user_column} if need_uid else set()))
+    event_vocabs: dict[str, pa.Array] = {}
+    if unique_cols:
+        raw_ds = ray.data.read_parquet(event_files, columns=unique_cols)
+        for c in unique_cols:
+            uniq = pa.array(raw_ds.unique(c))
+            for f in event_feats:
+                if f.source == c and f.kind != "dense":
+                    event_vocabs[f.name] = build_vocab(apply_transform(uniq, f.transform))
+            if need_uid and c == spec.user_column:
+                event_vocabs[_UID] = build_vocab(uniq)
+        vocabs.update({k: v for k, v in event_vocabs.items() if k != _UID})
+
+    # per-file read/validate/join/encode tasks
+    read_task = ray.remote(num_returns=2)(read_events_file)
+    side_ref = ray.put(side_tables)
+    feats_dump = [f.model_dump() for f in cfg.features]
+    event_cols = sorted({f.source for f in event_feats})
+    refs = [read_task.remote(p, i, spec, event_cols, side_ref, keys, event_vocabs, feats_dump,
+                             num_buckets) for i, p in enumerate(event_files)]
+    table_refs = [r[0] for r in refs]
+    file_stats = ray.get([r[1] for r in refs])
+    rejected: Counter = Counter()
+    for s in file_stats:
+        rejected.update(s["rejected"])
+    rows_read = sum(s["rows_read"] for s in file_stats)
+    nonempty = [r for r, s in zip(table_refs, file_stats) if s["rows_used"]]
+    if not nonempty:
+        raise DataValidationError(f"{spec.events}: no usable event rows ({rows_read} read, "
+                                  f"rejected {dict(rejected)})")
+    t_read = time.perf_counter()
+
+    seq_features = [(f.name, f.source) for f in cfg.features if f.kind == "sequence"]
+    ds = ray.data.from_arrow_refs(nonempty)
+    ds = ds.groupby(_BUCKET).map_groups(
+        _sequences_udf, batch_format="pyarrow",
+        fn_args=(seq_features, spec.sequence_length, spec.split.test, spec.split.valid),
+    ).materialize()
+    t_seq = time.perf_counter()
+
+    split_counts = {name: 0 for name in SPLITS}
+    for row in ds.groupby(SPLIT).count().take_all():
+        split_counts[SPLITS[int(row[SPLIT])]] = int(row["count()"])
+    rows_used = sum(split_counts.values())
+    n_rejected = sum(rejected.values())
+    if rows_read != rows_used + n_rejected:
+        raise AssertionError(f"row accounting broken: read {rows_read} != used {rows_used} + "
+                             f"rejected {n_rejected}")
+
+    files_per_split: dict[str, dict[str, int]] = {}
+    for code, name in enumerate(SPLITS):
+        sub = ds.filter(expr=f"{SPLIT} == {code}").drop_columns([SPLIT, _UID])
+        if name == "train":
+            sub = sub.random_shuffle(seed=cfg.train.seed)
+        url = storage.join(out, name)
+        if split_counts[name]:
+            sub.write_parquet(url, min_rows_per_file=50_000)
+        files_per_split[name] = _file_rows(url) if storage.exists(url) else {}
+        if sum(files_per_split[name].values()) != split_counts[name]:
+            raise AssertionError(f"{name}: written rows differ from the counted rows")
+
+    # normalisation stats for dense features (train split)
+    dense_stats = {}
+    train_ds = ds.filter(expr=f"{SPLIT} == 0")
+    for f in cfg.features:
+        if f.kind == "dense":
+            mean, std = train_ds.mean(f.name), train_ds.std(f.name)
+            dense_stats[f.name] = {"mean": float(mean), "std": float(std) if std else 1.0}
+
+    # catalog and vocabularies (for recommendation and for mapping ids back)
+    for role, s in (("users", spec.users), ("items", spec.items)):
+        if s is not None:
+            cat = {**side_enc[role], (USER if role == "users" else ITEM): keys[role]}
+            storage.write_parquet(pa.table(cat), storage.join(out, "catalog", f"{role}.parquet"))
+    for name, v in vocabs.items():
+        storage.write_parquet(pa.table({"value": v, "id": pa.array(np.arange(1, len(v) + 1))}),
+                              storage.join(out, "vocab", f"{name}.parquet"))
+
+    tables = {}
+    for f in cfg.features:
+        if f.kind == "dense":
+            continue
+        src = f.source if f.kind == "sequence" else f.name
+        tables.setdefault(f.table_name, 0)
+        tables[f.table_name] = max(tables[f.table_name], len(vocabs[src]) + 1)
+    schema = ds.schema()
+    manifest = {
+        "name": cfg.name,
+        "schema": {n: str(t) for n, t in zip(schema.names, schema.types)
+                   if n not in (SPLIT, _UID)},
+        "features": [{"name": f.name, "kind": f.kind, "table": f.table_name,
+                      "num_embeddings": tables.get(f.table_name),
+                      "pooling": f.pooling} for f in cfg.features],
+        "tables": tables,
+        "num_users": len(keys["users"]) if "users" in keys else len(event_vocabs[_UID]),
+        "num_items": len(keys["items"]) if "items" in keys else None,
+        "rows_read": rows_read,
+        "rows_used": rows_used,
+        "rows_rejected": n_rejected,
+        "rejected_by_reason": dict(rejected),
+        "rows_per_split": split_counts,
+        "files_per_split": files_per_split,
+        "input_files": {s["file"]: {"rows_read": s["rows_read"], "rows_used": s["rows_used"],
+                                    "rejected": s["rejected"]} for s in file_stats},
+        "skipped_markers": markers,
+        "side_tables": {r: {"files": side_files[r], "rows": side_raw[r].num_rows}
+                        for r in side_raw},
+        "dense_stats": dense_stats,
+        "seconds": {"read_validate_join": round(t_read - t0, 3),
+                    "sequences_split": round(t_seq - t_read, 3),
+                    "total": round(time.perf_counter() - t0, 3)},
+        "config": cfg.model_dump(mode="json"),
+    }
+    storage.write_json(manifest, storage.join(out, "manifest.json"))
+    log.info("prepared %s: %s", out, split_counts)
+    return manifest
+
+
+def _file_rows(url: str) -> dict[str, int]:
+    fs, path = storage.url_to_fs(url)
+    rows = {}
+    for p in sorted(fs.find(path)):
+        if p.endswith(".parquet"):
+            with fs.open(p, "rb") as f:
+                rows[p] = pq.ParquetFile(f).metadata.num_rows
+    return rows
+
+
+def load_manifest(prepared_dir: str) -> dict:
+    """Read ``manifest.json`` from a prepared folder (FileNotFoundError names the folder)."""
+    url = storage.join(prepared_dir, "manifest.json")
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{prepared_dir}: no manifest.json; run `rectrain prepare` first")
+    return storage.read_json(url)

@@ -1,0 +1,109 @@
+"""Storage helpers over fsspec: list Parquet inputs, read/write small files at any URL."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+#: file names that data tools leave next to Parquet parts and that are not data
+MARKER_SUFFIXES = (".crc",)
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec filesystem and path inside it for ``url`` (local path, file://, s3://, ...)."""
+    return fsspec.core.url_to_fs(url)
+
+
+def arrow_fs(url: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for ``url`` (pyarrow's own for local, fsspec-wrapped else)."""
+    fs, path = url_to_fs(url)
+    if fs.protocol in ("file", ("file", "local")) or "file" in (fs.protocol or ()):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path segments with '/' (works for local paths and URLs)."""
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+def list_parquet_files(url: str) -> tuple[list[str], list[str]]:
+    """Data files under ``url`` (a file or a folder, searched recursively, sorted).
+
+    Returns ``(data_files, skipped_markers)``: names starting with ``_`` or ``.`` (``_SUCCESS``,
+    ``.part.crc``) and ``*.crc`` are markers, listed but not read.
+
+    Raises:
+        FileNotFoundError: ``url`` does not exist or holds no data file.
+    """
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: no such file or folder")
+    if fs.isfile(path):
+        return [fs.unstrip_protocol(path) if "://" in url else path], []
+    files, markers = [], []
+    for p in sorted(fs.find(path)):
+        base = posixpath.basename(p)
+        full = fs.unstrip_protocol(p) if "://" in url else p
+        if base.startswith(("_", ".")) or base.endswith(MARKER_SUFFIXES):
+            markers.append(full)
+        else:
+            files.append(full)
+    if not files:
+        raise FileNotFoundError(f"{url}: folder holds no data files (markers: {markers})")
+    return files, markers
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file at any fsspec URL into an Arrow table.
+
+    Raises:
+        ValueError: the file is not valid Parquet (message names the file).
+    """
+    fs, path = url_to_fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{url}: cannot read as Parquet: {e}") from None
+
+
+def write_parquet(table: pa.Table, url: str) -> None:
+    """Write ``table`` as one Parquet file at ``url`` (parent folders created)."""
+    fs, path = url_to_fs(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def write_json(obj: Any, url: str) -> None:
+    """Write ``obj`` as indented JSON at ``url``."""
+    fs, path = url_to_fs(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+
+
+def read_json(url: str) -> Any:
+    """Read JSON from ``url``."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def remove(url: str) -> None:
+    """Delete ``url`` recursively when it exists."""
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -1,0 +1,17 @@
+"""Model registry: config name -> class. Models take ``(layout, spec, sparse_device,
+dense_device)`` and map a :class:`~rectrain.data.features.Batch` to logits ``[B]``."""
+
+from __future__ import annotations
+
+from rectrain.models.din import DIN
+
+MODELS = {"din": DIN}
+
+
+def build_model(layout, spec, sparse_device=None, dense_device=None):
+    """Instantiate the model named ``spec.name`` (KeyError lists the known names)."""
+    try:
+        cls = MODELS[spec.name]
+    except KeyError:
+        raise KeyError(f"model.name {spec.name!r} unknown; known: {sorted(MODELS)}") from None
+    return cls(layout, spec, sparse_device=sparse_device, dense_device=dense_device)

@@ -1,0 +1,214 @@
+"""The per-worker training function, launcher-agnostic.
+
+:func:`run` is the whole loop (read it top to bottom): build the model with tables on ``meta``,
+shard it with DMP, then per epoch train on this rank's shard with the same number of steps on
+every rank, evaluate on ALL validation rows, keep the best epoch's checkpoint; finally reload the
+best checkpoint, score ALL test rows, and write ``metrics.json``, ``predictions/test.parquet``
+and TensorBoard events. :func:`ray_train_worker` runs it under Ray Train; tests and torchrun call
+:func:`run` with a :class:`WorkerEnv` built from :class:`~rectrain.data.loader.FileShard`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from rectrain.config import JobConfig, config_from_dict
+from rectrain.data import storage
+from rectrain.data.features import Batch, FeatureLayout
+from rectrain.data.loader import (FileShard, RayShard, collective_batches, padding_table,
+                                  rebatch)
+from rectrain.data.prepare import ITEM, TS, USER, load_manifest
+from rectrain.models import build_model
+from rectrain.train.checkpoint import load_checkpoint, save_checkpoint
+from rectrain.train.metrics import binary_metrics, gather_arrays
+from rectrain.train.sharding import shard_model
+
+log = logging.getLogger("rectrain.train")
+
+
+@dataclass
+class WorkerEnv:
+    """What the loop needs from its launcher.
+
+    Attributes:
+        rank, world: this process's rank and the number of ranks (process group already up).
+        device: ``cpu`` or ``cuda:<local rank>``.
+        shard: ``shard(split) -> source`` with ``source.tables(epoch)`` yielding this rank's
+            Arrow tables of that split.
+        report: called on every rank with each epoch's metrics (``ray.train.report``).
+    """
+
+    rank: int
+    world: int
+    device: torch.device
+    shard: Callable[[str], object]
+    report: Callable[[dict], None] = field(default=lambda m: None)
+
+
+def _say(env: WorkerEnv, msg: str) -> None:
+    if env.rank == 0:
+        print(f"[rectrain] {msg}", flush=True)
+
+
+def evaluate(model, layout: FeatureLayout, source, batch_size: int, device,
+             keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Score every row of this rank's shard; collective over ranks (same step count everywhere,
+    short ranks run padding rows that are discarded). Returns arrays concatenated over ALL ranks:
+    ``logits``, ``labels`` and each column in ``keep``."""
+    model.eval()
+    cols = layout.columns
+    out: dict[str, list] = {"logits": [], "labels": [], **{k: [] for k in keep}}
+    with torch.no_grad():
+        for t, n_real in collective_batches(rebatch(source.tables(), batch_size, False), "eval"):
+            if t is not None:
+                for k in keep:
+                    out[k].append(t.column(k).to_numpy(zero_copy_only=False))
+                t = t.select(cols)
+            if n_real < batch_size:
+                filler = padding_table(layout.arrow_schema() if t is None else t.schema,
+                                       batch_size - n_real)
+                t = filler if t is None else pa.concat_tables([t, filler])
+            batch = layout.to_batch(t).to(device)
+            logits = model(batch)[:n_real]
+            out["logits"].append(logits.float().cpu().numpy())
+            out["labels"].append(batch.labels[:n_real].cpu().numpy())
+    arrays = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
+    model.train()
+    return gather_arrays(arrays)
+
+
+def run(cfg: JobConfig, env: WorkerEnv) -> dict:
+    """Train, validate, checkpoint and test one job on this rank (collective). Returns the final
+    metrics dict (identical on every rank)."""
+    t_start = time.perf_counter()
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    np_rng = np.random.default_rng(tc.seed + 1000 * env.rank)
+    manifest = load_manifest(cfg.prepared_dir)
+    layout = FeatureLayout(cfg, manifest)
+    model = build_model(layout, cfg.model, sparse_device=torch.device("meta"),
+                        dense_device=env.device)
+    dmp, optimizer, plan = shard_model(model, cfg.sharding, cfg.optim, env.device)
+    _say(env, f"sharding plan ({env.world} ranks):\n{plan}")
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    writer = None
+    if env.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(storage.join(cfg.run_dir, "tensorboard"))
+    ckpt_url = storage.join(cfg.run_dir, "checkpoint")
+    best = {"auc": -1.0, "epoch": -1}
+    history = []
+    step = 0
+    train_seconds = 0.0
+    train_samples = 0
+    for epoch in range(tc.epochs):
+        # ---- train: same number of steps on every rank (drop_last + MIN agreement)
+        t_epoch = time.perf_counter()
+        t_log, n_log, loss_sum, loss_n, rows = t_epoch, 0, 0.0, 0, 0
+        tables = env.shard("train").tables(epoch)
+        for t, _ in collective_batches(rebatch(tables, tc.batch_size, True, np_rng), "train"):
+            batch = layout.to_batch(t.select(layout.columns)).to(env.device)
+            loss = loss_fn(dmp(batch), batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            rows += batch.batch_size
+            n_log += batch.batch_size * env.world
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            if tc.max_train_rows and rows >= tc.max_train_rows:
+                break
+            if step % tc.log_every == 0:
+                now = time.perf_counter()
+                sps = n_log / (now - t_log)
+                _say(env, f"epoch {epoch} step {step} loss {loss_sum / loss_n:.4f} "
+                          f"{sps:,.0f} samples/s")
+                if writer:
+                    writer.add_scalar("train/loss", loss_sum / loss_n, step)
+                    writer.add_scalar("train/samples_per_s", sps, step)
+                t_log, n_log = now, 0
+        epoch_s = time.perf_counter() - t_epoch
+        train_seconds += epoch_s
+        global_rows = rows * env.world
+        train_samples += global_rows
+        # ---- validate over ALL validation rows of all ranks
+        v = evaluate(dmp, layout, env.shard("valid"), tc.eval_batch_size, env.device)
+        vm = binary_metrics(v["logits"], v["labels"])
+        rec = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), "train_rows": global_rows,
+               "train_seconds": epoch_s, "train_samples_per_s": global_rows / max(epoch_s, 1e-9),
+               "valid_auc": vm["auc"], "valid_logloss": vm["logloss"], "valid_rows": vm["rows"]}
+        history.append(rec)
+        _say(env, f"epoch {epoch}: train loss {rec['train_loss']:.4f} "
+                  f"({global_rows} rows, {rec['train_samples_per_s']:,.0f} samples/s) | "
+                  f"valid AUC {vm['auc']:.4f} logloss {vm['logloss']:.4f} ({vm['rows']} rows)")
+        if writer:
+            writer.add_scalar("valid/auc", vm["auc"], epoch)
+            writer.add_scalar("valid/logloss", vm["logloss"], epoch)
+            writer.add_scalar("train/epoch_samples_per_s", rec["train_samples_per_s"], epoch)
+        env.report({k: float(x) for k, x in rec.items()})
+        if vm["auc"] > best["auc"]:
+            best = {"auc": vm["auc"], "epoch": epoch}
+            save_checkpoint(ckpt_url, dmp, optimizer, meta={
+                "epoch": epoch, "step": step, "valid": vm, "world_size": env.world,
+                "plan": str(plan), "config": cfg.model_dump(mode="json")})
+    # ---- test with the best epoch's weights
+    load_checkpoint(ckpt_url, dmp)
+    keep = (USER, ITEM, TS)
+    te = evaluate(dmp, layout, env.shard("test"), tc.eval_batch_size, env.device, keep=keep)
+    tm = binary_metrics(te["logits"], te["labels"])
+    _say(env, f"test (best epoch {best['epoch']}): AUC {tm['auc']:.4f} logloss "
+              f"{tm['logloss']:.4f} NE {tm['ne']:.4f} ({tm['rows']} rows)")
+    metrics = {
+        "test_auc": tm["auc"], "test_logloss": tm["logloss"], "test_ne": tm["ne"],
+        "test_rows": tm["rows"], "best_epoch": best["epoch"], "best_valid_auc": best["auc"],
+        "rows_per_split": manifest["rows_per_split"],
+        "train_samples_per_s": train_samples / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds, "worker_seconds": time.perf_counter() - t_start,
+        "world_size": env.world, "epochs": history,
+    }
+    if env.rank == 0:
+        probs = 1.0 / (1.0 + np.exp(-te["logits"].astype(np.float64)))
+        pred = pa.table({"user_id": te[USER], "item_id": te[ITEM], "timestamp": te[TS],
+                         "label": te["labels"].astype(np.float32), "score": probs})
+        storage.write_parquet(pred, storage.join(cfg.run_dir, "predictions", "test.parquet"))
+        storage.write_json(metrics, storage.join(cfg.run_dir, "metrics.json"))
+        writer.add_scalar("test/auc", tm["auc"], 0)
+        writer.add_scalar("test/logloss", tm["logloss"], 0)
+        writer.close()
+    return metrics
+
+
+def ray_train_worker(config: dict) -> None:
+    """Entry point for ``ray.train.torch.TorchTrainer(train_loop_per_worker=...)``."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    cfg = config_from_dict(config["job"])
+    threads = config.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    env = WorkerEnv(
+        rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        shard=lambda split: RayShard(ray.train.get_dataset_shard(split)),
+        report=lambda m: ray.train.report(m),
+    )
+    run(cfg, env)
+
+
+def file_env(cfg: JobConfig, rank: int, world: int, device=None) -> WorkerEnv:
+    """A :class:`WorkerEnv` reading the prepared Parquet directly (torchrun / tests)."""
+    return WorkerEnv(rank=rank, world=world, device=device or torch.device("cpu"),
+                     shard=lambda split: FileShard(storage.join(cfg.prepared_dir, split),
+                                                   rank, world))

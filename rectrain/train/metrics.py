@@ -1,0 +1,64 @@
+"""Binary-classification metrics over ALL rows of an evaluation set, merged across ranks.
+
+Each rank scores its own shard; :func:`gather_arrays` concatenates the per-rank arrays on every
+rank (``torch.distributed.all_gather_object``), and the metrics are computed once over the union,
+so the result equals the single-process value (it is not an average of per-rank AUCs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchmetrics.functional.classification import binary_auroc
+
+_EPS = 1e-7
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (exact, ties counted as 1/2), via torchmetrics ``binary_auroc``.
+
+    ``scores``: float ``[N]`` (logits or probabilities), ``labels``: ``[N]`` in {0, 1}.
+    Returns NaN when only one class is present.
+    """
+    y = np.asarray(labels)
+    if y.size == 0 or y.min() == y.max():
+        return float("nan")
+    return float(binary_auroc(torch.as_tensor(np.asarray(scores, dtype=np.float64)),
+                              torch.as_tensor(y.astype(np.int64))))
+
+
+def logloss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean binary cross-entropy in nats; probabilities clipped to ``[1e-7, 1 - 1e-7]``."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1 - _EPS)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def normalized_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """NE (He et al., "Practical Lessons from Predicting Clicks on Ads at Facebook", 2014):
+    logloss divided by the entropy of the empirical positive rate (lower is better, 1 = prior)."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = float(np.clip(y.mean(), _EPS, 1 - _EPS)) if y.size else 0.5
+    base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    return logloss(probs, labels) / base
+
+
+def binary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``{"auc", "logloss", "ne", "rows", "positive_rate"}`` for logits ``[N]`` and labels ``[N]``."""
+    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    return {"auc": auc(logits, labels), "logloss": logloss(probs, labels),
+            "ne": normalized_entropy(probs, labels), "rows": int(len(labels)),
+            "positive_rate": float(np.mean(labels)) if len(labels) else float("nan")}
+
+
+def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate each named array over all ranks (rank order); identity without a process
+    group. Every rank gets the full result."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return arrays
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}

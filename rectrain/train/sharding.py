@@ -1,0 +1,90 @@
+"""Sharding plan, DistributedModelParallel and the fused sparse + dense optimisers."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from rectrain.config import OptimSpec, ShardingSpec
+
+_SPARSE_OPT = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
+               "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+_DENSE_OPT = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def sharders() -> list:
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+    return [m for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
+
+
+def apply_sparse_optimizer(model: nn.Module, spec: OptimSpec) -> None:
+    """Register the fused sparse optimiser on every embedding table (TorchRec
+    ``apply_optimizer_in_backward``: the update runs inside backward, fused into the TBE kernel
+    after sharding, so no dense gradient of the tables is ever materialised)."""
+    kwargs = {"lr": spec.sparse_lr}
+    if spec.sparse_weight_decay:
+        kwargs["weight_decay"] = spec.sparse_weight_decay
+    if spec.sparse == "rowwise_adagrad":
+        kwargs["eps"] = 1e-8
+    for m in embedding_modules(model):
+        apply_optimizer_in_backward(_SPARSE_OPT[spec.sparse], m.parameters(), kwargs)
+
+
+def make_plan(model: nn.Module, spec: ShardingSpec, device: torch.device,
+              pg: dist.ProcessGroup | None = None) -> ShardingPlan:
+    """A sharding plan from TorchRec's ``EmbeddingShardingPlanner`` restricted to
+    ``spec.types`` (the same plan on every rank: ``collective_plan`` plans on rank 0 and
+    broadcasts)."""
+    world = dist.get_world_size(pg) if dist.is_initialized() else 1
+    tables = _table_names(model)
+    constraints = {t: ParameterConstraints(sharding_types=list(spec.types)) for t in tables}
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device=device.type),
+        constraints=constraints)
+    if dist.is_initialized():
+        return planner.collective_plan(model, sharders(), pg or dist.GroupMember.WORLD)
+    return planner.plan(model, sharders())
+
+
+def _table_names(model: nn.Module) -> list[str]:
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    names = []
+    for m in embedding_modules(model):
+        cfgs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) \
+            else m.embedding_configs()
+        names += [c.name for c in cfgs]
+    return names
+
+
+def shard_model(model: nn.Module, spec: ShardingSpec, optim: OptimSpec,
+                device: torch.device) -> tuple[DistributedModelParallel, CombinedOptimizer,
+                                               ShardingPlan]:
+    """Shard ``model`` (embedding modules on the ``meta`` device) with DMP.
+
+    Returns ``(dmp, optimizer, plan)`` where ``optimizer`` combines DMP's fused sparse optimiser
+    and a dense optimiser (Adam/AdamW/SGD) over every parameter that has no in-backward optimiser.
+    """
+    apply_sparse_optimizer(model, optim)
+    plan = make_plan(model, spec, device)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    kwargs = {"lr": optim.dense_lr}
+    if optim.dense_weight_decay:
+        kwargs["weight_decay"] = optim.dense_weight_decay
+    dense_opt = KeyedOptimizerWrapper(dense_params,
+                                      lambda params: _DENSE_OPT[optim.dense](params, **kwargs))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense_opt]), plan
