@@ -167,5 +167,5 @@ class FeatureLayout:
         else:
             dense = torch.zeros(n, 0)
         labels = torch.from_numpy(
-            table.column("label").to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
+            table.column("label").to_numpy(zero_copy_only=False).astype(np.float32, copy=True))
         return Batch(dense=dense, sparse=kjt, labels=labels)

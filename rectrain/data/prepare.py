@@ -249,7 +249,7 @@ def _sequences_udf(t: pa.Table, seq_features, max_len, n_test, n_valid) -> pa.Ta
 
 
 # ----------------------------------------------------------------------------- driver
-def prepare(cfg: JobConfig, num_buckets: int = 16) -> dict:
+def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) -> dict:
     """Run the prepare stage for ``cfg`` on the connected Ray cluster; returns the manifest.
 
     Writes under ``cfg.prepared_dir``: ``{train,valid,test}/*.parquet`` (train globally
@@ -355,7 +355,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16) -> dict:
             sub = sub.random_shuffle(seed=cfg.train.seed)
         url = storage.join(out, name)
         if split_counts[name]:
-            sub.write_parquet(url, min_rows_per_file=50_000)
+            sub.write_parquet(url, min_rows_per_file=rows_per_file,
+                              max_rows_per_file=rows_per_file)
         files_per_split[name] = _file_rows(url) if storage.exists(url) else {}
         if sum(files_per_split[name].values()) != split_counts[name]:
             raise AssertionError(f"{name}: written rows differ from the counted rows")

@@ -28,12 +28,14 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each print shows twice
     if addr:
         ray.init(address=addr, log_to_driver=True)
     else:
         tc = cfg.train
         num_cpus = tc.num_workers * tc.cpus_per_worker + cfg.ray.data_cpus
-        ray.init(num_cpus=int(max(num_cpus, 1) + 0.999), include_dashboard=False,
+        ray.init(num_cpus=int(max(num_cpus, 1) + 0.999), include_dashboard=True,
+                 dashboard_host="127.0.0.1",
                  log_to_driver=True, _node_ip_address="127.0.0.1",
                  configure_logging=True, logging_level=logging.WARNING)
     from ray.data import DataContext
@@ -44,9 +46,10 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
 
 
 def _exact_split_config():
-    """A Ray Train ``DataConfig`` that splits every dataset with ``equal=False``: Ray's default
-    ``equal=True`` may drop rows to even out the shards, which would make evaluation skip rows.
-    Training evens out step counts itself (``collective_batches``)."""
+    """A Ray Train ``DataConfig`` that splits ``train`` with ``equal=True`` (rows balanced across
+    workers; at most ``world - 1`` rows of an epoch left out, and every rank still agrees on the
+    step count in ``collective_batches``) and every other split with ``equal=False``, which
+    never drops a row, so evaluation scores each row exactly once."""
     from ray.train import DataConfig
 
     class ExactSplitDataConfig(DataConfig):
@@ -55,7 +58,7 @@ def _exact_split_config():
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                for i, split in enumerate(ds.streaming_split(world_size, equal=name == "train")):
                     output[i][name] = split
             return output
 

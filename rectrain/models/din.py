@@ -56,7 +56,9 @@ class DIN(nn.Module):
         n_seq = len(self.seq_names)
         if self.n_pooled:
             pooled_kjt, seq_kjt = kjt.split([self.n_pooled, n_seq])
-            parts = [self.ebc(pooled_kjt).values()]
+            # by name: a sharded EBC may order its output keys differently from the unsharded one
+            pooled = self.ebc(pooled_kjt).to_dict()
+            parts = [pooled[n] for n in self.pooled_names]
         else:
             seq_kjt, parts = kjt, []
         seqs = self.ec(seq_kjt)

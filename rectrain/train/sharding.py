@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -16,6 +18,8 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from rectrain.config import OptimSpec, ShardingSpec
+
+log = logging.getLogger(__name__)
 
 _SPARSE_OPT = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
                "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -46,12 +50,20 @@ def apply_sparse_optimizer(model: nn.Module, spec: OptimSpec) -> None:
 
 def make_plan(model: nn.Module, spec: ShardingSpec, device: torch.device,
               pg: dist.ProcessGroup | None = None) -> ShardingPlan:
-    """A sharding plan from TorchRec's ``EmbeddingShardingPlanner`` restricted to
-    ``spec.types`` (the same plan on every rank: ``collective_plan`` plans on rank 0 and
-    broadcasts)."""
+    """A sharding plan from TorchRec's ``EmbeddingShardingPlanner``, each table restricted to the
+    types in ``spec.types`` that its module's sharder supports on ``device`` (on CPU,
+    EmbeddingBagCollection has no row_wise: such tables fall back to table_wise, logged). The plan
+    is the same on every rank (``collective_plan`` plans on rank 0 and broadcasts)."""
     world = dist.get_world_size(pg) if dist.is_initialized() else 1
-    tables = _table_names(model)
-    constraints = {t: ParameterConstraints(sharding_types=list(spec.types)) for t in tables}
+    constraints = {}
+    for table, sharder in _table_sharders(model):
+        supported = sharder.sharding_types(device.type)
+        allowed = [t for t in spec.types if t in supported]
+        if not allowed:
+            log.warning("table %s: none of %s supported by %s on %s; using table_wise", table,
+                        spec.types, type(sharder).__name__, device.type)
+            allowed = ["table_wise"]
+        constraints[table] = ParameterConstraints(sharding_types=allowed)
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device=device.type),
         constraints=constraints)
@@ -60,14 +72,16 @@ def make_plan(model: nn.Module, spec: ShardingSpec, device: torch.device,
     return planner.plan(model, sharders())
 
 
-def _table_names(model: nn.Module) -> list[str]:
+def _table_sharders(model: nn.Module) -> list[tuple[str, object]]:
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    names = []
+    ebc_sharder, ec_sharder = sharders()
+    out = []
     for m in embedding_modules(model):
-        cfgs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) \
-            else m.embedding_configs()
-        names += [c.name for c in cfgs]
-    return names
+        if isinstance(m, EmbeddingBagCollection):
+            out += [(c.name, ebc_sharder) for c in m.embedding_bag_configs()]
+        else:
+            out += [(c.name, ec_sharder) for c in m.embedding_configs()]
+    return out
 
 
 def shard_model(model: nn.Module, spec: ShardingSpec, optim: OptimSpec,
