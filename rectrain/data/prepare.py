@@ -168,6 +168,8 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
             t = t.append_column(f"_{role}_row", idx)
             t = _fail_or_mask(t, pc.is_null(idx), path, col, f"id not in the {role} table", pol,
                               stats, f"unknown_{role[:-1]}")
+    for role in ("users", "items"):
+        if f"_{role}_row" in t.column_names:  # read after all filters, so lengths agree
             rows_of[role] = t[f"_{role}_row"]
     out: dict[str, Any] = {}
     for f in feats:

@@ -86,6 +86,14 @@ def evaluate(model, layout: FeatureLayout, source, batch_size: int, device,
     return gather_arrays(arrays)
 
 
+def _global_mean(x: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
 def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     """Train, validate, checkpoint and test one job on this rank (collective). Returns the final
     metrics dict (identical on every rank)."""
@@ -147,6 +155,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         rec = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), "train_rows": global_rows,
                "train_seconds": epoch_s, "train_samples_per_s": global_rows / max(epoch_s, 1e-9),
                "valid_auc": vm["auc"], "valid_logloss": vm["logloss"], "valid_rows": vm["rows"]}
+        rec["train_loss"] = _global_mean(rec["train_loss"])
         history.append(rec)
         _say(env, f"epoch {epoch}: train loss {rec['train_loss']:.4f} "
                   f"({global_rows} rows, {rec['train_samples_per_s']:,.0f} samples/s) | "
