@@ -115,6 +115,12 @@ class ModelSpec(_Model):
     attention_hidden: list[int] = [64, 32]
     mlp_hidden: list[int] = [200, 80]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    position_embedding: bool = Field(
+        False, description="add a learned recency embedding (steps before the event) to keys")
+    fm: bool = Field(
+        False, description="add a factorization-machine term over the field embeddings")
+    mean_history: bool = Field(
+        False, description="also feed the mean of the sequence embeddings to the MLP")
 
 
 class OptimSpec(_Model):
@@ -127,6 +133,9 @@ class OptimSpec(_Model):
     sparse: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     sparse_lr: float = Field(0.05, gt=0)
     sparse_weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="decay of both learning rates over the planned steps")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
 
 
 class TrainSpec(_Model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 from rectrain.config import JobConfig
@@ -107,5 +108,12 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         run_config=RunConfig(name=cfg.name, storage_path=os.path.abspath(
             storage.join(cfg.run_dir, "ray")) if "://" not in cfg.run_dir else None),
     )
+    t0 = time.perf_counter()
     trainer.fit()
-    return storage.read_json(storage.join(cfg.run_dir, "metrics.json"))
+    url = storage.join(cfg.run_dir, "metrics.json")
+    if not storage.exists(url):
+        raise RuntimeError(f"training finished without writing {url}; see the worker logs above")
+    metrics = storage.read_json(url)
+    metrics["train_wall_seconds"] = time.perf_counter() - t0  # incl. Ray Train start-up
+    storage.write_json(metrics, url)
+    return metrics

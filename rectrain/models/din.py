@@ -46,7 +46,13 @@ class DIN(nn.Module):
                     if layout.pooled else None)
         self.ec = EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
         self.attention = TargetAttention(E, spec.attention_hidden, device=dense_device)
-        in_dim = E * (self.n_pooled + 2 + len(self.other_seq)) + layout.dense_dim
+        self.mean_history = spec.mean_history
+        self.fm = spec.fm
+        # recency embedding P[r], r = 0 for the most recent step (dense parameter, Adam)
+        self.position = (nn.Parameter(torch.zeros(self.max_len, E, device=dense_device))
+                         if spec.position_embedding else None)
+        in_dim = E * (self.n_pooled + 2 + len(self.other_seq) + int(self.mean_history)) \
+            + layout.dense_dim
         self.mlp = MLP(in_dim, spec.mlp_hidden, activation="prelu", dropout=spec.dropout,
                        device=dense_device)
         self.head = nn.Linear(self.mlp.out_dim, 1, device=dense_device)
@@ -67,14 +73,25 @@ class DIN(nn.Module):
         keys = hist.to_padded_dense(desired_length=self.max_len)  # [B, L, E]
         steps = torch.arange(self.max_len, device=keys.device)
         mask = steps.unsqueeze(0) < hist.lengths().unsqueeze(1)  # [B, L]
+        if self.position is not None:
+            # keys are left-aligned: step t of a length-n history is n - 1 - t steps back
+            recency = (hist.lengths().unsqueeze(1) - 1 - steps.unsqueeze(0)).clamp(min=0)
+            keys = keys + self.position[recency] * mask.unsqueeze(-1)
         att, weights = self.attention(q, keys, mask)
         parts += [q, att]
+        if self.mean_history:
+            n = hist.lengths().clamp(min=1).unsqueeze(1).to(keys.dtype)
+            parts.append(keys.sum(1) / n)  # padding rows are zeros; empty history -> zeros
         for name in self.other_seq:
             jt = seqs[name]
             parts.append(jt.to_padded_dense(desired_length=self.max_len).sum(1))
         if batch.dense.shape[1]:
             parts.append(batch.dense)
         logits = self.head(self.mlp(torch.cat(parts, dim=1))).squeeze(-1)
+        if self.fm:
+            # FM second-order term over field embeddings (Rendle 2010; DeepFM, Guo et al. 2017)
+            fields = torch.stack([p for p in parts if p.shape[1] == keys.shape[2]], dim=1)
+            logits = logits + 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1)
         return logits, weights
 
     def forward(self, batch: Batch) -> torch.Tensor:

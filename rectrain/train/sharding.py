@@ -10,7 +10,8 @@ from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -41,7 +42,15 @@ def apply_sparse_optimizer(model: nn.Module, spec: OptimSpec) -> None:
     after sharding, so no dense gradient of the tables is ever materialised)."""
     kwargs = {"lr": spec.sparse_lr}
     if spec.sparse_weight_decay:
+        if spec.sparse not in ("rowwise_adagrad", "adagrad", "adam"):
+            raise ValueError(f"optim.sparse_weight_decay is not supported by the fused "
+                             f"{spec.sparse!r} kernel; use rowwise_adagrad, adagrad or adam")
+        from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+        # FBGEMM's TBE ignores weight_decay unless a mode is set; L2 adds wd * w to the gradient
+        # of the rows looked up in the batch (in the spirit of DIN's mini-batch aware
+        # regularisation: untouched rows are not decayed)
         kwargs["weight_decay"] = spec.sparse_weight_decay
+        kwargs["weight_decay_mode"] = WeightDecayMode.L2
     if spec.sparse == "rowwise_adagrad":
         kwargs["eps"] = 1e-8
     for m in embedding_modules(model):
@@ -64,9 +73,9 @@ def make_plan(model: nn.Module, spec: ShardingSpec, device: torch.device,
                         spec.types, type(sharder).__name__, device.type)
             allowed = ["table_wise"]
         constraints[table] = ParameterConstraints(sharding_types=allowed)
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world, compute_device=device.type),
-        constraints=constraints)
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world), kernel_config=KernelConfig(compute_device=device.type))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     if dist.is_initialized():
         return planner.collective_plan(model, sharders(), pg or dist.GroupMember.WORLD)
     return planner.plan(model, sharders())
