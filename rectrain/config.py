@@ -75,12 +75,14 @@ class Transform(_Model):
     floor_div: Optional[int] = Field(None, ge=1, description="integer division, e.g. age // 10")
     prefix: Optional[int] = Field(None, ge=1, description="first N characters of a string")
     year: bool = Field(False, description="calendar year of a date/timestamp; null -> 0")
+    first: bool = Field(False, description="first element of a list column; empty -> null")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Transform":
-        n = sum([self.floor_div is not None, self.prefix is not None, bool(self.year)])
+        n = sum([self.floor_div is not None, self.prefix is not None, bool(self.year),
+                 bool(self.first)])
         if n != 1:
-            raise ValueError("set exactly one of floor_div, prefix, year")
+            raise ValueError("set exactly one of floor_div, prefix, year, first")
         return self
 
 
@@ -110,17 +112,14 @@ class ModelSpec(_Model):
 
     name: Literal["din"] = "din"
     embedding_dim: int = Field(16, ge=1)
-    query_feature: str = "item_id"
-    sequence_feature: str = "hist_item_id"
+    sequence_features: list[str] = Field(
+        ["hist_item_id"], min_length=1,
+        description="behaviour sequences attended over; each one's source feature is the "
+                    "matching part of the query (e.g. [hist_item_id, hist_genre] attends with "
+                    "[item_id, genre], as DIN's goods + category ids)")
     attention_hidden: list[int] = [64, 32]
     mlp_hidden: list[int] = [200, 80]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    position_embedding: bool = Field(
-        False, description="add a learned recency embedding (steps before the event) to keys")
-    fm: bool = Field(
-        False, description="add a factorization-machine term over the field embeddings")
-    mean_history: bool = Field(
-        False, description="also feed the mean of the sequence embeddings to the MLP")
 
 
 class OptimSpec(_Model):
@@ -202,12 +201,11 @@ class JobConfig(_Model):
                     )
             if f.kind == "dense" and f.transform is not None and f.transform.prefix:
                 raise ValueError(f"feature {f.name!r}: prefix transform on a dense feature")
-        for attr in ("query_feature", "sequence_feature"):
-            fname = getattr(self.model, attr)
+        for i, fname in enumerate(self.model.sequence_features):
             if fname not in by_name:
-                raise ValueError(f"model.{attr}: no feature named {fname!r}")
-        if by_name[self.model.sequence_feature].kind != "sequence":
-            raise ValueError("model.sequence_feature must name a feature of kind 'sequence'")
+                raise ValueError(f"model.sequence_features.{i}: no feature named {fname!r}")
+            if by_name[fname].kind != "sequence":
+                raise ValueError(f"model.sequence_features.{i}: {fname!r} is not a sequence")
         return self
 
 

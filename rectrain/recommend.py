@@ -35,49 +35,47 @@ def _read_split(prepared: str, split: str, columns: list[str]) -> pa.Table:
     return pa.concat_tables([storage.read_parquet(f, columns) for f in files])
 
 
-def latest_state(prepared: str, user_col_rows: pa.Array, seq_name: str, query_name: str,
+def append_truncate(seq: pa.ListArray, last: np.ndarray, max_len: int) -> pa.ListArray:
+    """Per row: ``(seq + [last])[-max_len:]``, vectorised over list offsets."""
+    offsets = seq.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    values = seq.flatten().to_numpy()
+    lengths = np.diff(offsets)
+    new_len = np.minimum(lengths + 1, max_len)
+    keep = new_len - 1  # elements kept from the old sequence (its most recent ones)
+    new_off = np.zeros(len(new_len) + 1, dtype=np.int64)
+    np.cumsum(new_len, out=new_off[1:])
+    within = np.arange(int(keep.sum())) - np.repeat(np.cumsum(keep) - keep, keep)
+    src = np.repeat(offsets[1:] - keep, keep) + within
+    dst = np.repeat(new_off[:-1], keep) + within
+    out = np.empty(int(new_off[-1]), dtype=np.int64)
+    out[dst] = values[src]
+    out[new_off[1:] - 1] = last
+    return pa.ListArray.from_arrays(pa.array(new_off.astype(np.int32)), pa.array(out))
+
+
+def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, str]],
                  max_len: int, extra: list[str]) -> pa.Table:
-    """Per user (aligned with ``user_col_rows`` = raw user ids of the users catalog): the latest
-    behaviour sequence (``list<int64>``) and the latest event's ``extra`` columns. Users without
-    events get an empty sequence and zeros."""
-    cols = [USER, POS, query_name, seq_name] + extra
+    """Per user (rows aligned with ``user_keys``, the raw ids of the users catalog): each
+    behaviour sequence ``name`` as it would be for a new event, i.e. the sequence of the user's
+    last event with that event's ``source`` id appended (truncated to ``max_len``), plus the
+    last event's ``extra`` columns. Users without events get empty sequences and zeros."""
+    cols = list(dict.fromkeys([USER, POS] + [c for pair in sequences for c in pair] + extra))
     parts = [t for t in (_read_split(prepared, s, cols) for s in ("train", "valid", "test")) if t]
     events = pa.concat_tables(parts)
-    # last event per user: sort by (user, pos) and keep the last row of each user
     order = pc.sort_indices(events, [(USER, "ascending"), (POS, "ascending")])
     ev = events.take(order)
     users = ev[USER].to_numpy()
-    last = np.flatnonzero(np.r_[users[1:] != users[:-1], True])
+    last = np.flatnonzero(np.r_[users[1:] != users[:-1], True])  # last row of each user
     ev = ev.take(pa.array(last))
-    seq = ev[seq_name].combine_chunks()
-    item = ev[query_name].to_numpy()
-    # new sequence = (old sequence + [last item])[-max_len:]
-    offsets = seq.offsets.to_numpy()
-    lengths = np.diff(offsets)
-    values = seq.values.to_numpy()
-    new_len = np.minimum(lengths + 1, max_len)
-    drop = lengths + 1 - new_len
-    new_off = np.zeros(len(new_len) + 1, dtype=np.int64)
-    np.cumsum(new_len, out=new_off[1:])
-    out_vals = np.empty(int(new_off[-1]), dtype=np.int64)
-    # old kept part: offsets[i] + drop[i] .. offsets[i+1]; then the last item
-    keep_len = new_len - 1
-    src = np.repeat(offsets[:-1] + drop, keep_len) + (
-        np.arange(int(keep_len.sum())) - np.repeat(np.cumsum(keep_len) - keep_len, keep_len))
-    dst_old = np.repeat(new_off[:-1], keep_len) + (
-        np.arange(int(keep_len.sum())) - np.repeat(np.cumsum(keep_len) - keep_len, keep_len))
-    out_vals[dst_old] = values[src]
-    out_vals[new_off[1:] - 1] = item
-    new_seq = pa.ListArray.from_arrays(pa.array(new_off.astype(np.int32)), pa.array(out_vals))
-    state = pa.table({USER: ev[USER], seq_name: new_seq,
-                      **{c: ev[c] for c in extra}})
-    # align with the catalog's users (missing users: empty sequence / zeros)
-    idx = pc.index_in(user_col_rows, value_set=state[USER])
-    has = pc.is_valid(idx)
-    take = pc.fill_null(idx, 0)
+    state = {name: append_truncate(ev[name].combine_chunks(), ev[src].to_numpy(), max_len)
+             for name, src in sequences}
+    state.update({c: ev[c] for c in extra})
+    idx = pc.index_in(user_keys, value_set=ev[USER])
+    has, take = pc.is_valid(idx), pc.fill_null(idx, 0)
     out = {}
-    for c in [seq_name] + extra:
-        col = state[c].take(take)
+    for c, col in state.items():
+        col = col.take(take)
         empty = pa.array([[]] * len(col), col.type) if pa.types.is_list(col.type) else \
             pc.cast(pa.array(np.zeros(len(col), dtype=np.int64)), col.type)
         out[c] = pc.if_else(has, col, empty)
@@ -105,15 +103,13 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     prepared = cfg.prepared_dir
     users = storage.read_parquet(storage.join(prepared, "catalog", "users.parquet"))
     items = storage.read_parquet(storage.join(prepared, "catalog", "items.parquet"))
-    seq_name, query = cfg.model.sequence_feature, cfg.model.query_feature
-    other_seq = [f.name for f in cfg.features if f.kind == "sequence" and f.name != seq_name]
-    if other_seq:
-        raise NotImplementedError(f"recommend supports one sequence feature, got {other_seq}")
+    sequences = [(f.name, f.source) for f in cfg.features if f.kind == "sequence"]
+    seq_names = [n for n, _ in sequences]
     feature_cols = [c for c in layout.columns if c != "label"]
     from_items = [c for c in feature_cols if c in items.column_names]
     from_users = [c for c in feature_cols if c in users.column_names and c not in from_items]
-    from_events = [c for c in feature_cols if c not in from_items + from_users + [seq_name]]
-    state = latest_state(prepared, users[USER], seq_name, query, layout.max_sequence_length,
+    from_events = [c for c in feature_cols if c not in from_items + from_users + seq_names]
+    state = latest_state(prepared, users[USER], sequences, layout.max_sequence_length,
                          from_events)
     n_users, n_items = users.num_rows, items.num_rows
 
@@ -132,7 +128,7 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
             ii = np.tile(np.arange(n_items), hi - lo)
             cols = {c: items[c].take(pa.array(ii)) for c in from_items}
             cols.update({c: users[c].take(pa.array(uu)) for c in from_users})
-            cols.update({c: state[c].take(pa.array(uu)) for c in from_events + [seq_name]})
+            cols.update({c: state[c].take(pa.array(uu)) for c in from_events + seq_names})
             cols["label"] = pa.array(np.zeros(len(uu), dtype=np.float32))
             batch = layout.to_batch(pa.table(cols))
             scores = torch.sigmoid(model(batch)).view(hi - lo, n_items)

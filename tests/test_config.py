@@ -51,8 +51,8 @@ def test_sequence_must_share_table_with_its_source(tmp_path):
 
 def test_model_must_name_existing_features(tmp_path):
     job = tiny_job(str(tmp_path))
-    job["model"]["query_feature"] = "movie"
-    with pytest.raises(ConfigError, match="model.query_feature: no feature named 'movie'"):
+    job["model"]["sequence_features"] = ["hist_item_id", "movie"]
+    with pytest.raises(ConfigError, match="model.sequence_features.1: no feature named 'movie'"):
         load_config(_write(tmp_path, job))
 
 

@@ -75,3 +75,19 @@ def test_build_sequences_orders_ties_by_file_then_row():
     assert out["item_id"].to_pylist() == [10, 20, 30]
     assert out["hist"].to_pylist() == [[], [10], [10, 20]]
     assert out["_split"].to_pylist() == [0, 0, 2]
+
+
+def test_first_transform_of_lists():
+    arr = pa.array([["a", "b"], [], None, ["c"]], pa.list_(pa.string()))
+    assert apply_transform(arr, Transform(first=True)).to_pylist() == ["a", None, None, "c"]
+    assert apply_transform(arr.slice(3), Transform(first=True)).to_pylist() == ["c"]
+
+
+def test_append_truncate_builds_next_sequence():
+    from rectrain.recommend import append_truncate
+
+    seq = pa.array([[9, 1, 2], [], [5], [7, 8]], pa.list_(pa.int64())).slice(0, 4)
+    out = append_truncate(seq, np.array([3, 4, 6, 9]), max_len=3)
+    assert out.to_pylist() == [[1, 2, 3], [4], [5, 6], [7, 8, 9]]
+    out = append_truncate(seq.slice(1), np.array([4, 6, 9]), max_len=1)
+    assert out.to_pylist() == [[4], [6], [9]]

@@ -18,6 +18,7 @@ def apply_transform(arr: pa.ChunkedArray | pa.Array, t: Transform | None) -> pa.
     - ``floor_div``: integer floor division of a numeric column (nulls stay null).
     - ``prefix``: the first N characters of a string column (cast to string first).
     - ``year``: calendar year of a date/timestamp column, int64; nulls become 0.
+    - ``first``: first element of a list column (empty or null list -> null).
     """
     if t is None:
         return arr
@@ -33,6 +34,14 @@ def apply_transform(arr: pa.ChunkedArray | pa.Array, t: Transform | None) -> pa.
         if pa.types.is_integer(arr.type):  # unix seconds
             arr = pc.cast(pc.multiply(arr, 1_000_000), pa.timestamp("us"))
         return pc.fill_null(pc.cast(pc.year(arr), pa.int64()), 0)
+    if t.first:
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        arr = pc.fill_null(arr, pa.scalar([], arr.type))
+        starts = pc.subtract(arr.offsets[:-1], arr.offsets[0])
+        idx = pc.if_else(pc.greater(pc.list_value_length(arr), 0), starts,
+                         pa.scalar(None, starts.type))
+        return arr.flatten().take(idx)
     raise AssertionError("unreachable: Transform validates exactly one field")
 
 

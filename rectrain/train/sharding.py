@@ -36,10 +36,22 @@ def embedding_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
 
 
-def apply_sparse_optimizer(model: nn.Module, spec: OptimSpec) -> None:
+#: fused TBE optimisers FBGEMM implements for CPU tables (Adam is GPU-only)
+CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+def apply_sparse_optimizer(model: nn.Module, spec: OptimSpec,
+                           device: torch.device = torch.device("cpu")) -> None:
     """Register the fused sparse optimiser on every embedding table (TorchRec
     ``apply_optimizer_in_backward``: the update runs inside backward, fused into the TBE kernel
-    after sharding, so no dense gradient of the tables is ever materialised)."""
+    after sharding, so no dense gradient of the tables is ever materialised).
+
+    Raises:
+        ValueError: the optimiser has no fused CPU kernel (``adam`` on CPU).
+    """
+    if device.type == "cpu" and spec.sparse not in CPU_SPARSE_OPTIMIZERS:
+        raise ValueError(f"optim.sparse: {spec.sparse!r} has no fused CPU kernel in FBGEMM; "
+                         f"use one of {CPU_SPARSE_OPTIMIZERS} on CPU (adam needs GPUs)")
     kwargs = {"lr": spec.sparse_lr}
     if spec.sparse_weight_decay:
         if spec.sparse not in ("rowwise_adagrad", "adagrad", "adam"):
@@ -101,7 +113,7 @@ def shard_model(model: nn.Module, spec: ShardingSpec, optim: OptimSpec,
     Returns ``(dmp, optimizer, plan)`` where ``optimizer`` combines DMP's fused sparse optimiser
     and a dense optimiser (Adam/AdamW/SGD) over every parameter that has no in-backward optimiser.
     """
-    apply_sparse_optimizer(model, optim)
+    apply_sparse_optimizer(model, optim, device)
     plan = make_plan(model, spec, device)
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
