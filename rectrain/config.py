@@ -39,6 +39,15 @@ class LabelSpec(_Model):
 
     column: str
     threshold: Optional[float] = None
+    aux_thresholds: list[float] = Field(
+        [], description="extra targets column >= t for each t, trained as auxiliary BCE heads "
+                        "(ordinal multi-task); metrics and predictions use `threshold` only")
+
+    @model_validator(mode="after")
+    def _aux_needs_threshold(self) -> "LabelSpec":
+        if self.aux_thresholds and self.threshold is None:
+            raise ValueError("aux_thresholds need a threshold label")
+        return self
 
 
 class SplitSpec(_Model):
@@ -120,6 +129,7 @@ class ModelSpec(_Model):
     attention_hidden: list[int] = [64, 32]
     mlp_hidden: list[int] = [200, 80]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    aux_weight: float = Field(1.0, ge=0.0, description="weight of the auxiliary heads' loss")
 
 
 class OptimSpec(_Model):

@@ -22,6 +22,7 @@ from rectrain.data import storage
 from rectrain.data.features import FeatureLayout
 from rectrain.data.prepare import ITEM, POS, USER, load_manifest
 from rectrain.models import build_model
+from rectrain.models.din import main_logits
 from rectrain.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
             cols.update({c: users[c].take(pa.array(uu)) for c in from_users})
             cols.update({c: state[c].take(pa.array(uu)) for c in from_events + seq_names})
             cols["label"] = pa.array(np.zeros(len(uu), dtype=np.float32))
+            if layout.aux_thresholds:
+                cols["label_value"] = cols["label"]
             batch = layout.to_batch(pa.table(cols))
-            scores = torch.sigmoid(model(batch)).view(hi - lo, n_items)
+            scores = torch.sigmoid(main_logits(model(batch))).view(hi - lo, n_items)
             scores[torch.from_numpy(seen[lo:hi])] = -1.0
             top = torch.topk(scores, k=min(k, n_items), dim=1)
             out_u.append(np.repeat(np.arange(lo, hi), top.indices.shape[1]))

@@ -18,8 +18,10 @@ if [ -z "$PY" ]; then
 fi
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "rectrain needs Python 3.11, found " + sys.version' 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=".venv/.rectrain-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)-${extras//,/-}"
-if [ -f "$stamp" ]; then exit 0; fi
+hash="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+stamp=".venv/.rectrain-$hash-${extras//,/-}"
+# done already (an install with the test tools also serves the runtime)
+if [ -f "$stamp" ] || [ -f "$stamp-test" ]; then exit 0; fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[$extras]"
 .venv/bin/python -m pip install -q --no-deps torchrec==1.8.0

@@ -17,6 +17,7 @@ from rectrain.data.prepare import load_manifest, prepare
 from rectrain.data.sources.movielens import load_movielens_100k, write_raw_logs
 from rectrain.launch.ray_launch import train
 from rectrain.models import build_model
+from rectrain.models.din import main_logits
 from rectrain.recommend import recommend
 from rectrain.train.checkpoint import load_checkpoint
 from rectrain.train.metrics import auc
@@ -67,7 +68,7 @@ def test_movielens_slice_end_to_end(tmp_path, ray_local):
     assert meta["epoch"] == metrics["best_epoch"] and "table_wise" in meta["plan"]
     model.eval()
     with torch.no_grad():
-        logits = model(layout.to_batch(test.select(layout.columns))).numpy()
+        logits = main_logits(model(layout.to_batch(test.select(layout.columns)))).numpy()
     assert auc(logits, test["label"].to_numpy()) == pytest.approx(metrics["test_auc"], abs=1e-5)
 
     path, n_users = recommend(str(run), k=10)

@@ -30,24 +30,28 @@ class Batch(Pipelineable):
             :attr:`FeatureLayout.sparse_keys` order (pooled features first, then the
             sequence-table features).
         labels: float32 ``[B]``.
+        aux_labels: float32 ``[B, K]`` auxiliary targets (``label_value >= t`` for each of
+            ``dataset.label.aux_thresholds``); ``K`` may be 0.
     """
 
     dense: torch.Tensor
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
+    aux_labels: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(self.dense.to(device, non_blocking=non_blocking),
                      self.sparse.to(device, non_blocking=non_blocking),
-                     self.labels.to(device, non_blocking=non_blocking))
+                     self.labels.to(device, non_blocking=non_blocking),
+                     self.aux_labels.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream) -> None:  # for TorchRec train pipelines
-        self.dense.record_stream(stream)
-        self.sparse.record_stream(stream)
-        self.labels.record_stream(stream)
+        for t in (self.dense, self.sparse, self.labels, self.aux_labels):
+            t.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())
+        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(),
+                     self.aux_labels.pin_memory())
 
     @property
     def batch_size(self) -> int:
@@ -87,7 +91,9 @@ class FeatureLayout:
         self.num_embeddings: dict[str, int] = dict(manifest["tables"])
         self.dense_stats = manifest.get("dense_stats", {})
         self.max_sequence_length = cfg.dataset.sequence_length
-        self.columns = self.sparse_keys + [f.name for f in self.dense] + ["label"]
+        self.aux_thresholds = list(cfg.dataset.label.aux_thresholds)
+        self.columns = self.sparse_keys + [f.name for f in self.dense] + ["label"] + (
+            ["label_value"] if self.aux_thresholds else [])
 
     def ebc_tables(self) -> list[EmbeddingBagConfig]:
         """Pooled tables (one per table name), for an ``EmbeddingBagCollection``."""
@@ -123,7 +129,10 @@ class FeatureLayout:
             ty = pa.int64() if f.kind == "sparse" else pa.list_(pa.int64())
             fields.append(pa.field(f.name, ty))
         fields += [pa.field(f.name, pa.float64()) for f in self.dense]
-        return pa.schema(fields + [pa.field("label", pa.float32())])
+        fields.append(pa.field("label", pa.float32()))
+        if self.aux_thresholds:
+            fields.append(pa.field("label_value", pa.float32()))
+        return pa.schema(fields)
 
     @property
     def dense_dim(self) -> int:
@@ -168,4 +177,10 @@ class FeatureLayout:
             dense = torch.zeros(n, 0)
         labels = torch.from_numpy(
             table.column("label").to_numpy(zero_copy_only=False).astype(np.float32, copy=True))
-        return Batch(dense=dense, sparse=kjt, labels=labels)
+        if self.aux_thresholds:
+            v = torch.from_numpy(table.column("label_value").to_numpy(zero_copy_only=False)
+                                 .astype(np.float32))
+            aux = (v.unsqueeze(1) >= torch.tensor(self.aux_thresholds)).float()
+        else:
+            aux = torch.zeros(n, 0)
+        return Batch(dense=dense, sparse=kjt, labels=labels, aux_labels=aux)

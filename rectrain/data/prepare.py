@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 # meta columns carried in every sample next to the features
 USER, ITEM, TS, POS, LABEL, SPLIT = "_user", "_item", "_ts", "_pos", "label", "_split"
+LABEL_VALUE = "label_value"  # the raw label column as float32 (e.g. the rating)
 _UID, _BUCKET, _FILE, _ROW = "_uid", "_bucket", "_file", "_row"
 
 
@@ -150,6 +151,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     label = (pc.cast(pc.greater_equal(lab, spec.label.threshold), pa.float32())
              if spec.label.threshold is not None else pc.cast(lab, pa.float32()))
     t = t.append_column(LABEL, label)
+    t = t.append_column(LABEL_VALUE, pc.cast(lab, pa.float32()))
 
     # join side tables by row index (vectorised; supports list columns)
     rows_of = {}
@@ -193,6 +195,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     out[ITEM] = t[spec.item_column]
     out[TS] = pc.cast(t[spec.timestamp_column], pa.int64())
     out[LABEL] = t[LABEL]
+    out[LABEL_VALUE] = t[LABEL_VALUE]
     out[_FILE] = pa.array(np.full(t.num_rows, file_id, dtype=np.int32))
     out[_ROW] = t[_ROW]
     table = pa.table({k: (v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v)

@@ -11,6 +11,11 @@ from rectrain.data.features import Batch, FeatureLayout
 from rectrain.models.layers import MLP, TargetAttention
 
 
+def main_logits(out: torch.Tensor) -> torch.Tensor:
+    """The label's logits ``[B]`` from a model output ``[B]`` or ``[B, 1 + K]``."""
+    return out if out.dim() == 1 else out[:, 0]
+
+
 class DIN(nn.Module):
     """Deep Interest Network (Zhou et al., KDD 2018) over TorchRec embedding collections.
 
@@ -28,8 +33,9 @@ class DIN(nn.Module):
     Embedding modules are created on ``sparse_device`` (use ``torch.device("meta")`` before
     sharding with DistributedModelParallel); dense layers on ``dense_device``.
 
-    ``forward(batch)`` returns logits float32 ``[B]``; ``forward_with_attention`` also returns the
-    attention weights ``[B, L]``.
+    ``forward(batch)`` returns logits float32 ``[B]``, or ``[B, 1 + K]`` with ``K`` auxiliary
+    ordinal heads (column 0 is the label; see :func:`main_logits`); ``forward_with_attention``
+    also returns the attention weights ``[B, L]``.
     """
 
     def __init__(self, layout: FeatureLayout, spec: ModelSpec,
@@ -54,7 +60,8 @@ class DIN(nn.Module):
         in_dim = E * (self.n_pooled + 2 * k + len(self.other_seq)) + layout.dense_dim
         self.mlp = MLP(in_dim, spec.mlp_hidden, activation="prelu", dropout=spec.dropout,
                        device=dense_device)
-        self.head = nn.Linear(self.mlp.out_dim, 1, device=dense_device)
+        self.n_aux = len(layout.aux_thresholds)
+        self.head = nn.Linear(self.mlp.out_dim, 1 + self.n_aux, device=dense_device)
 
     def forward_with_attention(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         kjt = batch.sparse
@@ -81,8 +88,8 @@ class DIN(nn.Module):
             parts.append(jt.to_padded_dense(desired_length=self.max_len).sum(1))
         if batch.dense.shape[1]:
             parts.append(batch.dense)
-        logits = self.head(self.mlp(torch.cat(parts, dim=1))).squeeze(-1)
-        return logits, weights
+        logits = self.head(self.mlp(torch.cat(parts, dim=1)))
+        return (logits.squeeze(-1) if self.n_aux == 0 else logits), weights
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.forward_with_attention(batch)[0]

@@ -29,6 +29,7 @@ from rectrain.data.loader import (FileShard, RayShard, collective_batches, paddi
                                   rebatch)
 from rectrain.data.prepare import ITEM, TS, USER, load_manifest
 from rectrain.models import build_model
+from rectrain.models.din import main_logits
 from rectrain.train.checkpoint import load_checkpoint, save_checkpoint
 from rectrain.train.metrics import binary_metrics, gather_arrays
 from rectrain.train.sharding import shard_model
@@ -79,7 +80,7 @@ def evaluate(model, layout: FeatureLayout, source, batch_size: int, device,
                                        batch_size - n_real)
                 t = filler if t is None else pa.concat_tables([t, filler])
             batch = layout.to_batch(t).to(device)
-            logits = model(batch)[:n_real]
+            logits = main_logits(model(batch))[:n_real]
             out["logits"].append(logits.float().cpu().numpy())
             out["labels"].append(batch.labels[:n_real].cpu().numpy())
     arrays = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
@@ -154,7 +155,10 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         for t, _ in collective_batches(rebatch(tables, tc.batch_size, True, np_rng), "train"):
             batch = layout.to_batch(t.select(layout.columns)).to(env.device)
             set_lr(step)
-            loss = loss_fn(dmp(batch), batch.labels)
+            out = dmp(batch)
+            loss = loss_fn(main_logits(out), batch.labels)
+            if out.dim() == 2:  # auxiliary ordinal heads
+                loss = loss + cfg.model.aux_weight * loss_fn(out[:, 1:], batch.aux_labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -231,6 +235,8 @@ def ray_train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    # FBGEMM logs every table's constructor arguments at INFO on the root logger
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     cfg = config_from_dict(config["job"])
     threads = config.get("threads")

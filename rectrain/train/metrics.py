@@ -61,4 +61,6 @@ def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return arrays
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, arrays)
-    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+    # skip empty parts: a rank without rows has untyped (float64) empty arrays
+    return {k: np.concatenate([p[k] for p in parts if len(p[k])] or [arrays[k]])
+            for k in arrays}
