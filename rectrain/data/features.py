@@ -95,32 +95,26 @@ class FeatureLayout:
         self.columns = self.sparse_keys + [f.name for f in self.dense] + ["label"] + (
             ["label_value"] if self.aux_thresholds else [])
 
-    def ebc_tables(self) -> list[EmbeddingBagConfig]:
-        """Pooled tables (one per table name), for an ``EmbeddingBagCollection``."""
-        out: dict[str, EmbeddingBagConfig] = {}
-        for f in self.pooled:
-            t = out.get(f.table_name)
-            if t is None:
-                out[f.table_name] = EmbeddingBagConfig(
-                    name=f.table_name, embedding_dim=self.embedding_dim,
-                    num_embeddings=self.num_embeddings[f.table_name], feature_names=[f.name],
-                    pooling=PoolingType.MEAN if f.pooling == "mean" else PoolingType.SUM)
+    def _tables(self, feats: list[FeatureSpec], make) -> list:
+        """One config per table name (first feature's settings), features appended in order."""
+        out: dict = {}
+        for f in feats:
+            if f.table_name in out:
+                out[f.table_name].feature_names.append(f.name)
             else:
-                t.feature_names.append(f.name)
+                out[f.table_name] = make(f, name=f.table_name, embedding_dim=self.embedding_dim,
+                                         num_embeddings=self.num_embeddings[f.table_name],
+                                         feature_names=[f.name])
         return list(out.values())
+
+    def ebc_tables(self) -> list[EmbeddingBagConfig]:
+        """Pooled tables, for an ``EmbeddingBagCollection`` (mean or sum pooling)."""
+        return self._tables(self.pooled, lambda f, **kw: EmbeddingBagConfig(
+            pooling=PoolingType.MEAN if f.pooling == "mean" else PoolingType.SUM, **kw))
 
     def ec_tables(self) -> list[EmbeddingConfig]:
         """Sequence tables (unpooled), for an ``EmbeddingCollection``."""
-        out: dict[str, EmbeddingConfig] = {}
-        for f in self.sequence:
-            t = out.get(f.table_name)
-            if t is None:
-                out[f.table_name] = EmbeddingConfig(
-                    name=f.table_name, embedding_dim=self.embedding_dim,
-                    num_embeddings=self.num_embeddings[f.table_name], feature_names=[f.name])
-            else:
-                t.feature_names.append(f.name)
-        return list(out.values())
+        return self._tables(self.sequence, lambda f, **kw: EmbeddingConfig(**kw))
 
     def arrow_schema(self) -> pa.Schema:
         """Arrow schema of :attr:`columns` as prepare writes them."""
