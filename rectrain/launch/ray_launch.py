@@ -35,7 +35,9 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
     else:
         tc = cfg.train
         num_cpus = tc.num_workers * tc.cpus_per_worker + cfg.ray.data_cpus
-        ray.init(num_cpus=int(max(num_cpus, 1) + 0.999), include_dashboard=True,
+        # address="local": always a fresh embedded instance, never a cluster some earlier
+        # `ray start` left running (ray.init() with no address would join that one)
+        ray.init(address="local", num_cpus=int(max(num_cpus, 1) + 0.999), include_dashboard=True,
                  dashboard_host="127.0.0.1",
                  log_to_driver=True, _node_ip_address="127.0.0.1",
                  configure_logging=True, logging_level=logging.WARNING)
