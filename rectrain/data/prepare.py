@@ -325,7 +325,15 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     refs = [read_task.remote(p, i, spec, event_cols, side_ref, keys, event_vocabs, feats_dump,
                              num_buckets) for i, p in enumerate(event_files)]
     table_refs = [r[0] for r in refs]
-    file_stats = ray.get([r[1] for r in refs])
+    try:
+        file_stats = ray.get([r[1] for r in refs])
+    except ray.exceptions.RayTaskError as e:
+        # surface the task's own error (file, column, row, value), not Ray's wrapper
+        for r in refs:
+            ray.cancel(r[0])
+        cause = e.cause if e.cause is not None else e
+        raise (DataValidationError(str(cause)) if isinstance(cause, ValueError) else cause) \
+            from None
     rejected: Counter = Counter()
     for s in file_stats:
         rejected.update(s["rejected"])
