@@ -15,6 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+#: column names of prepared samples that are not features (plus every name starting with "_")
+RESERVED_COLUMNS = ("label", "label_value")
+
+
 class ConfigError(ValueError):
     """A job configuration is malformed; the message names the file and the field."""
 
@@ -192,6 +196,10 @@ class JobConfig(_Model):
     @model_validator(mode="after")
     def _check_features(self) -> "JobConfig":
         names = [f.name for f in self.features]
+        for i, n in enumerate(names):
+            if n in RESERVED_COLUMNS or n.startswith("_"):
+                raise ValueError(f"features.{i}.name: {n!r} is reserved for the samples' own "
+                                 f"columns ({', '.join(RESERVED_COLUMNS)}, names starting with _)")
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate feature names {sorted(dup)}")

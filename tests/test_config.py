@@ -63,3 +63,11 @@ def test_missing_and_non_mapping_files(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(p)
+
+
+@pytest.mark.parametrize("name", ["label", "label_value", "_user"])
+def test_feature_names_cannot_shadow_sample_columns(tmp_path, name):
+    job = tiny_job(str(tmp_path))
+    job["features"].append({"name": name, "kind": "sparse", "source": "age"})
+    with pytest.raises(ConfigError, match=f"features.6.name: '{name}' is reserved"):
+        load_config(_write(tmp_path, job))

@@ -99,3 +99,79 @@ def test_skip_policy_counts_every_rejected_row(tmp_path, ray_local):
     assert m["rejected_by_reason"] == {"null_rating": 2, "unknown_item": 3, "bad_timestamp": 1}
     assert m["rows_read"] == 200 and m["rows_used"] == 194
     assert sum(m["rows_per_split"].values()) == 194
+
+
+def _set(t, name, arr):
+    return t.set_column(t.schema.get_field_index(name), name, arr)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("string_ids_in_one_file", ["part-0.parquet", "'user_id'", "string", "int64"]),
+    ("missing_feature_source", ["missing column 'city'", "a feature's source"]),
+    ("floor_div_on_list", ["'genres'", "feature 'g_bucket'", "floor_div"]),
+    ("sparse_on_list", ["'genres'", "feature 'g_sparse'", "scalar"]),
+    ("corrupt_file", ["part-1.parquet", "cannot read as Parquet"]),
+])
+def test_bad_input_errors_before_any_work(tmp_path, ray_local, case, expected):
+    """Found by an adversarial run: each of these used to end in a raw traceback."""
+    tables = tiny_tables(n_events=200)
+    job = tiny_job(str(tmp_path))
+    parts = None
+    ev = tables["events"]
+    if case == "string_ids_in_one_file":
+        parts = [ev.slice(100), _set(ev.slice(0, 100), "user_id",
+                                     pa.array([str(x) for x in ev["user_id"].to_pylist()[:100]]))]
+    elif case == "missing_feature_source":
+        job["features"].append({"name": "city", "kind": "sparse", "source": "city"})
+    elif case == "floor_div_on_list":
+        job["features"].append({"name": "g_bucket", "kind": "sparse", "source": "genres",
+                                "transform": {"floor_div": 10}})
+    elif case == "sparse_on_list":
+        job["features"].append({"name": "g_sparse", "kind": "sparse", "source": "genres"})
+    root = tmp_path / "raw"
+    _write_raw(tmp_path, tables, event_parts=(100, 100))
+    if parts is not None:
+        for i, p in enumerate(parts):
+            pq.write_table(p, root / "events" / f"part-{i}.parquet")
+    if case == "corrupt_file":
+        f = root / "events" / "part-1.parquet"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "keep.txt").write_text("last good output")
+    with pytest.raises(DataValidationError) as e:
+        prepare(config_from_dict(job))
+    for s in expected:
+        assert s in str(e.value)
+    assert "ray::" not in str(e.value) and "Traceback" not in str(e.value)
+    assert (tmp_path / "prepared" / "keep.txt").exists()  # a failed run leaves the old output
+
+
+def test_skip_counts_staging_dirs_nan_dense_and_wide_ids(tmp_path, ray_local):
+    tables = tiny_tables(n_events=200)
+    users = tables["users"]
+    ages = [float(a) for a in users["age"].to_pylist()]
+    ages[3], ages[5] = float("nan"), float("inf")
+    tables["users"] = _set(users, "age", pa.array(ages))
+    tables["items"] = _set(tables["items"], "item_id", tables["items"]["item_id"].cast(pa.int32()))
+    ev = tables["events"]
+    ids = ev["item_id"].to_pylist()
+    ids[7] = 2**40  # does not fit the int32 key: an unknown item, not a type error
+    tables["events"] = _set(ev, "item_id", pa.array(ids, pa.int64()))
+    _write_raw(tmp_path, tables, event_parts=(100, 100))
+    ev_dir = tmp_path / "raw" / "events"
+    for sub in ("_temporary/0/task_1", ".hive-staging"):
+        (ev_dir / sub).mkdir(parents=True)
+        pq.write_table(tables["events"].slice(0, 50), ev_dir / sub / "part-9.parquet")
+    job = tiny_job(str(tmp_path))
+    job["dataset"]["on_invalid"] = "skip"
+    job["features"] = [f for f in job["features"] if f["name"] != "age_bucket"]
+    m = prepare(config_from_dict(job))
+    assert m["rows_read"] == 200  # the staging folders' 100 rows are not data
+    assert sum("_temporary" in p or ".hive-staging" in p for p in m["skipped_markers"]) == 2
+    assert m["rejected_by_reason"] == {"unknown_item": 1} and m["rows_used"] == 199
+    users_df = tables["users"].to_pandas()
+    ev_df = tables["events"].to_pandas()
+    bad_users = set(users_df["user_id"][~np.isfinite(users_df["age"])])
+    n_bad_events = int(ev_df.drop(index=7)["user_id"].isin(bad_users).sum())  # row 7: rejected
+    assert m["dense_stats"]["age"]["missing_imputed"] == n_bad_events > 0
+    assert np.isfinite(m["dense_stats"]["age"]["mean"])

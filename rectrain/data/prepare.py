@@ -50,7 +50,7 @@ def _read_all(url: str, what: str) -> tuple[pa.Table, list[str]]:
     tables = [storage.read_parquet(f) for f in files]
     try:
         return pa.concat_tables(tables, promote_options="permissive"), files
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise DataValidationError(f"{what} {url}: files disagree on schema: {e}") from None
 
 
@@ -66,6 +66,61 @@ def _check_key(table: pa.Table, key: str, url: str) -> None:
         dup = pc.filter(counts[0], pc.greater(counts[1], 1))[0].as_py()
         row = pc.index(col, dup).as_py()
         raise DataValidationError(f"{url}: column {key!r} row {row}: duplicate key value {dup!r}")
+
+
+def _transform(f: FeatureSpec, col, where: str):
+    """``apply_transform`` with errors that name the feature, source column, type and file."""
+    try:
+        out = apply_transform(col, f.transform)
+        is_list = pa.types.is_list(out.type) or pa.types.is_large_list(out.type)
+        if is_list != (f.kind == "multi_hot"):
+            raise TypeError(f"a {f.kind} feature needs a {'list' if not is_list else 'scalar'} "
+                            f"column, got {out.type}")
+        if f.kind == "dense":
+            out = pc.cast(out, pa.float64())
+            # NaN/inf count as missing: imputed with the train mean (0 after normalisation)
+            out = pc.if_else(pc.is_finite(out), out, pa.scalar(None, pa.float64()))
+        return out
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError) as e:
+        what = f"transform {f.transform.model_dump(exclude_defaults=True)}" if f.transform \
+            else f"a {f.kind} feature"
+        raise DataValidationError(
+            f"{where}: column {f.source!r} ({col.type}) cannot be used for feature {f.name!r} "
+            f"as {what}: {e}") from None
+
+
+def _check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: list[str]) -> None:
+    """Read every events file's footer (no data) and check that the job's columns exist and
+    have the same type in every file, naming the first file that disagrees."""
+    needed = list(dict.fromkeys([spec.user_column, spec.item_column, spec.timestamp_column,
+                                 spec.label.column] + feature_sources))
+    first: dict[str, tuple[str, pa.DataType]] = {}
+    for path in files:
+        fs, p = storage.url_to_fs(path)
+        try:
+            with fs.open(p, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                schema, n = pf.schema_arrow, pf.metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataValidationError(f"{path}: cannot read as Parquet: {e}") from None
+        if n == 0:
+            continue  # an empty file's schema does not matter
+        for c in needed:
+            if c not in schema.names:
+                why = " (a feature's source: it is in neither the users nor the items table " \
+                      "either)" if c in feature_sources else ""
+                raise DataValidationError(
+                    f"{path}: missing column {c!r}{why}; the file has {schema.names}")
+            ty = schema.field(c).type
+            if c in first and first[c][1] != ty:
+                a, b = first[c][1], ty
+                same_kind = ((pa.types.is_integer(a) and pa.types.is_integer(b))
+                             or (pa.types.is_floating(a) and pa.types.is_floating(b)))
+                if not same_kind:
+                    raise DataValidationError(
+                        f"{path}: column {c!r} has type {ty}, but {first[c][0]} has {first[c][1]}; "
+                        f"all events files must agree")
+            first.setdefault(c, (path, ty))
 
 
 def _source_of(f: FeatureSpec, spec: DatasetSpec, side: dict[str, pa.Table]) -> str:
@@ -129,6 +184,12 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
         raise DataValidationError(
             f"{path}: column {spec.timestamp_column!r}: expected integer unix seconds, got {ts.type}"
         )
+    if pa.types.is_unsigned_integer(ts.type):
+        t = _fail_or_mask(t, pc.greater(ts, pa.scalar(2**63 - 1, ts.type)), path,
+                          spec.timestamp_column, "timestamp beyond int64", pol, stats,
+                          "bad_timestamp")
+        t = t.set_column(t.schema.get_field_index(spec.timestamp_column), spec.timestamp_column,
+                         pc.cast(t[spec.timestamp_column], pa.int64()))
     t = _fail_or_mask(t, pc.less(t[spec.timestamp_column], 0), path, spec.timestamp_column,
                       "negative timestamp", pol, stats, "bad_timestamp")
     lab = t[spec.label.column]
@@ -157,8 +218,10 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     rows_of = {}
     for role, col in (("users", spec.user_column), ("items", spec.item_column)):
         if role in side:
-            raw = t[col]
-            if raw.type != keys[role].type:
+            raw, key = t[col], keys[role]
+            if pa.types.is_integer(raw.type) and pa.types.is_integer(key.type):
+                raw, key = pc.cast(raw, pa.int64()), pc.cast(key, pa.int64())
+            if raw.type != key.type:
                 try:
                     raw = pc.cast(raw, keys[role].type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -166,7 +229,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
                         f"{path}: column {col!r}: type {t[col].type} cannot match the {role} "
                         f"table key type {keys[role].type}"
                     ) from None
-            idx = pc.index_in(raw, value_set=keys[role])
+            idx = pc.index_in(raw, value_set=key)
             t = t.append_column(f"_{role}_row", idx)
             t = _fail_or_mask(t, pc.is_null(idx), path, col, f"id not in the {role} table", pol,
                               stats, f"unknown_{role[:-1]}")
@@ -182,9 +245,9 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
         elif f.name in side.get("items", pa.table({})).column_names and "items" in rows_of:
             out[f.name] = side["items"][f.name].take(rows_of["items"])
         else:
-            col = apply_transform(t[f.source], f.transform)
+            col = _transform(f, t[f.source], path)
             if f.kind == "dense":
-                out[f.name] = pc.cast(col, pa.float64())
+                out[f.name] = col
             else:
                 out[f.name] = encode(col, event_vocabs[f.name])
     uid = (pc.add(pc.cast(rows_of["users"], pa.int64()), 1) if "users" in rows_of
@@ -270,7 +333,6 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     t0 = time.perf_counter()
     spec = cfg.dataset
     out = cfg.prepared_dir
-    storage.remove(out)
     event_files, markers = storage.list_parquet_files(spec.events)
     side_raw: dict[str, pa.Table] = {}
     side_files: dict[str, list[str]] = {}
@@ -292,16 +354,19 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         role = roles[f.name]
         if role == "events":
             continue
-        col = apply_transform(side_raw[role][f.source], f.transform)
+        where = spec.users.path if role == "users" else spec.items.path
+        col = _transform(f, side_raw[role][f.source], where)
         if f.kind == "dense":
-            side_enc[role][f.name] = pc.cast(col, pa.float64())
+            side_enc[role][f.name] = col
         else:
             vocabs[f.name] = build_vocab(col)
             side_enc[role][f.name] = encode(col, vocabs[f.name])
     side_tables = {r: pa.table(c) for r, c in side_enc.items()}
 
-    # vocabularies of event-level columns: one Ray Data pass
     event_feats = [f for f in feats if roles[f.name] == "events"]
+    _check_event_schemas(event_files, spec, [f.source for f in event_feats])
+
+    # vocabularies of event-level columns: one Ray Data pass
     need_uid = "users" not in side_raw
     unique_cols = sorted({f.source for f in event_feats if f.kind != "dense"}
                          | ({spec.user_column} if need_uid else set()))
@@ -312,7 +377,7 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
             uniq = pa.array(raw_ds.unique(c))
             for f in event_feats:
                 if f.source == c and f.kind != "dense":
-                    event_vocabs[f.name] = build_vocab(apply_transform(uniq, f.transform))
+                    event_vocabs[f.name] = build_vocab(_transform(f, uniq, spec.events))
             if need_uid and c == spec.user_column:
                 event_vocabs[_UID] = build_vocab(uniq)
         vocabs.update({k: v for k, v in event_vocabs.items() if k != _UID})
@@ -343,6 +408,7 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         raise DataValidationError(f"{spec.events}: no usable event rows ({rows_read} read, "
                                   f"rejected {dict(rejected)})")
     t_read = time.perf_counter()
+    storage.remove(out)  # only now: a job that fails validation leaves the last good output
 
     seq_features = [(f.name, f.source) for f in cfg.features if f.kind == "sequence"]
     ds = ray.data.from_arrow_refs(nonempty)
@@ -379,8 +445,12 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     train_ds = ds.filter(expr=f"{SPLIT} == 0")
     for f in cfg.features:
         if f.kind == "dense":
-            mean, std = train_ds.mean(f.name), train_ds.std(f.name)
-            dense_stats[f.name] = {"mean": float(mean), "std": float(std) if std else 1.0}
+            mean, std = train_ds.mean(f.name), train_ds.std(f.name)  # nulls ignored
+            missing = ds.map_batches(lambda b, c=f.name: pa.table({"n": [b[c].null_count]}),
+                                     batch_format="pyarrow").sum("n")
+            dense_stats[f.name] = {"mean": float(mean) if mean is not None else 0.0,
+                                   "std": float(std) if std else 1.0,
+                                   "missing_imputed": int(missing or 0)}
 
     # catalog and vocabularies (for recommendation and for mapping ids back)
     for role, s in (("users", spec.users), ("items", spec.items)):

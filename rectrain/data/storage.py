@@ -36,8 +36,9 @@ def join(url: str, *parts: str) -> str:
 def list_parquet_files(url: str) -> tuple[list[str], list[str]]:
     """Data files under ``url`` (a file or a folder, searched recursively, sorted).
 
-    Returns ``(data_files, skipped_markers)``: names starting with ``_`` or ``.`` (``_SUCCESS``,
-    ``.part.crc``) and ``*.crc`` are markers, listed but not read.
+    Returns ``(data_files, skipped)``: files whose name or any folder below ``url`` starts with
+    ``_`` or ``.`` (``_SUCCESS``, ``.part.crc``, ``_temporary/``, ``.hive-staging/``) and ``*.crc``
+    files are markers or unfinished output of other tools: listed, never read.
 
     Raises:
         FileNotFoundError: ``url`` does not exist or holds no data file.
@@ -48,10 +49,11 @@ def list_parquet_files(url: str) -> tuple[list[str], list[str]]:
     if fs.isfile(path):
         return [fs.unstrip_protocol(path) if "://" in url else path], []
     files, markers = [], []
+    root = path.rstrip("/")
     for p in sorted(fs.find(path)):
-        base = posixpath.basename(p)
+        parts = posixpath.relpath(p, root).split("/")
         full = fs.unstrip_protocol(p) if "://" in url else p
-        if base.startswith(("_", ".")) or base.endswith(MARKER_SUFFIXES):
+        if any(x.startswith(("_", ".")) for x in parts) or parts[-1].endswith(MARKER_SUFFIXES):
             markers.append(full)
         else:
             files.append(full)

@@ -30,6 +30,9 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
         return ray.cluster_resources()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each print shows twice
+    # prepare re-raises the first failed task's own error; Ray's "unhandled error" echo of the
+    # sibling tasks' errors would only repeat it as tracebacks
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if addr:
         ray.init(address=addr, log_to_driver=True)
     else:
