@@ -13,6 +13,18 @@ from rectrain.data import storage
 log = logging.getLogger(__name__)
 
 
+def _cluster_address(cfg: JobConfig, address: Optional[str]) -> Optional[str]:
+    addr = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # Ray 2.60 clusters started by `ray start` use token auth, but a client joining by address
+    # does not switch to token mode by itself, and Ray reads the mode when it is first imported:
+    # set it before that, when a token is at hand
+    if addr and "RAY_AUTH_MODE" not in os.environ and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    return addr
+
+
 def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
     """Connect to Ray; returns the cluster's resources.
 
@@ -23,9 +35,9 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
     stays backpressured forever; DESIGN.md). The dashboard is off and nothing listens beyond
     127.0.0.1 in local mode.
     """
+    addr = _cluster_address(cfg, address)
     import ray
 
-    addr = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -77,6 +89,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     Each split of the prepared samples is a Ray Dataset streamed to the workers
     (``streaming_split``, exact). gloo on CPU, nccl when every worker gets a GPU.
     """
+    _cluster_address(cfg, address)
     import ray
     import ray.data
     from ray.train import RunConfig, ScalingConfig
