@@ -11,7 +11,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import posixpath
 import sys

@@ -160,7 +160,6 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     columns and ``stats`` = ``{"file", "rows_read", "rows_used", "rejected": {reason: n}}``.
     Raises :class:`DataValidationError` with ``on_invalid: error``.
     """
-    import pyarrow.parquet as pq  # noqa: F401  (Ray task imports)
 
     stats: Counter = Counter()
     feats = [FeatureSpec.model_validate(f) for f in features]

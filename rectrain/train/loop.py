@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +23,7 @@ import torch.distributed as dist
 
 from rectrain.config import JobConfig, config_from_dict
 from rectrain.data import storage
-from rectrain.data.features import Batch, FeatureLayout
+from rectrain.data.features import FeatureLayout
 from rectrain.data.loader import (FileShard, RayShard, collective_batches, padding_table,
                                   rebatch)
 from rectrain.data.prepare import ITEM, TS, USER, load_manifest
