@@ -88,10 +88,10 @@ def cmd_train(cfg: JobConfig, args) -> dict:
     return m
 
 
-def cmd_recommend(run_dir: str, k: int, out: str | None, explain: bool = False) -> str:
+def cmd_recommend(run_dir: str, k: int, out: str | None, explain: int = 0) -> str:
     from rectrain.recommend import recommend
 
-    path, n_users = recommend(run_dir, k=k, out=out)
+    path, n_users = recommend(run_dir, k=k, out=out, explain=explain)
     print(f"[rectrain] top-{k} recommendations for {n_users} users -> {path}", flush=True)
     return path
 
@@ -134,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--k", type=_positive, default=10, help="recommendations per user")
     sp.add_argument("--out", default=None,
                     help="Parquet path (default RUN_DIR/recommendations/top_k.parquet)")
+    sp.add_argument("--explain", type=int, default=0, metavar="M",
+                    help="also list the M past items with the largest attention weights")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.verb == "recommend":
-            cmd_recommend(args.checkpoint, args.k, args.out)
+            cmd_recommend(args.checkpoint, args.k, args.out, args.explain)
             return 0
         config = args.config or ("jobs/movielens_din.yaml" if args.verb == "prepare" else None)
         cfg = load_config(config, _overrides(args))

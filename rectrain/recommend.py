@@ -83,9 +83,54 @@ def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, 
     return pa.table(out)
 
 
-def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk: int = 16
-              ) -> tuple[str, int]:
+def _explain(table, u_idx, i_idx, candidates, model, state, items, cfg, m: int,
+             rows_per_chunk: int = 8192) -> pa.Table:
+    """Add ``explain_item_ids`` / ``explain_weights``: the ``m`` history items with the largest
+    attention weights for each recommended (user, item) row."""
+    if not hasattr(model, "forward_with_attention"):
+        raise ValueError(f"model {cfg.model.name!r} has no attention to explain")
+    seq_name = cfg.model.sequence_features[0]
+    source = next(f.source for f in cfg.features if f.name == seq_name)
+    raw_of = np.zeros(int(pc.max(items[source]).as_py()) + 1, dtype=np.int64)
+    raw_of[items[source].to_numpy()] = items[ITEM].to_numpy()  # encoded item id -> raw id
+    hist = _padded(state[seq_name].take(pa.array(u_idx)), cfg.dataset.sequence_length)
+    weights = []
+    with torch.no_grad():
+        for lo in range(0, len(u_idx), rows_per_chunk):
+            sl = slice(lo, lo + rows_per_chunk)
+            weights.append(model.forward_with_attention(candidates(u_idx[sl], i_idx[sl]))[1])
+    w = torch.cat(weights).numpy()
+    w = np.where(hist >= 0, w, -np.inf)
+    top = np.argsort(-w, axis=1, kind="stable")[:, :m]
+    valid = np.take_along_axis(hist, top, 1) >= 0
+    n = valid.sum(1)
+    ids = raw_of[np.take_along_axis(hist, top, 1)[valid]]
+    offsets = pa.array(np.r_[0, np.cumsum(n)].astype(np.int32))
+    table = table.append_column("explain_item_ids", pa.ListArray.from_arrays(offsets, ids))
+    return table.append_column("explain_weights", pa.ListArray.from_arrays(
+        offsets, pa.array(np.take_along_axis(w, top, 1)[valid].astype(np.float32))))
+
+
+def _padded(seq: pa.ListArray, width: int) -> np.ndarray:
+    """``[n, width]`` int64 matrix of a list column, left-aligned, padded with -1."""
+    seq = seq.combine_chunks() if isinstance(seq, pa.ChunkedArray) else seq
+    lengths = pc.fill_null(pc.list_value_length(seq), 0).to_numpy(zero_copy_only=False)
+    values = seq.flatten().to_numpy(zero_copy_only=False)
+    out = np.full((len(lengths), width), -1, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = values
+    return out
+
+
+def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk: int = 16,
+              explain: int = 0) -> tuple[str, int]:
     """Write top-``k`` recommendations for every user of a run; returns ``(path, n_users)``.
+
+    With ``explain = m > 0`` (attention models), each recommendation also lists the ``m`` items
+    of the user's behaviour sequence with the largest DIN attention weights for that candidate
+    (``explain_item_ids``, ``explain_weights``; unnormalised activation weights as in the DIN
+    paper, larger = more influence on this score).
 
     Raises:
         FileNotFoundError: ``run_dir`` has no complete checkpoint, or its prepared data is gone.
@@ -121,19 +166,22 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     seen = np.zeros((n_users, n_items), dtype=bool)
     seen[u_rows.astype(np.int64), i_rows.astype(np.int64)] = True
 
+    def candidates(uu: np.ndarray, ii: np.ndarray):
+        """Batch of (user row, item row) pairs: item, user and latest-event features."""
+        cols = {c: items[c].take(pa.array(ii)) for c in from_items}
+        cols.update({c: users[c].take(pa.array(uu)) for c in from_users})
+        cols.update({c: state[c].take(pa.array(uu)) for c in from_events + seq_names})
+        cols["label"] = pa.array(np.zeros(len(uu), dtype=np.float32))
+        if layout.aux_thresholds:
+            cols["label_value"] = cols["label"]
+        return layout.to_batch(pa.table(cols))
+
     out_u, out_r, out_i, out_s = [], [], [], []
     with torch.no_grad():
         for lo in range(0, n_users, users_per_chunk):
             hi = min(lo + users_per_chunk, n_users)
-            uu = np.repeat(np.arange(lo, hi), n_items)
-            ii = np.tile(np.arange(n_items), hi - lo)
-            cols = {c: items[c].take(pa.array(ii)) for c in from_items}
-            cols.update({c: users[c].take(pa.array(uu)) for c in from_users})
-            cols.update({c: state[c].take(pa.array(uu)) for c in from_events + seq_names})
-            cols["label"] = pa.array(np.zeros(len(uu), dtype=np.float32))
-            if layout.aux_thresholds:
-                cols["label_value"] = cols["label"]
-            batch = layout.to_batch(pa.table(cols))
+            batch = candidates(np.repeat(np.arange(lo, hi), n_items),
+                               np.tile(np.arange(n_items), hi - lo))
             scores = torch.sigmoid(main_logits(model(batch))).view(hi - lo, n_items)
             scores[torch.from_numpy(seen[lo:hi])] = -1.0
             top = torch.topk(scores, k=min(k, n_items), dim=1)
@@ -146,6 +194,8 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
                       "rank": pa.array(np.concatenate(out_r).astype(np.int32)),
                       "item_id": items[ITEM].take(pa.array(i_idx)),
                       "score": pa.array(np.concatenate(out_s).astype(np.float32))})
+    if explain:
+        table = _explain(table, u_idx, i_idx, candidates, model, state, items, cfg, explain)
     path = out or storage.join(run_dir, "recommendations", "top_k.parquet")
     storage.write_parquet(table, path)
     return path, n_users

@@ -71,7 +71,7 @@ def test_movielens_slice_end_to_end(tmp_path, ray_local):
         logits = main_logits(model(layout.to_batch(test.select(layout.columns)))).numpy()
     assert auc(logits, test["label"].to_numpy()) == pytest.approx(metrics["test_auc"], abs=1e-5)
 
-    path, n_users = recommend(str(run), k=10)
+    path, n_users = recommend(str(run), k=10, explain=3)
     rec = pq.read_table(path)
     assert n_users == N_USERS and rec.num_rows == 10 * N_USERS
     assert rec["rank"].to_pylist()[:10] == list(range(1, 11))
@@ -82,3 +82,9 @@ def test_movielens_slice_end_to_end(tmp_path, ray_local):
     assert len(set(pairs)) == len(pairs)
     scores = rec["score"].to_numpy().reshape(N_USERS, 10)
     assert np.all(np.diff(scores, axis=1) <= 0)  # ranked best first
+    # --explain: up to 3 past items of that user, by decreasing attention weight
+    rated = set(zip(tables["events"]["user_id"].to_pylist(), tables["events"]["item_id"].to_pylist()))
+    for u, ids, ws in zip(rec["user_id"].to_pylist(), rec["explain_item_ids"].to_pylist(),
+                          rec["explain_weights"].to_pylist()):
+        assert 1 <= len(ids) <= 3 and all((u, i) in rated for i in ids)
+        assert ws == sorted(ws, reverse=True)
