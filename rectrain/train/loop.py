@@ -141,7 +141,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     ckpt_url = storage.join(cfg.run_dir, "checkpoint")
     planned = tc.epochs * max(1, manifest["rows_per_split"]["train"] // (tc.batch_size * env.world))
     set_lr = lr_schedule(optimizer, cfg.optim, planned)
-    best = {"auc": -1.0, "epoch": -1}
+    best = {"auc": float("nan"), "score": -1.0, "epoch": -1}
     history = []
     step = 0
     train_seconds = 0.0
@@ -197,8 +197,10 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
             writer.add_scalar("valid/logloss", vm["logloss"], epoch)
             writer.add_scalar("train/epoch_samples_per_s", rec["train_samples_per_s"], epoch)
         env.report({k: float(x) for k, x in rec.items()})
-        if vm["auc"] > best["auc"]:
-            best = {"auc": vm["auc"], "epoch": epoch}
+        # a NaN AUC (one class only in valid) ranks below any real one but still checkpoints
+        score = vm["auc"] if vm["auc"] == vm["auc"] else -0.5
+        if score > best["score"]:
+            best = {"auc": vm["auc"], "score": score, "epoch": epoch}
             save_checkpoint(ckpt_url, dmp, optimizer, meta={
                 "epoch": epoch, "step": step, "valid": vm, "world_size": env.world,
                 "plan": str(plan), "config": cfg.model_dump(mode="json")})
