@@ -19,8 +19,9 @@ import torch
 
 from rectrain.config import config_from_dict
 from rectrain.data import storage
+from rectrain.data.encode import positions_in_lists
 from rectrain.data.features import FeatureLayout
-from rectrain.data.prepare import ITEM, POS, USER, load_manifest
+from rectrain.data.prepare import ITEM, LABEL, LABEL_VALUE, POS, USER, load_manifest
 from rectrain.models import build_model
 from rectrain.models.din import main_logits
 from rectrain.train.checkpoint import load_checkpoint
@@ -46,7 +47,7 @@ def append_truncate(seq: pa.ListArray, last: np.ndarray, max_len: int) -> pa.Lis
     keep = new_len - 1  # elements kept from the old sequence (its most recent ones)
     new_off = np.zeros(len(new_len) + 1, dtype=np.int64)
     np.cumsum(new_len, out=new_off[1:])
-    within = np.arange(int(keep.sum())) - np.repeat(np.cumsum(keep) - keep, keep)
+    within = positions_in_lists(keep)
     src = np.repeat(offsets[1:] - keep, keep) + within
     dst = np.repeat(new_off[:-1], keep) + within
     out = np.empty(int(new_off[-1]), dtype=np.int64)
@@ -117,9 +118,7 @@ def _padded(seq: pa.ListArray, width: int) -> np.ndarray:
     lengths = pc.fill_null(pc.list_value_length(seq), 0).to_numpy(zero_copy_only=False)
     values = seq.flatten().to_numpy(zero_copy_only=False)
     out = np.full((len(lengths), width), -1, dtype=np.int64)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = values
+    out[np.repeat(np.arange(len(lengths)), lengths), positions_in_lists(lengths)] = values
     return out
 
 
@@ -151,7 +150,7 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     items = storage.read_parquet(storage.join(prepared, "catalog", "items.parquet"))
     sequences = [(f.name, f.source) for f in cfg.features if f.kind == "sequence"]
     seq_names = [n for n, _ in sequences]
-    feature_cols = [c for c in layout.columns if c != "label"]
+    feature_cols = [c for c in layout.columns if c not in (LABEL, LABEL_VALUE)]
     from_items = [c for c in feature_cols if c in items.column_names]
     from_users = [c for c in feature_cols if c in users.column_names and c not in from_items]
     from_events = [c for c in feature_cols if c not in from_items + from_users + seq_names]
@@ -171,9 +170,9 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
         cols = {c: items[c].take(pa.array(ii)) for c in from_items}
         cols.update({c: users[c].take(pa.array(uu)) for c in from_users})
         cols.update({c: state[c].take(pa.array(uu)) for c in from_events + seq_names})
-        cols["label"] = pa.array(np.zeros(len(uu), dtype=np.float32))
+        cols[LABEL] = pa.array(np.zeros(len(uu), dtype=np.float32))
         if layout.aux_thresholds:
-            cols["label_value"] = cols["label"]
+            cols[LABEL_VALUE] = cols[LABEL]
         return layout.to_batch(pa.table(cols))
 
     out_u, out_r, out_i, out_s = [], [], [], []

@@ -6,6 +6,7 @@ vocabulary's i-th value (sorted ascending) gets id ``i + 1``.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -43,6 +44,14 @@ def apply_transform(arr: pa.ChunkedArray | pa.Array, t: Transform | None) -> pa.
                          pa.scalar(None, starts.type))
         return arr.flatten().take(idx)
     raise AssertionError("unreachable: Transform validates exactly one field")
+
+
+def positions_in_lists(lengths: np.ndarray) -> np.ndarray:
+    """For lists of the given lengths laid end to end, each element's 0-based position inside
+    its own list (``[2, 0, 3] -> [0, 1, 0, 1, 2]``), vectorised."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
 
 
 def _flat(arr) -> pa.Array:

@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from rectrain.config import FeatureSpec, JobConfig
+from rectrain.data.prepare import LABEL, LABEL_VALUE
 
 
 @dataclass
@@ -92,8 +93,8 @@ class FeatureLayout:
         self.dense_stats = manifest.get("dense_stats", {})
         self.max_sequence_length = cfg.dataset.sequence_length
         self.aux_thresholds = list(cfg.dataset.label.aux_thresholds)
-        self.columns = self.sparse_keys + [f.name for f in self.dense] + ["label"] + (
-            ["label_value"] if self.aux_thresholds else [])
+        self.columns = self.sparse_keys + [f.name for f in self.dense] + [LABEL] + (
+            [LABEL_VALUE] if self.aux_thresholds else [])
 
     def _tables(self, feats: list[FeatureSpec], make) -> list:
         """One config per table name (first feature's settings), features appended in order."""
@@ -123,9 +124,9 @@ class FeatureLayout:
             ty = pa.int64() if f.kind == "sparse" else pa.list_(pa.int64())
             fields.append(pa.field(f.name, ty))
         fields += [pa.field(f.name, pa.float64()) for f in self.dense]
-        fields.append(pa.field("label", pa.float32()))
+        fields.append(pa.field(LABEL, pa.float32()))
         if self.aux_thresholds:
-            fields.append(pa.field("label_value", pa.float32()))
+            fields.append(pa.field(LABEL_VALUE, pa.float32()))
         return pa.schema(fields)
 
     @property
@@ -170,9 +171,9 @@ class FeatureLayout:
         else:
             dense = torch.zeros(n, 0)
         labels = torch.from_numpy(
-            table.column("label").to_numpy(zero_copy_only=False).astype(np.float32, copy=True))
+            table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.float32, copy=True))
         if self.aux_thresholds:
-            v = torch.from_numpy(table.column("label_value").to_numpy(zero_copy_only=False)
+            v = torch.from_numpy(table.column(LABEL_VALUE).to_numpy(zero_copy_only=False)
                                  .astype(np.float32))
             aux = (v.unsqueeze(1) >= torch.tensor(self.aux_thresholds)).float()
         else:

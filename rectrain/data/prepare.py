@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from rectrain.config import DatasetSpec, FeatureSpec, JobConfig
 from rectrain.data import storage
-from rectrain.data.encode import apply_transform, build_vocab, encode
+from rectrain.data.encode import apply_transform, build_vocab, encode, positions_in_lists
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     t = storage.read_parquet(path)
     rows_read = t.num_rows
     required = [spec.user_column, spec.item_column, spec.timestamp_column, spec.label.column]
-    missing = [c for c in dict.fromkeys(required + event_cols) if c not in t.column_names]
-    if missing and rows_read:
-        raise DataValidationError(
-            f"{path}: missing column(s) {missing}; the file has {t.column_names}"
-        )
+    # columns and their types were checked on every file's footer (_check_event_schemas)
     if rows_read == 0:
         return pa.table({}), {"file": path, "rows_read": 0, "rows_used": 0, "rejected": {}}
     t = t.select(list(dict.fromkeys(required + event_cols)))
@@ -222,7 +218,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
                 raw, key = pc.cast(raw, pa.int64()), pc.cast(key, pa.int64())
             if raw.type != key.type:
                 try:
-                    raw = pc.cast(raw, keys[role].type)
+                    raw = pc.cast(raw, key.type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                     raise DataValidationError(
                         f"{path}: column {col!r}: type {t[col].type} cannot match the {role} "
@@ -297,11 +293,9 @@ def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: i
     lengths = np.minimum(pos, max_len)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
     # index of each sequence element in t: from i - len_i up to i - 1 (most recent last)
-    first = np.repeat(np.arange(n, dtype=np.int64) - lengths, lengths)
-    within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
-    src_idx = first + within
+    src_idx = np.repeat(np.arange(n, dtype=np.int64) - lengths, lengths) \
+        + positions_in_lists(lengths)
     for name, source in seq_features:
         values = t[source].to_numpy()[src_idx]
         t = t.append_column(name, pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
