@@ -61,3 +61,63 @@ class TargetAttention(nn.Module):
         w = w.masked_fill(~mask, 0.0)
         pooled = torch.bmm(w.unsqueeze(1), keys).squeeze(1)
         return pooled, w
+
+
+def attention_mask(valid: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """Boolean "may attend" mask ``[B, L, L]`` for self-attention over padded sequences.
+
+    ``valid`` bool ``[B, L]`` (True = real step). Query ``i`` may attend key ``j`` when key ``j``
+    is valid and, with ``causal``, ``j <= i``. A query that would see no key at all (a padded
+    step, or every step of an empty sequence) is allowed to attend to itself, so softmax never
+    sees an all-masked row (which gives NaN); such outputs are zeroed by the caller.
+    """
+    L = valid.shape[1]
+    allowed = valid.unsqueeze(1).expand(-1, L, -1)  # [B, Lq, Lk]
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
+    empty = ~allowed.any(-1, keepdim=True)  # [B, L, 1]
+    return allowed | (empty & eye)
+
+
+class TransformerEncoder(nn.Module):
+    """Stack of pre-norm transformer blocks (Vaswani et al. 2017) over padded sequences, with
+    padding and optional causal masks: the self-attention block of BST (Chen et al. 2019),
+    SASRec (Kang & McAuley 2018) and AutoInt (Song et al. 2019, over feature fields).
+
+    Built on ``torch.nn.TransformerEncoderLayer`` (``batch_first``, ``norm_first``). Optional
+    learned absolute position embeddings (``max_len`` > 0).
+
+    Shapes: ``x`` float32 ``[B, L, D]``, ``valid`` bool ``[B, L]`` (True = real step; None =
+    all valid). Returns ``[B, L, D]``; padded steps are exactly 0 and never influence valid
+    steps; an empty sequence gives all zeros, never NaN. With ``causal`` step t sees only
+    steps <= t. Raises ``ValueError`` if ``D`` is not divisible by ``heads``.
+    """
+
+    def __init__(self, dim: int, heads: int = 2, layers: int = 1, ff_mult: int = 4,
+                 dropout: float = 0.0, causal: bool = False, max_len: int = 0, device=None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"TransformerEncoder: dim {dim} not divisible by heads {heads}")
+        self.heads, self.causal = heads, causal
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, dim_feedforward=ff_mult * dim, dropout=dropout,
+                                       batch_first=True, norm_first=True, device=device)
+            for _ in range(layers))
+        self.positions = nn.Embedding(max_len, dim, device=device) if max_len else None
+        self.norm = nn.LayerNorm(dim, device=device)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, _ = x.shape
+        if valid is None:
+            valid = torch.ones(B, L, dtype=torch.bool, device=x.device)
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(L, device=x.device)).unsqueeze(0)
+        allowed = attention_mask(valid, self.causal)
+        # per-sample mask for nn.MultiheadAttention: [B * heads, L, L], True = blocked
+        blocked = (~allowed).repeat_interleave(self.heads, dim=0)
+        keep = valid.unsqueeze(-1).to(x.dtype)
+        x = x * keep
+        for block in self.blocks:
+            x = block(x, src_mask=blocked) * keep
+        return self.norm(x) * keep
