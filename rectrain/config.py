@@ -163,6 +163,15 @@ class TrainSpec(_Model):
     seed: int = 0
     log_every: int = Field(20, ge=1, description="log a line every N steps")
     max_train_rows: Optional[int] = Field(None, ge=1, description="cap rows per epoch (smoke runs)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy for the workers (STRICT_SPREAD: one "
+                            "worker per node)")
+    gpus_per_worker: Optional[float] = Field(
+        None, gt=0, description="GPUs per worker when GPUs are used (default 1)")
+    memory_per_worker_gb: Optional[float] = Field(
+        None, gt=0, description="memory reserved per worker in GiB (Ray logical resource)")
+    resources_per_worker: dict[str, float] = Field(
+        {}, description="extra custom Ray resources per worker, e.g. {trainer_node: 1}")
 
 
 class ShardingSpec(_Model):
