@@ -80,6 +80,9 @@ def _node_env() -> dict:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_AUTH_MODE"] = "token"  # `ray start --address` does not turn it on by itself
+    # the test machine is shared: Ray's OOM killer looks at the whole machine's memory and
+    # would kill this cluster's tiny workers for what other processes use
+    env["RAY_memory_monitor_refresh_ms"] = "0"
     return env
 
 

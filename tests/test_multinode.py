@@ -11,7 +11,7 @@ from rectrain.config import config_from_dict
 from rectrain.launch.ray_launch import worker_resources
 from rectrain.launch.submit import client, submit, wait
 from tests.helpers import tiny_job
-from tests.ray_cluster import ROOT, cluster_prepared, ray_cluster  # noqa: F401 (fixtures)
+from tests.ray_cluster import ROOT
 
 
 def test_worker_resources_from_config(tmp_path):
@@ -28,7 +28,8 @@ def test_worker_resources_from_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_on_two_nodes(ray_cluster, cluster_prepared):  # noqa: F811
+@pytest.mark.timeout(1800)  # may start the session's two-node cluster and run two jobs
+def test_two_workers_on_two_nodes(ray_cluster, cluster_prepared):
     spec, _ = cluster_prepared
     job = yaml.safe_load(open(spec))
     job["run_dir"] = os.path.join(os.path.dirname(spec), "run_spread")

@@ -15,7 +15,7 @@ from rectrain.config import ConfigError
 from rectrain.launch.submit import (EXCLUDES, build_entrypoint, build_runtime_env, client,
                                     project_requirements, wait)
 from tests.helpers import tiny_job
-from tests.ray_cluster import ROOT, cluster_prepared, ray_cluster  # noqa: F401 (fixtures)
+from tests.ray_cluster import ROOT
 
 VERBS = ["prepare", "train", "run", "recommend", "bench", "submit"]
 
@@ -80,7 +80,8 @@ def _cli(*argv) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_submit_prepare_and_train_end_to_end(ray_cluster, cluster_prepared):  # noqa: F811
+@pytest.mark.timeout(1800)  # starts the session's two-node cluster and runs two jobs
+def test_submit_prepare_and_train_end_to_end(ray_cluster, cluster_prepared):
     spec, prep_id = cluster_prepared
     addr = ray_cluster.job_address
     # the prepare job (submitted by the fixture) is followed with the CLI
@@ -115,7 +116,8 @@ def test_submit_prepare_and_train_end_to_end(ray_cluster, cluster_prepared):  # 
 
 
 @pytest.mark.slow
-def test_stop_a_running_job(ray_cluster, tmp_path):  # noqa: F811
+@pytest.mark.timeout(900)
+def test_stop_a_running_job(ray_cluster, tmp_path):
     spec = _spec(tmp_path / "stopme")  # its raw logs do not exist: it would fail, not finish
     rc, out = _cli("submit", spec, "--verb", "prepare", "--address", ray_cluster.job_address,
                    "--working-dir", ROOT, "--env", "RECTRAIN_TEST=1")
