@@ -96,6 +96,35 @@ def cmd_recommend(run_dir: str, k: int, out: str | None, explain: int = 0) -> st
     return path
 
 
+def _submit_args(sub) -> None:
+    """Ray Jobs verbs (``rectrain/launch/submit.py``): submit, status, logs, stop."""
+    addr = "Ray job server, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS)"
+    sp = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs API)")
+    sp.add_argument("spec", help="job YAML (see jobs/)")
+    sp.add_argument("--address", default=None, help=addr)
+    sp.add_argument("--verb", dest="job_verb", default="run",
+                    help="rectrain verb the job runs: run, prepare, train, recommend, ...")
+    sp.add_argument("--args", default="", help='extra arguments for the verb, e.g. '
+                                               '--args="--epochs 1 --seed 2"')
+    sp.add_argument("--working-dir", default=None,
+                    help="directory uploaded as the job's working dir (default: current)")
+    sp.add_argument("--env", action="append", metavar="KEY=VALUE",
+                    help="environment variable for the job (repeatable)")
+    sp.add_argument("--pip", choices=["cpu", "gpu"], default=None,
+                    help="install the project's pinned requirements in the job's runtime_env "
+                         "(default: the nodes already run the rectrain image)")
+    sp.add_argument("--submission-id", default=None, help="job id to use")
+    sp.add_argument("--follow", action="store_true",
+                    help="stream the logs until the job ends; exit 1 unless it SUCCEEDED")
+    for verb, text in (("status", "a submitted job's status"), ("logs", "a job's logs"),
+                       ("stop", "stop a submitted job")):
+        sp = sub.add_parser(verb, help=text)
+        sp.add_argument("job_id")
+        sp.add_argument("--address", default=None, help=addr)
+        if verb == "logs":
+            sp.add_argument("--follow", action="store_true", help="stream until the job ends")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rectrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,9 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="Parquet path (default RUN_DIR/recommendations/top_k.parquet)")
     sp.add_argument("--explain", type=int, default=0, metavar="M",
                     help="also list the M past items with the largest attention weights")
+    _submit_args(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.verb in ("submit", "status", "logs", "stop"):
+            from rectrain.launch.submit import main as submit_main
+            args.known_verbs = list(sub.choices)
+            return submit_main(args)
         if args.verb == "recommend":
             cmd_recommend(args.checkpoint, args.k, args.out, args.explain)
             return 0

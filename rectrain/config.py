@@ -163,6 +163,15 @@ class TrainSpec(_Model):
     seed: int = 0
     log_every: int = Field(20, ge=1, description="log a line every N steps")
     max_train_rows: Optional[int] = Field(None, ge=1, description="cap rows per epoch (smoke runs)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy for the workers (STRICT_SPREAD: one "
+                            "worker per node)")
+    gpus_per_worker: Optional[float] = Field(
+        None, gt=0, description="GPUs per worker when GPUs are used (default 1)")
+    memory_per_worker_gb: Optional[float] = Field(
+        None, gt=0, description="memory reserved per worker in GiB (Ray logical resource)")
+    resources_per_worker: dict[str, float] = Field(
+        {}, description="extra custom Ray resources per worker, e.g. {trainer_node: 1}")
 
 
 class ShardingSpec(_Model):
@@ -237,7 +246,8 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Jo
     """Load and validate a job YAML.
 
     Relative paths in the file (dataset, prepared_dir, run_dir) are resolved against the current
-    directory. ``overrides`` is a nested dict merged over the YAML (used by the CLI and tests).
+    directory (or ``$RECTRAIN_BASE_DIR`` when set, as in the cluster image). ``overrides`` is a
+    nested dict merged over the YAML (used by the CLI and tests).
 
     Raises:
         ConfigError: the file is missing, is not YAML, or a field is invalid (message names the
@@ -267,7 +277,9 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
             loc = ".".join(str(x) for x in err["loc"]) or "<root>"
             lines.append(f"{source}: {loc}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
-    base = Path.cwd()
+    # RECTRAIN_BASE_DIR: where relative paths resolve on cluster nodes whose shared storage is
+    # mounted at a fixed place (cluster/Dockerfile); default the current directory
+    base = Path(os.environ.get("RECTRAIN_BASE_DIR") or Path.cwd())
     cfg.prepared_dir = _resolve(cfg.prepared_dir, base)
     cfg.run_dir = _resolve(cfg.run_dir, base)
     ds = cfg.dataset

@@ -19,3 +19,7 @@ def ray_local(tmp_path_factory):
     init_ray(tiny_cfg(str(tmp_path_factory.mktemp("ray"))))
     yield ray
     ray.shutdown()
+
+
+# one two-node loopback Ray cluster per session, shared by test_submit.py and test_multinode.py
+from tests.ray_cluster import cluster_prepared, ray_cluster  # noqa: E402,F401

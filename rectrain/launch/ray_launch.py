@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +24,29 @@ def _cluster_address(cfg: JobConfig, address: Optional[str]) -> Optional[str]:
             or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
         os.environ["RAY_AUTH_MODE"] = "token"
     return addr
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While starting a local Ray, make its node IP 127.0.0.1 so that every Ray server binds
+    loopback only.
+
+    Ray 2.60's ``ray.init`` turns ``_node_ip_address="127.0.0.1"`` into the machine's routable IP
+    (``services.resolve_ip_for_localhost``) and its GCS, raylet, object manager, core workers and
+    agents then listen on all interfaces (``::``). Ray keeps loopback only where it disables
+    clusters (``ray_constants.ENABLE_RAY_CLUSTER``, the ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+    switch, off on macOS/Windows): this flips it for the ``ray.init`` call only, so a later
+    connection to a real cluster from the same process is unaffected. Checked with psutil in
+    ``tests/test_submit.py::test_local_mode_listens_on_loopback_only``.
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
@@ -52,10 +76,11 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
         num_cpus = tc.num_workers * tc.cpus_per_worker + cfg.ray.data_cpus
         # address="local": always a fresh embedded instance, never a cluster some earlier
         # `ray start` left running (ray.init() with no address would join that one)
-        ray.init(address="local", num_cpus=int(max(num_cpus, 1) + 0.999), include_dashboard=True,
-                 dashboard_host="127.0.0.1",
-                 log_to_driver=True, _node_ip_address="127.0.0.1",
-                 configure_logging=True, logging_level=logging.WARNING)
+        with _loopback_only():
+            ray.init(address="local", num_cpus=int(max(num_cpus, 1) + 0.999),
+                     include_dashboard=True, dashboard_host="127.0.0.1",
+                     log_to_driver=True, _node_ip_address="127.0.0.1",
+                     configure_logging=True, logging_level=logging.WARNING)
     from ray.data import DataContext
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -97,8 +122,6 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
 
     from rectrain.data.features import FeatureLayout
     from rectrain.data.prepare import ITEM, TS, USER, load_manifest
-    from rectrain.train.loop import ray_train_worker
-
     resources = init_ray(cfg, address)
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
@@ -113,14 +136,16 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
             ds = ds.randomize_block_order()
         datasets[split] = ds
     storage.remove(storage.join(cfg.run_dir, "metrics.json"))
+    storage.remove(storage.join(cfg.run_dir, "workers"))
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // tc.num_workers) if not address else None
     trainer = TorchTrainer(
-        train_loop_per_worker=ray_train_worker,
+        train_loop_per_worker=placed_train_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                     resources_per_worker=worker_resources(cfg, use_gpu),
+                                     placement_strategy=tc.placement_strategy),
         datasets=datasets,
         dataset_config=_exact_split_config(),
         run_config=RunConfig(name=cfg.name, storage_path=os.path.abspath(
@@ -133,5 +158,54 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         raise RuntimeError(f"training finished without writing {url}; see the worker logs above")
     metrics = storage.read_json(url)
     metrics["train_wall_seconds"] = time.perf_counter() - t0  # incl. Ray Train start-up
+    metrics["workers"] = read_placement(cfg.run_dir)
+    metrics["num_nodes"] = len({w["node_id"] for w in metrics["workers"]})
     storage.write_json(metrics, url)
     return metrics
+
+
+def worker_resources(cfg: JobConfig, use_gpu: bool) -> dict:
+    """Ray Train ``ScalingConfig.resources_per_worker`` from the job: ``CPU`` =
+    ``train.cpus_per_worker``, ``GPU`` = ``train.gpus_per_worker`` (default 1) when GPUs are used,
+    ``memory`` = ``train.memory_per_worker_gb`` in bytes, plus ``train.resources_per_worker``
+    (custom node resources)."""
+    tc = cfg.train
+    res: dict = {"CPU": tc.cpus_per_worker}
+    if use_gpu:
+        res["GPU"] = tc.gpus_per_worker or 1.0
+    if tc.memory_per_worker_gb:
+        res["memory"] = int(tc.memory_per_worker_gb * 2**30)
+    res.update(tc.resources_per_worker)
+    return res
+
+
+def placed_train_worker(config: dict) -> None:
+    """``ray_train_worker`` after recording where this rank runs: ``RUN_DIR/workers/rank_<r>.json``
+    with rank, local/node rank, Ray node id, node IP, hostname and pid (read back into
+    ``metrics.json["workers"]`` by :func:`train`)."""
+    import socket
+
+    import ray
+    import ray.train
+
+    from rectrain.train.loop import ray_train_worker
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    storage.write_json({
+        "rank": rank, "local_rank": ctx.get_local_rank(), "node_rank": ctx.get_node_rank(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+        "pid": os.getpid()}, storage.join(config["job"]["run_dir"], "workers",
+                                          f"rank_{rank}.json"))
+    ray_train_worker(config)
+
+
+def read_placement(run_dir: str) -> list[dict]:
+    """The ``workers/rank_*.json`` records of a run, by rank (empty if none were written)."""
+    fs, path = storage.url_to_fs(storage.join(run_dir, "workers"))
+    if not fs.exists(path):
+        return []
+    recs = [storage.read_json(storage.join(run_dir, "workers", os.path.basename(f)))
+            for f in fs.glob(path.rstrip("/") + "/rank_*.json")]
+    return sorted(recs, key=lambda r: r["rank"])
