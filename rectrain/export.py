@@ -114,7 +114,9 @@ def export(checkpoint: str, out: str) -> str:
     args = example_inputs(layout)
     b, n = Dim("batch", min=1), Dim("ids", min=1)
     shapes = {"dense": {0: b}, "values": {0: n}, "lengths": {0: len(layout.sparse_keys) * b}}
-    with torch.no_grad():
+    # size-oblivious: do not specialise the batch size to >= 2 (a batch of 1 must work too)
+    from torch.fx.experimental import _config as fx_config
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
         ep = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "model.pt2")

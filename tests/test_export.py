@@ -22,7 +22,8 @@ model = torch.export.load(sys.argv[1]).module()
 inputs = torch.load(sys.argv[2], weights_only=True)
 with torch.inference_mode():
     scores = model(inputs["dense"], inputs["values"], inputs["lengths"])
-json.dump({"scores": scores.tolist(), "dtype": str(scores.dtype),
+    one = model(inputs["dense1"], inputs["values1"], inputs["lengths1"])  # a batch of 1 row
+json.dump({"scores": scores.tolist(), "one": one.tolist(), "dtype": str(scores.dtype),
            "loaded": sorted({m.split(".")[0] for m in sys.modules} & {"ray", "torchrec"})},
           sys.stdout)
 """
@@ -55,11 +56,14 @@ def test_export_matches_sharded_scores(tmp_path):
     cfg = config_from_dict(job)
     layout = FeatureLayout(cfg, load_manifest(cfg.prepared_dir))
     test = pads.dataset(f"{tmp}/prepared/test").to_table()
-    kjt = layout.to_batch(test.select(layout.columns)).sparse
-    dense = torch.from_numpy(np.stack([test[f].to_numpy().astype(np.float32)
-                                       for f in contract["dense_features"]], axis=1))
-    torch.save({"dense": dense, "values": kjt.values(), "lengths": kjt.lengths().long()},
-               f"{tmp}/inputs.pt")
+    inputs = {}
+    for suffix, rows in (("", test), ("1", test.slice(3, 1))):
+        kjt = layout.to_batch(rows.select(layout.columns)).sparse
+        inputs["dense" + suffix] = torch.from_numpy(np.stack(
+            [rows[f].to_numpy().astype(np.float32) for f in contract["dense_features"]], axis=1))
+        inputs["values" + suffix] = kjt.values()
+        inputs["lengths" + suffix] = kjt.lengths().long()
+    torch.save(inputs, f"{tmp}/inputs.pt")
     out = subprocess.run([sys.executable, "-c", SERVE, f"{tmp}/model/model.pt2",
                           f"{tmp}/inputs.pt"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -72,3 +76,4 @@ def test_export_matches_sharded_scores(tmp_path):
     sharded = np.array([by_ts[t] for t in test["_ts"].to_pylist()])
     assert len(sharded) == 77 and np.ptp(sharded) > 1e-4  # rows are really told apart
     np.testing.assert_allclose(np.array(served["scores"]), sharded, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(served["one"], sharded[3:4], rtol=0, atol=1e-5)
