@@ -72,7 +72,7 @@ def _entry(fn, rank, world, port, args, q):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         q.put((rank, fn(rank, world, *args)))
-    except BaseException as e:  # report instead of hanging the parent
+    except Exception as e:  # noqa: BLE001 -- report it instead of hanging the parent
         import traceback
         q.put((rank, RuntimeError(f"rank {rank}: {e}\n{traceback.format_exc()}")))
     finally:

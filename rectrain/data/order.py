@@ -23,7 +23,7 @@ keep Ray Data's streaming order, which checkpoints at epoch boundaries only.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,9 +43,9 @@ class GlobalOrder:
         FileNotFoundError: ``url`` holds no data file.
     """
 
-    def __init__(self, url: str, seed: int, columns: Optional[list[str]] = None):
+    def __init__(self, url: str, seed: int, columns: list[str] | None = None):
         self.url, self.seed, self.columns = url, seed, columns
-        self._table: Optional[pa.Table] = None
+        self._table: pa.Table | None = None
 
     @property
     def table(self) -> pa.Table:

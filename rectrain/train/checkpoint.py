@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,7 @@ class SafeUnpickler(pickle.Unpickler):
     dicts). Anything else raises ``pickle.UnpicklingError`` naming the global."""
 
     _MODULES = ("torch.distributed.checkpoint.",)
-    _ALLOWED = {("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+    _ALLOWED: ClassVar[set] = {("collections", "OrderedDict"), ("pathlib", "PosixPath"),
                 ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
                 ("pathlib", "PureWindowsPath"), ("torch", "Size"), ("torch._utils", "_get_layout"),
                 ("torch.serialization", "_get_layout"),

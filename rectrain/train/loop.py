@@ -175,7 +175,8 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
             loss_sum += float(loss.detach())
             loss_n += 1
             ckpt.after_step(epoch, step, loss_sum, loss_n,
-                            lambda: (best, history, train_seconds, train_samples))
+                            lambda b=best, h=history, s=train_seconds, n=train_samples:
+                            (b, h, s, n))
             if tc.max_train_rows and rows >= tc.max_train_rows:
                 break
             if step % tc.log_every == 0:

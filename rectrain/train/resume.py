@@ -27,6 +27,7 @@ learning-rate schedule continues at the same fraction of the samples.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 
@@ -172,7 +173,7 @@ class Checkpointer:
         if is_complete(best_url):
             bm = storage.read_json(storage.join(best_url, "meta.json"))
             auc = bm.get("valid", {}).get("auc", float("nan"))
-            score = auc if auc == auc else -0.5
+            score = -0.5 if math.isnan(auc) else auc
             if score > best["score"]:  # a later best was committed just before a crash
                 best = {"auc": auc, "score": score, "epoch": bm["epoch"]}
         elif best["epoch"] >= 0:  # resumed from another run: its best weights are not here
