@@ -6,6 +6,8 @@ examples:
   rectrain prepare --config JOB.yaml                      raw logs already in place
   rectrain train --config JOB.yaml [--address auto]       train on prepared samples
   rectrain recommend --checkpoint runs/movielens_din --k 10
+  rectrain train --config JOB.yaml --resume [latest|CHECKPOINT_URL]
+  rectrain export --checkpoint runs/movielens_din --out model_dir
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def _overrides(args) -> dict:
         o.setdefault("train", {})["seed"] = args.seed
     if getattr(args, "run_dir", None) is not None:
         o["run_dir"] = args.run_dir
+    if getattr(args, "resume", None) is not None:
+        o.setdefault("checkpoint", {})["resume"] = args.resume
     return o
 
 
@@ -154,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("train", help="train with Ray Train + TorchRec")
     ray_args(sp)
     train_args(sp)
+    sp.add_argument("--resume", nargs="?", const="latest", default=None,
+                    metavar="latest|URL", help="continue from the run's latest checkpoint "
+                    "(or a checkpoint/run directory URL) at the exact step")
     sp = sub.add_parser("run", help="prepare + train + recommend (the main job)")
     ray_args(sp)
     train_args(sp)
@@ -165,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="Parquet path (default RUN_DIR/recommendations/top_k.parquet)")
     sp.add_argument("--explain", type=int, default=0, metavar="M",
                     help="also list the M past items with the largest attention weights")
+    sp = sub.add_parser("export", help="unsharded torch.export (.pt2) model for serving")
+    sp.add_argument("--checkpoint", required=True,
+                    help="run directory (uses its best checkpoint/) or a checkpoint folder")
+    sp.add_argument("--out", required=True, help="output folder (model.pt2 + serving.json)")
     _submit_args(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -173,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             from rectrain.launch.submit import main as submit_main
             args.known_verbs = list(sub.choices)
             return submit_main(args)
+        if args.verb == "export":
+            from rectrain.export import export
+            out = export(args.checkpoint, args.out)
+            print(f"[rectrain] exported {args.checkpoint} -> {out}", flush=True)
+            return 0
         if args.verb == "recommend":
             cmd_recommend(args.checkpoint, args.k, args.out, args.explain)
             return 0

@@ -188,6 +188,24 @@ class RaySpec(_Model):
     data_cpus: float = Field(2.0, gt=0)
 
 
+class CheckpointSpec(_Model):
+    """Periodic, atomic checkpoints under ``run_dir/checkpoints/step-<N>`` (the best-validation
+    checkpoint stays in ``run_dir/checkpoint``), resume and Ray Train failure handling."""
+
+    every_n_steps: Optional[int] = Field(
+        None, ge=1, description="also checkpoint every N global steps; turns on the "
+                                "deterministic train order so a resume continues mid-epoch "
+                                "at the exact row (see rectrain/data/order.py)")
+    at_epoch_end: bool = Field(True, description="checkpoint after each epoch's validation")
+    keep_last: int = Field(2, ge=1, description="periodic checkpoints kept (older deleted)")
+    resume: Optional[str] = Field(
+        None, description="'latest' (newest complete checkpoint of run_dir), a checkpoint "
+                          "URL, or 'auto' (latest if any, else a fresh start); None: fresh")
+    max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures: "
+                                                    "worker-group restarts from the latest "
+                                                    "checkpoint (-1: unlimited)")
+
+
 class JobConfig(_Model):
     """A whole job: data → prepared samples → training run → recommendations."""
 
@@ -201,6 +219,7 @@ class JobConfig(_Model):
     train: TrainSpec = TrainSpec()
     sharding: ShardingSpec = ShardingSpec()
     ray: RaySpec = RaySpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
 
     @model_validator(mode="after")
     def _check_features(self) -> "JobConfig":

@@ -117,18 +117,22 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     _cluster_address(cfg, address)
     import ray
     import ray.data
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rectrain.data.features import FeatureLayout
     from rectrain.data.prepare import ITEM, TS, USER, load_manifest
+    from rectrain.train.resume import FAULT_ENV, prepare_run
+
     resources = init_ray(cfg, address)
+    cfg = prepare_run(cfg)  # fresh run: clear old checkpoints; retries resume from the latest
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
     manifest = load_manifest(cfg.prepared_dir)
     layout = FeatureLayout(cfg, manifest)
     datasets = {}
-    for split in ("train", "valid", "test"):
+    # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
+    for split in ("train", "valid", "test")[1 if cfg.checkpoint.every_n_steps else 0:]:
         url = storage.join(cfg.prepared_dir, split)
         cols = layout.columns + ([USER, ITEM, TS] if split == "test" else [])
         ds = ray.data.read_parquet(url, columns=cols)
@@ -141,7 +145,8 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     threads = max(1, cpus // tc.num_workers) if not address else None
     trainer = TorchTrainer(
         train_loop_per_worker=placed_train_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads},
+        train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads,
+                           "fault": os.environ.get(FAULT_ENV)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(cfg, use_gpu),
@@ -149,7 +154,8 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         datasets=datasets,
         dataset_config=_exact_split_config(),
         run_config=RunConfig(name=cfg.name, storage_path=os.path.abspath(
-            storage.join(cfg.run_dir, "ray")) if "://" not in cfg.run_dir else None),
+            storage.join(cfg.run_dir, "ray")) if "://" not in cfg.run_dir else None,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
     t0 = time.perf_counter()
     trainer.fit()

@@ -1,20 +1,43 @@
-"""Atomic torch.distributed.checkpoint (DCP) save/load of a sharded model and its optimisers.
+"""Atomic torch.distributed.checkpoint (DCP) save/load of a sharded model and its optimisers,
+at any fsspec URL.
 
 Layout of a checkpoint folder: DCP's ``.metadata`` and ``__<rank>_<n>.distcp`` shard files
-(tensors only: model state incl. ShardedTensors, and the optimiser *state* tensors) plus
-``meta.json`` (epoch, step, metrics, sharding plan as text, job config). Loading never unpickles:
-DCP reads tensors, ``meta.json`` is JSON. A save goes to ``<url>.tmp`` and is renamed to ``<url>``
-only after every rank finished writing, so a crash mid-save never leaves a folder that looks
-complete.
+(tensors only: model state incl. ShardedTensors, and the optimiser *state* tensors: the fused
+sparse optimiser's per-table state such as row-wise Adagrad ``momentum1``, and the dense
+optimiser's ``exp_avg``/``exp_avg_sq``/``step``) plus ``meta.json`` (epoch, step, data position,
+metrics, sharding plan as text, job config; JSON only).
+
+Atomicity: a save writes the shards to ``<url>.tmp``, renames it to ``<url>`` once every rank has
+finished, and only then writes ``meta.json``, the commit marker. A folder without ``meta.json``
+is never loaded (:func:`is_complete`), so a crash at any point of a save (even on object stores
+where a rename is a copy) never leaves a checkpoint that looks complete.
+
+Storage: plain paths use DCP's ``FileSystemWriter``/``FileSystemReader``; any URL with a scheme
+(``file://``, ``s3://``, ``gs://``, ``memory://`` in one process, ...) uses DCP's
+``FsspecWriter``/``FsspecReader``.
+
+No arbitrary unpickling on load: tensors come from DCP's byte storage (``torch.load`` with
+``weights_only=True`` inside DCP), ``meta.json`` is JSON, and DCP's pickled ``.metadata`` index
+is read with a restricted unpickler that only admits DCP's metadata classes, torch sizes and
+dtypes (:class:`SafeUnpickler`); any other global raises ``pickle.UnpicklingError``.
 """
 
 from __future__ import annotations
 
+import io
+import pickle
+from typing import ClassVar
+
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from rectrain.data import storage
+
+META = "meta.json"
 
 
 def _barrier() -> None:
@@ -30,45 +53,127 @@ def _optim_tensors(optimizer) -> dict:
     return {"state": optimizer.state_dict()["state"]} if optimizer is not None else {}
 
 
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler for DCP's ``.metadata`` index admitting only DCP's own metadata dataclasses,
+    ``torch.Size``, torch dtypes/layouts/memory formats and a few builtins (paths, ordered
+    dicts). Anything else raises ``pickle.UnpicklingError`` naming the global."""
+
+    _MODULES = ("torch.distributed.checkpoint.",)
+    _ALLOWED: ClassVar[set] = {("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                ("pathlib", "PureWindowsPath"), ("torch", "Size"), ("torch._utils", "_get_layout"),
+                ("torch.serialization", "_get_layout"),
+                ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED or module.startswith(self._MODULES):
+            return super().find_class(module, name)
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
+                                     f"DCP index never holds; refusing to load it")
+
+
+class _SafeMetadata:
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = SafeUnpickler(io.BytesIO(f.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
+    """DCP ``FileSystemReader`` whose ``.metadata`` is read with :class:`SafeUnpickler`."""
+
+
+def _writer(url: str):
+    if "://" in url:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        return FsspecWriter(url)
+    return FileSystemWriter(url)
+
+
+def _reader(url: str):
+    if "://" in url:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        class SafeFsspecReader(_SafeMetadata, FsspecReader):
+            pass
+        return SafeFsspecReader(url)
+    return SafeFileSystemReader(url)
+
+
+def is_complete(url: str) -> bool:
+    """``True`` when ``url`` holds a committed checkpoint (its ``meta.json`` marker exists)."""
+    return storage.exists(storage.join(url, META))
+
+
+def _init_lazy_state(optimizer) -> None:
+    """Dense optimisers (Adam, ...) create their state at the first step; DCP loads in place into
+    the tensors that exist, so create them first (TorchRec ``KeyedOptimizer.init_state``: one
+    step with zero gradients; the parameters are overwritten by the checkpoint afterwards)."""
+    parts = [o for _, o in optimizer.optimizers] if hasattr(optimizer, "optimizers") \
+        else [optimizer]
+    for o in parts:
+        if hasattr(o, "init_state") and hasattr(o, "params") and len(o.state) < len(o.params):
+            o.init_state()
+            o.zero_grad()
+
+
 def save_checkpoint(url: str, model: nn.Module, optimizer=None, meta: dict | None = None) -> None:
-    """Collective: every rank calls it. Writes model (+ optimiser state) shards and ``meta.json``
-    to ``url`` atomically (write to ``url.tmp``, then rename)."""
-    tmp = url.rstrip("/") + ".tmp"
+    """Collective: every rank calls it. Writes model (+ optimiser state) shards to ``url.tmp``,
+    renames that to ``url`` and then writes ``meta.json`` (the commit marker) on rank 0."""
+    url = url.rstrip("/")
+    tmp = url + ".tmp"
     if _rank() == 0:
         storage.remove(tmp)
     _barrier()
     state = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = _optim_tensors(optimizer)
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save(state, storage_writer=_writer(tmp))
     _barrier()
     if _rank() == 0:
-        storage.write_json(meta or {}, storage.join(tmp, "meta.json"))
         fs, path = storage.url_to_fs(url)
         _, tmp_path = storage.url_to_fs(tmp)
         if fs.exists(path):
             fs.rm(path, recursive=True)
         fs.mv(tmp_path, path, recursive=True)
+        storage.write_json(meta or {}, storage.join(url, META))
     _barrier()
 
 
 def load_checkpoint(url: str, model: nn.Module, optimizer=None) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` in place (sharded
-    or unsharded: DCP reshards to whatever the current state dict's layout is). Returns the
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``'s
+    state) in place, sharded or unsharded: DCP reshards to whatever layout the current state
+    dict has (another world size, another sharding plan, or one unsharded process). Returns the
     ``meta.json`` dict.
 
     Raises:
         FileNotFoundError: no complete checkpoint at ``url``.
+        pickle.UnpicklingError: the DCP index refers to anything but DCP metadata classes.
     """
-    if not storage.exists(storage.join(url, "meta.json")):
+    url = url.rstrip("/")
+    if not is_complete(url):
         raise FileNotFoundError(f"{url}: no complete checkpoint (meta.json missing)")
+    fs, path = storage.url_to_fs(storage.join(url, ".metadata"))
+    with fs.open(path, "rb") as f:  # fail here, with a plain error, before DCP's collectives
+        SafeUnpickler(io.BytesIO(f.read())).load()
+    if optimizer is not None:
+        _init_lazy_state(optimizer)
     state = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = _optim_tensors(optimizer)
-    dcp.load(state, checkpoint_id=url)
+    dcp.load(state, storage_reader=_reader(url))
     model.load_state_dict(state["model"])
     if optimizer is not None:
         sd = optimizer.state_dict()
         sd["state"] = state["optim"]["state"]
         optimizer.load_state_dict(sd)
-    return storage.read_json(storage.join(url, "meta.json"))
+    return storage.read_json(storage.join(url, META))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +32,7 @@ from rectrain.models import build_model
 from rectrain.models.din import main_logits
 from rectrain.train.checkpoint import load_checkpoint, save_checkpoint
 from rectrain.train.metrics import binary_metrics, gather_arrays
+from rectrain.train.resume import Checkpointer
 from rectrain.train.sharding import shard_model
 
 log = logging.getLogger("rectrain.train")
@@ -146,12 +148,18 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     step = 0
     train_seconds = 0.0
     train_samples = 0
-    for epoch in range(tc.epochs):
+    ckpt = Checkpointer(cfg, env, dmp, optimizer, plan, layout.columns)
+    start_epoch, resumed = ckpt.restore()
+    if resumed:
+        best, history, step = resumed["best"], resumed["history"], resumed["step"]
+        train_seconds, train_samples = resumed["train_seconds"], resumed["train_samples"]
+    for epoch in range(start_epoch, tc.epochs):
         # ---- train: same number of steps on every rank (drop_last + MIN agreement)
         t_epoch = time.perf_counter()
         t_log, n_log, loss_sum, loss_n, rows = t_epoch, 0, 0.0, 0, 0
-        tables = env.shard("train").tables(epoch)
-        for t, _ in collective_batches(rebatch(tables, tc.batch_size, True, np_rng), "train"):
+        tables = ckpt.train_tables(epoch) or env.shard("train").tables(epoch)
+        for t, _ in collective_batches(rebatch(tables, tc.batch_size, True, ckpt.rng(np_rng)),
+                                       "train"):
             batch = layout.to_batch(t.select(layout.columns)).to(env.device)
             set_lr(step)
             out = dmp(batch)
@@ -166,6 +174,9 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
             n_log += batch.batch_size * env.world
             loss_sum += float(loss.detach())
             loss_n += 1
+            ckpt.after_step(epoch, step, loss_sum, loss_n,
+                            lambda b=best, h=history, s=train_seconds, n=train_samples:
+                            (b, h, s, n))
             if tc.max_train_rows and rows >= tc.max_train_rows:
                 break
             if step % tc.log_every == 0:
@@ -188,6 +199,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
                "train_seconds": epoch_s, "train_samples_per_s": global_rows / max(epoch_s, 1e-9),
                "valid_auc": vm["auc"], "valid_logloss": vm["logloss"], "valid_rows": vm["rows"]}
         rec["train_loss"] = _global_mean(rec["train_loss"])
+        ckpt.finish_epoch_record(rec)
         history.append(rec)
         _say(env, f"epoch {epoch}: train loss {rec['train_loss']:.4f} "
                   f"({global_rows} rows, {rec['train_samples_per_s']:,.0f} samples/s) | "
@@ -204,6 +216,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
             save_checkpoint(ckpt_url, dmp, optimizer, meta={
                 "epoch": epoch, "step": step, "valid": vm, "world_size": env.world,
                 "plan": str(plan), "config": cfg.model_dump(mode="json")})
+        ckpt.end_epoch(epoch, step, best, history, train_seconds, train_samples)
     # ---- test with the best epoch's weights
     load_checkpoint(ckpt_url, dmp)
     keep = (USER, ITEM, TS)
@@ -240,6 +253,8 @@ def ray_train_worker(config: dict) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     cfg = config_from_dict(config["job"])
+    if config.get("fault"):  # fault-injection tests only (rectrain.train.resume.FAULT_ENV)
+        os.environ["RECTRAIN_TEST_FAULT"] = config["fault"]
     threads = config.get("threads")
     if threads:
         torch.set_num_threads(int(threads))

@@ -1,0 +1,150 @@
+"""Helpers for the checkpoint / resume / export tests: a hand-written prepared folder (no Ray) and
+a runner for multi-process gloo jobs."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch.multiprocessing as mp
+
+from rectrain.data import storage
+from tests.helpers import N_GENRES, N_ITEMS, N_USERS, SEQ_LEN
+
+
+def sample_table(start: int, n: int) -> pa.Table:
+    """``n`` prepared samples (rows ``start..start+n``) with every feature kind of ``tiny_cfg``
+    and a label that depends on the item (so a model can learn something)."""
+    rng = np.random.default_rng(start)
+    item = rng.integers(1, N_ITEMS + 1, n)
+    p = 1.0 / (1.0 + np.exp(-(item % 7 - 3.0)))
+    return pa.table({
+        "user_id": rng.integers(0, N_USERS + 1, n),
+        "item_id": item,
+        "hist_item_id": pa.array([list(rng.integers(1, N_ITEMS + 1, k))
+                                  for k in rng.integers(0, SEQ_LEN + 1, n)], pa.list_(pa.int64())),
+        "age_bucket": rng.integers(0, 8, n),
+        "genres": pa.array([list(rng.integers(1, N_GENRES + 1, k))
+                            for k in rng.integers(0, 3, n)], pa.list_(pa.int64())),
+        "age": rng.uniform(15, 70, n),
+        "label": (rng.uniform(size=n) < p).astype(np.float32),
+        "_user": rng.integers(1, N_USERS + 1, n),
+        "_item": item + 99,
+        "_ts": np.arange(start, start + n),
+    })
+
+
+def write_prepared(prepared: str, n_train: int = 400, n_valid: int = 96,
+                   n_test: int = 96) -> dict:
+    """A prepared folder like ``rectrain prepare`` writes (train in 3 files, valid, test,
+    manifest) for ``tests.helpers.tiny_cfg``."""
+    sizes = {"train": n_train, "valid": n_valid, "test": n_test}
+    off = 0
+    for split, n in sizes.items():
+        os.makedirs(f"{prepared}/{split}", exist_ok=True)
+        cuts = [0, n // 3, 2 * n // 3, n] if split == "train" else [0, n]
+        for i in range(len(cuts) - 1):
+            pq.write_table(sample_table(off + cuts[i], cuts[i + 1] - cuts[i]),
+                           f"{prepared}/{split}/part-{i}.parquet")
+        off += n
+    manifest = {"tables": {"user_id": N_USERS + 1, "item": N_ITEMS + 1, "age_bucket": 8,
+                           "genres": N_GENRES + 1},
+                "dense_stats": {"age": {"mean": 40.0, "std": 10.0}},
+                "rows_per_split": sizes}
+    storage.write_json(manifest, f"{prepared}/manifest.json")
+    return manifest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world, port, args, q):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        q.put((rank, fn(rank, world, *args)))
+    except Exception as e:  # noqa: BLE001 -- report it instead of hanging the parent
+        import traceback
+        q.put((rank, RuntimeError(f"rank {rank}: {e}\n{traceback.format_exc()}")))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, timeout: float = 400) -> list:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned gloo processes; returns the results
+    by rank. Raises the first worker's error (or a timeout / exit-code error)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world:
+            try:
+                rank, r = q.get(timeout=2)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"workers failed: exit codes {dead}")
+                continue
+            if isinstance(r, BaseException):
+                raise r
+            results[rank] = r
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]
+
+
+def local_shards(dmp, optimizer) -> dict:
+    """This rank's embedding shards and fused-optimiser state shards as NumPy copies (tensors
+    sent through a queue would share memory with a process that exits):
+    ``{key: [(row_offset, col_offset, array)]}`` (keys ``model/<name>``, ``optim/<name>``)."""
+    out: dict = {}
+    for key, t in dmp.state_dict().items():
+        if hasattr(t, "local_shards"):
+            out["model/" + key] = [(*s.metadata.shard_offsets[:2], s.tensor.detach().numpy().copy())
+                                   for s in t.local_shards()]
+    for pkey, st in optimizer.state_dict()["state"].items():
+        for name, t in st.items():
+            if hasattr(t, "local_shards"):
+                out[f"optim/{pkey}/{name}"] = [
+                    (s.metadata.shard_offsets[0],
+                     s.metadata.shard_offsets[1] if len(s.metadata.shard_offsets) > 1 else 0,
+                     s.tensor.detach().numpy().copy()) for s in t.local_shards()]
+    return out
+
+
+def assemble(per_rank: list[dict]) -> dict:
+    """Full tensors from :func:`local_shards` of every rank (each element covered once)."""
+    keys = set().union(*per_rank)
+    full = {}
+    for k in keys:
+        parts = [p for r in per_rank for p in r.get(k, [])]
+        rows = max(r0 + t.shape[0] for r0, _, t in parts)
+        if parts[0][2].ndim == 1:
+            out = np.full((rows,), np.nan, dtype=np.float32)
+            for r0, _, t in parts:
+                out[r0:r0 + t.shape[0]] = t
+        else:
+            cols = max(c0 + t.shape[1] for _, c0, t in parts)
+            out = np.full((rows, cols), np.nan, dtype=np.float32)
+            for r0, c0, t in parts:
+                out[r0:r0 + t.shape[0], c0:c0 + t.shape[1]] = t
+        full[k] = out
+    return full

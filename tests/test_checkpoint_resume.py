@@ -1,0 +1,146 @@
+"""Periodic atomic checkpoints and exact resume (multi-process gloo, no Ray).
+
+A 2-worker job (1 epoch of 12 global steps of 2 x 16 rows, a checkpoint every 5 steps, row-wise
+item table) saves at steps 5, 10 and 12 (epoch end) and keeps the newest 2. Its mid-epoch
+checkpoint at step 10 is resumed with 1 and with 3 workers: right after the restore, the resharded
+embedding tables and the fused row-wise Adagrad momentum equal, element for element, the shards
+the 2 workers saved, and the epoch's row accounting continues at row 320 without skipping or
+repeating a row. (Resuming with the same world size reproduces the uninterrupted run exactly:
+tests/test_fault_tolerance.py.)"""
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rectrain.data import storage
+from rectrain.train.checkpoint import is_complete, load_checkpoint, save_checkpoint
+from rectrain.train.resume import list_checkpoints, resolve_resume
+from tests.ckpt_helpers import assemble, local_shards, spawn, write_prepared
+from tests.helpers import tiny_job
+
+N_TRAIN, B, EVERY, RESUME_STEP = 400, 16, 5, 10
+
+
+def _job(tmp, run_dir, world, resume=None):
+    return tiny_job(tmp, prepared_dir=f"{tmp}/prepared", run_dir=run_dir,
+                    sharding={"types": ["row_wise"]},
+                    train={"epochs": 1, "batch_size": B, "eval_batch_size": 64,
+                           "num_workers": world, "log_every": 100},
+                    checkpoint={"every_n_steps": EVERY, "keep_last": 2, "resume": resume})
+
+
+def _train(rank, world, job, dump_step):
+    """Run the training loop on this rank; also return the local shards written at
+    ``dump_step`` and those present right after a restore."""
+    from rectrain.config import config_from_dict
+    from rectrain.train import loop, resume
+
+    dumps = {}
+    save, restore = resume.Checkpointer._save, resume.Checkpointer.restore
+
+    def _save(self, step, progress):
+        url = save(self, step, progress)
+        if step == dump_step:
+            dumps["saved"] = local_shards(self.dmp, self.optimizer)
+        return url
+
+    def _restore(self):
+        out = restore(self)
+        if out[1] is not None:
+            dumps["restored"] = local_shards(self.dmp, self.optimizer)
+        return out
+
+    resume.Checkpointer._save, resume.Checkpointer.restore = _save, _restore
+    cfg = config_from_dict(job)
+    metrics = loop.run(cfg, loop.file_env(cfg, rank, world))
+    return {"metrics": metrics, **dumps}
+
+
+def _resumed_copy(tmp, ref_run, name):
+    run = f"{tmp}/{name}"
+    shutil.copytree(ref_run, run)
+    storage.remove(f"{run}/metrics.json")
+    return run, f"{run}/checkpoints/step-{RESUME_STEP:08d}"
+
+
+def test_resume_exact_and_reshard(tmp_path):
+    tmp = str(tmp_path)
+    write_prepared(f"{tmp}/prepared", n_train=N_TRAIN)
+    ref_run = f"{tmp}/ref"
+    ref = spawn(_train, 2, _job(tmp, ref_run, 2), RESUME_STEP)
+    m_ref = ref[0]["metrics"]
+    # 12 steps: saves at 5, 10 and 12 (epoch end); the newest 2 kept
+    assert [s for s, _ in list_checkpoints(ref_run)] == [10, 12]
+    assert m_ref["epochs"][0]["train_rows"] == 384
+    assert m_ref["epochs"][0]["train_rows_dropped"] == 16
+    meta = storage.read_json(f"{ref_run}/checkpoints/step-{RESUME_STEP:08d}/meta.json")
+    assert meta["progress"]["epoch"] == 0 and meta["progress"]["rows_done"] == 10 * 2 * B
+    assert "row_wise" in meta["plan"] and meta["config"]["train"]["num_workers"] == 2
+    assert 0.5 < m_ref["test_auc"] <= 1.0
+
+    # other world sizes: tables and fused optimiser state resharded exactly
+    saved = assemble([r["saved"] for r in ref])
+    assert any("momentum1" in k for k in saved)
+    assert all(np.abs(v).sum() > 0 for k, v in saved.items() if "momentum1" in k)
+    for world in (1, 3):
+        run, ckpt = _resumed_copy(tmp, ref_run, f"w{world}")
+        res = spawn(_train, world, _job(tmp, run, world, resume=ckpt), None)
+        restored = assemble([r["restored"] for r in res])
+        assert restored.keys() == saved.keys()
+        for k in saved:
+            assert not np.isnan(restored[k]).any(), k
+            assert np.array_equal(restored[k], saved[k]), (world, k)
+        e0 = res[0]["metrics"]["epochs"][0]
+        # rows 0..319 of the epoch's permutation were trained before step 10; the rest now, in
+        # windows of world * B rows; the tail no full window covers is counted as dropped
+        assert e0["resumed_at_row"] == 320
+        assert e0["train_rows"] == 320 + (N_TRAIN - 320) // (world * B) * world * B
+        assert e0["train_rows"] + e0["train_rows_dropped"] == N_TRAIN
+        assert 0.0 <= res[0]["metrics"]["test_auc"] <= 1.0
+
+
+def test_incomplete_checkpoints_are_ignored_and_loading_never_unpickles(tmp_path):
+    run = str(tmp_path / "run")
+    model = torch.nn.Linear(3, 2)
+    for step in (3, 7):
+        save_checkpoint(f"{run}/checkpoints/step-{step:08d}", model, meta={"step": step})
+    # a crash after the shards were renamed but before meta.json (the commit marker) was written
+    shutil.copytree(f"{run}/checkpoints/step-00000007", f"{run}/checkpoints/step-00000009")
+    (tmp_path / "run/checkpoints/step-00000009/meta.json").unlink()
+    assert not is_complete(f"{run}/checkpoints/step-00000009")
+    assert resolve_resume(run, "latest").endswith("step-00000007")
+    assert resolve_resume(run, "auto").endswith("step-00000007")
+    assert resolve_resume(str(tmp_path / "empty"), "auto") is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume(str(tmp_path / "empty"), "latest")
+    with pytest.raises(FileNotFoundError, match="meta.json missing"):
+        load_checkpoint(f"{run}/checkpoints/step-00000009", model)
+
+    # DCP's pickled .metadata index: anything but DCP metadata classes is refused
+    target = torch.nn.Linear(3, 2)
+    assert load_checkpoint(f"{run}/checkpoints/step-00000007", target)["step"] == 7
+    assert torch.equal(target.weight, model.weight)
+
+    class Evil:
+        def __reduce__(self):
+            return (shutil.rmtree, (str(tmp_path / "run"),))
+
+    with open(f"{run}/checkpoints/step-00000007/.metadata", "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(pickle.UnpicklingError, match="shutil.rmtree"):
+        load_checkpoint(f"{run}/checkpoints/step-00000007", target)
+    assert (tmp_path / "run").exists()
+
+
+def test_fsspec_url_checkpoint(tmp_path):
+    """Any fsspec URL: memory:// (one process) and file:// go through DCP's FsspecWriter."""
+    model = torch.nn.Linear(4, 3)
+    for url in ("memory://rectrain-test/ckpt", f"file://{tmp_path}/ckpt"):
+        save_checkpoint(url, model, meta={"epoch": 1})
+        assert is_complete(url) and not storage.exists(url + ".tmp")
+        other = torch.nn.Linear(4, 3)
+        assert load_checkpoint(url, other) == {"epoch": 1}
+        assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
