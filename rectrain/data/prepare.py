@@ -326,6 +326,11 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     t0 = time.perf_counter()
     spec = cfg.dataset
     out = cfg.prepared_dir
+    for what, url in (("dataset.events", spec.events), ("prepared_dir", out),
+                      ("dataset.users.path", spec.users.path if spec.users else None),
+                      ("dataset.items.path", spec.items.path if spec.items else None)):
+        if url is not None:
+            storage.require_shared(url, what)
     event_files, markers = storage.list_parquet_files(spec.events)
     side_raw: dict[str, pa.Table] = {}
     side_files: dict[str, list[str]] = {}
@@ -365,7 +370,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
                          | ({spec.user_column} if need_uid else set()))
     event_vocabs: dict[str, pa.Array] = {}
     if unique_cols:
-        raw_ds = ray.data.read_parquet(event_files, columns=unique_cols)
+        paths, fs = storage.ray_paths(event_files)
+        raw_ds = ray.data.read_parquet(paths, columns=unique_cols, filesystem=fs)
         for c in unique_cols:
             uniq = pa.array(raw_ds.unique(c))
             for f in event_feats:
@@ -427,7 +433,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
             sub = sub.random_shuffle(seed=cfg.train.seed)
         url = storage.join(out, name)
         if split_counts[name]:
-            sub.write_parquet(url, min_rows_per_file=rows_per_file,
+            path, fs = storage.ray_paths(url)
+            sub.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file,
                               max_rows_per_file=rows_per_file)
         files_per_split[name] = _file_rows(url) if storage.exists(url) else {}
         if sum(files_per_split[name].values()) != split_counts[name]:
@@ -500,7 +507,8 @@ def _file_rows(url: str) -> dict[str, int]:
     for p in sorted(fs.find(path)):
         if p.endswith(".parquet"):
             with fs.open(p, "rb") as f:
-                rows[p] = pq.ParquetFile(f).metadata.num_rows
+                rows[p if storage.is_local(fs) else fs.unstrip_protocol(p)] = \
+                    pq.ParquetFile(f).metadata.num_rows
     return rows
 
 

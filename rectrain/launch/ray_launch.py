@@ -99,6 +99,8 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     from rectrain.data.prepare import ITEM, TS, USER, load_manifest
     from rectrain.train.loop import ray_train_worker
 
+    storage.require_shared(cfg.prepared_dir, "prepared_dir")
+    storage.require_shared(cfg.run_dir, "run_dir")
     resources = init_ray(cfg, address)
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
@@ -108,7 +110,8 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     for split in ("train", "valid", "test"):
         url = storage.join(cfg.prepared_dir, split)
         cols = layout.columns + ([USER, ITEM, TS] if split == "test" else [])
-        ds = ray.data.read_parquet(url, columns=cols)
+        path, fs = storage.ray_paths(url)
+        ds = ray.data.read_parquet(path, columns=cols, filesystem=fs)
         if split == "train":
             ds = ds.randomize_block_order()
         datasets[split] = ds
