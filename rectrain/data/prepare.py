@@ -142,6 +142,12 @@ def _check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: l
             ty = schema.field(c).type
             if pa.types.is_null(ty):
                 continue
+            if c == spec.timestamp_column and not pa.types.is_integer(ty):
+                raise DataValidationError(f"{path}: column {c!r}: expected integer unix seconds, "
+                                          f"got {ty}")
+            if c == spec.label.column and not (pa.types.is_integer(ty) or pa.types.is_floating(ty)
+                                               or pa.types.is_boolean(ty)):
+                raise DataValidationError(f"{path}: column {c!r}: label must be numeric, got {ty}")
             if c in first and first[c][1] != ty:
                 a, b = first[c][1], ty
                 same_kind = ((pa.types.is_integer(a) and pa.types.is_integer(b))
@@ -473,7 +479,14 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         paths, fs = storage.ray_paths(event_files)
         raw_ds = ray.data.read_parquet(paths, columns=unique_cols, filesystem=fs)
         for c in unique_cols:
-            uniq = pa.array(raw_ds.unique(c))
+            ty = raw_ds.schema().base_schema.field(c).type
+            if pa.types.is_list(ty) or pa.types.is_large_list(ty):
+                # distinct elements of a list column, wrapped back into one list
+                flat = raw_ds.select_columns([c]).map_batches(
+                    lambda b, c=c: pa.table({c: pc.list_flatten(b[c])}), batch_format="pyarrow")
+                uniq = pa.array([flat.unique(c)], ty)
+            else:
+                uniq = pa.array(raw_ds.unique(c))
             for f in event_feats:
                 if f.source == c and f.kind != "dense" and f.encoding == "hash":
                     hashing[f.name] = hash_collisions(_transform(f, uniq, spec.events),

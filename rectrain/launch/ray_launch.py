@@ -120,7 +120,9 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     threads = max(1, cpus // tc.num_workers) if not address else None
     trainer = TorchTrainer(
         train_loop_per_worker=ray_train_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads},
+        train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads,
+                           "env": {k: v for k, v in os.environ.items()
+                                   if k.startswith("RECTRAIN_")}},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
