@@ -77,9 +77,16 @@ class DatasetSpec(_Model):
     label: LabelSpec
     sequence_length: int = Field(50, ge=1, description="max behaviour-sequence length")
     split: SplitSpec = SplitSpec()
-    on_invalid: Literal["error", "skip"] = Field(
-        "error", description="bad rows: raise (naming file, column, row, value) or skip and count"
+    on_invalid: Literal["error", "skip", "oov"] = Field(
+        "error", description="bad rows: raise (naming file, column, row, value), skip and count, "
+                             "or oov: map unknown ids and null list elements to id 0 (counted "
+                             "as remapped) and skip and count the other bad rows"
     )
+    min_id: Optional[int] = Field(0, description="integer user/item ids below this are invalid "
+                                                 "(None: no lower bound)")
+    max_id: Optional[int] = Field(None, description="integer user/item ids above this are invalid")
+    min_timestamp: int = Field(0, description="timestamps (unix s) below this are invalid")
+    max_timestamp: Optional[int] = Field(None, description="timestamps above this are invalid")
 
 
 class Transform(_Model):
@@ -114,6 +121,20 @@ class FeatureSpec(_Model):
     table: Optional[str] = None
     transform: Optional[Transform] = None
     pooling: Literal["sum", "mean"] = "sum"
+    encoding: Literal["vocab", "hash"] = Field(
+        "vocab", description="vocab: ids from the vocabulary built during prepare (exact, table "
+                             "size = distinct values + 1); hash: 1 + stable hash mod hash_buckets "
+                             "(unbounded id spaces, fixed table size, collisions counted)")
+    hash_buckets: Optional[int] = Field(None, ge=1, description="table size - 1 for hash")
+
+    @model_validator(mode="after")
+    def _hash_needs_buckets(self) -> "FeatureSpec":
+        if self.encoding == "hash" and self.hash_buckets is None:
+            raise ValueError(f"feature {self.name!r}: encoding hash needs hash_buckets")
+        if self.encoding == "hash" and self.kind in ("dense", "sequence"):
+            raise ValueError(f"feature {self.name!r}: encoding hash is for sparse/multi_hot "
+                             f"features (a sequence uses its source feature's encoding)")
+        return self
 
     @property
     def table_name(self) -> str:

@@ -1,11 +1,14 @@
 """Two gloo ranks with very uneven shards (files of 103, 97 | 55, 9, 1 rows): training takes the
 same number of steps on both ranks, and evaluation with the sharded model scores every row exactly
-once (the short rank runs padding batches so the model's collectives stay matched)."""
+once (the short rank runs padding batches so the model's collectives stay matched). The same under
+Ray Train with 2 workers on prepared splits rewritten as awkward files, and a run where one rank
+raises (``RECTRAIN_FAULT_STEP``) and the job stops with that rank's error."""
 
 import os
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -88,3 +91,93 @@ def test_uneven_shards_equal_steps_and_exact_eval(tmp_path):
     for rank in (0, 1):
         steps, rids, n_logits, finite = res[rank]
         assert sorted(rids) == list(range(265)) and n_logits == 265 and finite
+
+
+# --------------------------------------------------------------------- the same under Ray Train
+AWKWARD = [103, 97, 55, 9, 1]
+
+
+def _rewrite(split_dir, sizes):
+    """Rewrite a prepared split as files of ``sizes`` rows (plus one with the rest, if any)."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    import shutil
+
+    t = pads.dataset(str(split_dir)).to_table()
+    shutil.rmtree(split_dir)
+    split_dir.mkdir()
+    rest = t.num_rows - sum(sizes)
+    off = 0
+    for i, n in enumerate(sizes + ([rest] if rest > 0 else [])):
+        pq.write_table(t.slice(off, n), split_dir / f"part-{i:02d}.parquet")
+        off += n
+    return t
+
+
+@pytest.fixture(scope="module")
+def awkward_prepared(tmp_path_factory, ray_local):
+    """Prepared tiny samples whose train split is files of 103, 97, 55, 9 and 1 rows and whose
+    valid/test splits are files of 31, 17, 9, 2 and 1 rows."""
+    import pyarrow.parquet as pq
+
+    from rectrain.config import config_from_dict
+    from rectrain.data.prepare import prepare
+    from tests.helpers import tiny_job, tiny_tables
+
+    tmp = tmp_path_factory.mktemp("awkward")
+    tables = tiny_tables(n_events=385)
+    for name in ("users", "items", "events"):
+        (tmp / "raw" / name).mkdir(parents=True)
+        pq.write_table(tables[name], tmp / "raw" / name / "part-0.parquet")
+    m = prepare(config_from_dict(tiny_job(str(tmp))))
+    assert m["rows_per_split"] == {"train": 265, "valid": 60, "test": 60}
+    tests = {"train": _rewrite(tmp / "prepared" / "train", AWKWARD),
+             "valid": _rewrite(tmp / "prepared" / "valid", [31, 17, 9, 2, 1]),
+             "test": _rewrite(tmp / "prepared" / "test", [31, 17, 9, 2, 1])}
+    return tmp, tests
+
+
+def _job(tmp, run):
+    from rectrain.config import config_from_dict
+    from tests.helpers import tiny_job
+
+    job = tiny_job(str(tmp), run_dir=str(tmp / run))
+    job["train"] = {**job["train"], "epochs": 2, "num_workers": 2}
+    return config_from_dict(job)
+
+
+def test_ray_train_awkward_files_equal_steps_and_every_row_once(awkward_prepared):
+    from rectrain.data import storage
+    from rectrain.launch.ray_launch import train
+
+    tmp, splits = awkward_prepared
+    m = train(_job(tmp, "run_ok"))
+    # train: streaming_split(equal=True) gives each rank 132 of the 265 rows, i.e. 8 full batches
+    # of 16 on both ranks whatever the file sizes
+    for ep in m["epochs"]:
+        assert ep["train_rows"] == 2 * 16 * ((265 // 2) // 16)
+        assert ep["valid_rows"] == 60
+    assert m["test_rows"] == 60
+    pred = storage.read_parquet(str(tmp / "run_ok" / "predictions" / "test.parquet")).to_pandas()
+    want = splits["test"].select(["_user", "_item", "_ts"]).to_pandas()
+    key = ["user_id", "item_id", "timestamp"]
+    got = pred[key].sort_values(key).to_numpy()
+    exp = want.sort_values(["_user", "_item", "_ts"]).to_numpy()
+    assert (got == exp).all() and len(got) == 60  # each test row scored exactly once
+
+
+@pytest.mark.timeout(420)  # the bound: a failing rank must not leave its peer waiting forever
+def test_ray_train_one_failing_rank_stops_the_job_with_its_error(awkward_prepared, monkeypatch):
+    from rectrain.launch.ray_launch import train
+
+    tmp, _ = awkward_prepared
+    monkeypatch.setenv("RECTRAIN_FAULT_STEP", "1:3")  # rank 1 raises before its 4th step
+    with pytest.raises(Exception) as e:
+        train(_job(tmp, "run_fault"))
+    texts, c = [], e.value
+    while c is not None and len(texts) < 5:  # the message may sit on a wrapped cause
+        texts.append(str(c))
+        c = c.__cause__ or c.__context__
+    text = "\n".join(texts)
+    assert "injected fault on rank 1 at step 3" in text
+    assert not (tmp / "run_fault" / "metrics.json").exists()

@@ -85,3 +85,49 @@ def encode(arr, vocab: pa.Array) -> pa.Array:
         arr = pc.cast(arr, vocab.type)
     idx = pc.index_in(arr, value_set=vocab)
     return pc.fill_null(pc.add(pc.cast(idx, pa.int64()), 1), 0)
+
+
+def hash_encode(arr, buckets: int) -> pa.Array:
+    """Map values to ids ``1..buckets`` by a stable hash; null -> 0 (vectorised, no vocabulary).
+
+    The hash is pandas' ``hash_array`` (SipHash-2-4 with a fixed key, implemented in C), so the
+    same value gets the same id in every process, on every machine and in every run, unlike
+    Python's salted ``hash()``. Integers of any width are hashed as int64 (an id read as int32
+    in one file and int64 in another gets one id); other types by their value (strings as
+    UTF-8 text), so ``5`` and ``"5"`` differ. ``id = 1 + hash mod buckets``: distinct values may
+    share an id (a collision); :func:`hash_collisions` counts them. List columns keep their
+    offsets (``list<int64>``, null list -> empty list), as :func:`encode`.
+
+    Raises:
+        ValueError: ``buckets < 1``.
+    """
+    from pandas.util import hash_array
+
+    if buckets < 1:
+        raise ValueError(f"hash_buckets must be >= 1, got {buckets}")
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        arr = pc.fill_null(arr, pa.scalar([], arr.type))
+        offsets = pc.subtract(arr.offsets, arr.offsets[0])
+        inner = hash_encode(arr.flatten(), buckets)
+        return pa.ListArray.from_arrays(pc.cast(offsets, pa.int32()), inner)
+    if pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
+        values = pc.cast(pc.fill_null(arr, 0), pa.int64()).to_numpy()
+    else:
+        values = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object)
+    ids = (hash_array(values) % np.uint64(buckets)).astype(np.int64) + 1
+    valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    return pa.array(np.where(valid, ids, 0))
+
+
+def hash_collisions(distinct_values, buckets: int) -> dict:
+    """Collision report for hashing ``distinct_values`` (a column of distinct non-null values,
+    list columns flattened) into ``buckets``: ``{"buckets", "distinct_values", "ids_used",
+    "values_sharing_an_id"}`` where the last is ``distinct_values - ids_used`` (each id shared
+    by k values counts k - 1)."""
+    vals = pc.unique(pc.drop_null(_flat(distinct_values)))
+    ids = hash_encode(vals, buckets)
+    used = len(pc.unique(ids)) if len(ids) else 0
+    return {"buckets": int(buckets), "distinct_values": len(vals), "ids_used": int(used),
+            "values_sharing_an_id": int(len(vals) - used)}

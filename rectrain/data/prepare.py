@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 
 from rectrain.config import DatasetSpec, FeatureSpec, JobConfig
 from rectrain.data import storage
-from rectrain.data.encode import apply_transform, build_vocab, encode, positions_in_lists
+from rectrain.data.encode import (apply_transform, build_vocab, encode, hash_collisions,
+                                  hash_encode, positions_in_lists)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ def _read_all(url: str, what: str) -> tuple[pa.Table, list[str]]:
     files, _ = storage.list_parquet_files(url)
     tables = [storage.read_parquet(f) for f in files]
     try:
-        return pa.concat_tables(tables, promote_options="permissive"), files
+        t = pa.concat_tables(tables, promote_options="permissive")
+        t = t.replace_schema_metadata({"rectrain_file_rows": ",".join(
+            str(x.num_rows) for x in tables)})
+        return t, files
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise DataValidationError(f"{what} {url}: files disagree on schema: {e}") from None
 
@@ -66,6 +70,26 @@ def _check_key(table: pa.Table, key: str, url: str) -> None:
         dup = pc.filter(counts[0], pc.greater(counts[1], 1))[0].as_py()
         row = pc.index(col, dup).as_py()
         raise DataValidationError(f"{url}: column {key!r} row {row}: duplicate key value {dup!r}")
+
+
+def _locate(table: pa.Table, files: list[str], row: int) -> tuple[str, int]:
+    """(file, row in that file) of row ``row`` of a side table read by :func:`_read_all`."""
+    sizes = np.array([int(x) for x in
+                      table.schema.metadata[b"rectrain_file_rows"].decode().split(",")])
+    i = int(np.searchsorted(np.cumsum(sizes), row, side="right"))
+    return files[i], int(row - (np.cumsum(sizes)[i - 1] if i else 0))
+
+
+def _null_list_elements(col) -> pa.Array:
+    """Per row of a list column: whether the row's list holds a null element (bool array)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    flat_null = pc.is_null(pc.list_flatten(col)).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(col).to_numpy()
+    bad = np.zeros(n, dtype=bool)
+    bad[parents[flat_null]] = True
+    return pa.array(bad)
 
 
 def _transform(f: FeatureSpec, col, where: str):
@@ -89,9 +113,13 @@ def _transform(f: FeatureSpec, col, where: str):
             f"as {what}: {e}") from None
 
 
-def _check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: list[str]) -> None:
+def _check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: list[str]
+                         ) -> dict[str, pa.DataType]:
     """Read every events file's footer (no data) and check that the job's columns exist and
-    have the same type in every file, naming the first file that disagrees."""
+    have the same type in every file, naming the first file that disagrees. Integer widths
+    may differ (compared as int64), and a column of type ``null`` (all values null in that
+    file) agrees with any type: its rows are then caught by the per-row null checks.
+    Returns each column's type (from the first file where it is not ``null``)."""
     needed = list(dict.fromkeys([spec.user_column, spec.item_column, spec.timestamp_column,
                                  spec.label.column] + feature_sources))
     first: dict[str, tuple[str, pa.DataType]] = {}
@@ -112,6 +140,14 @@ def _check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: l
                 raise DataValidationError(
                     f"{path}: missing column {c!r}{why}; the file has {schema.names}")
             ty = schema.field(c).type
+            if pa.types.is_null(ty):
+                continue
+            if c == spec.timestamp_column and not pa.types.is_integer(ty):
+                raise DataValidationError(f"{path}: column {c!r}: expected integer unix seconds, "
+                                          f"got {ty}")
+            if c == spec.label.column and not (pa.types.is_integer(ty) or pa.types.is_floating(ty)
+                                               or pa.types.is_boolean(ty)):
+                raise DataValidationError(f"{path}: column {c!r}: label must be numeric, got {ty}")
             if c in first and first[c][1] != ty:
                 a, b = first[c][1], ty
                 same_kind = ((pa.types.is_integer(a) and pa.types.is_integer(b))
@@ -121,6 +157,7 @@ def _check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: l
                         f"{path}: column {c!r} has type {ty}, but {first[c][0]} has {first[c][1]}; "
                         f"all events files must agree")
             first.setdefault(c, (path, ty))
+    return {c: ty for c, (_, ty) in first.items()}
 
 
 def _source_of(f: FeatureSpec, spec: DatasetSpec, side: dict[str, pa.Table]) -> str:
@@ -134,7 +171,11 @@ def _source_of(f: FeatureSpec, spec: DatasetSpec, side: dict[str, pa.Table]) -> 
 
 # ----------------------------------------------------------------------------- per-file task
 def _fail_or_mask(table: pa.Table, bad: pa.Array, path: str, col: str, problem: str,
-                  policy: str, stats: Counter, reason: str) -> pa.Table:
+                  policy: str, stats: Counter, reason: str,
+                  remap: Counter | None = None) -> pa.Table:
+    """Apply ``policy`` to the rows flagged in ``bad``: raise naming the first one
+    (``error``), count them in ``remap[reason]`` and keep them (when ``remap`` is given, i.e.
+    ``oov`` for a remappable problem), or count them in ``stats[reason]`` and drop them."""
     n_bad = pc.sum(bad).as_py() or 0
     if not n_bad:
         return table
@@ -146,6 +187,9 @@ def _fail_or_mask(table: pa.Table, bad: pa.Array, path: str, col: str, problem: 
             f"{path}: column {col!r} row {row}: {problem} (value {value!r}); "
             f"{n_bad} such row(s) in this file. Set dataset.on_invalid: skip to drop and count them."
         )
+    if remap is not None:  # on_invalid: oov: keep the rows, count them as remapped
+        remap[reason] += n_bad
+        return table
     stats[reason] += n_bad
     return table.filter(pc.invert(bad))
 
@@ -153,27 +197,44 @@ def _fail_or_mask(table: pa.Table, bad: pa.Array, path: str, col: str, problem: 
 def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: list[str],
                      side: dict[str, pa.Table], keys: dict[str, pa.Array],
                      event_vocabs: dict[str, pa.Array], features: list[dict],
-                     num_buckets: int) -> tuple[pa.Table, dict]:
+                     num_buckets: int, col_types: dict[str, pa.DataType] | None = None
+                     ) -> tuple[pa.Table, dict]:
     """Read, validate, label, join and encode one events file (runs as a Ray task).
 
     Returns ``(table, stats)`` where ``table`` has the encoded feature columns plus the meta
-    columns and ``stats`` = ``{"file", "rows_read", "rows_used", "rejected": {reason: n}}``.
+    columns and ``stats`` = ``{"file", "rows_read", "rows_used", "rejected": {reason: n},
+    "remapped": {reason: n}}`` (remapped rows are used, with an unknown id or a null list
+    element mapped to id 0, under ``on_invalid: oov``).
     Raises :class:`DataValidationError` with ``on_invalid: error``.
     """
 
     stats: Counter = Counter()
+    remapped: Counter = Counter()
     feats = [FeatureSpec.model_validate(f) for f in features]
     t = storage.read_parquet(path)
     rows_read = t.num_rows
     required = [spec.user_column, spec.item_column, spec.timestamp_column, spec.label.column]
     # columns and their types were checked on every file's footer (_check_event_schemas)
     if rows_read == 0:
-        return pa.table({}), {"file": path, "rows_read": 0, "rows_used": 0, "rejected": {}}
+        return pa.table({}), {"file": path, "rows_read": 0, "rows_used": 0, "rejected": {},
+                              "remapped": {}}
     t = t.select(list(dict.fromkeys(required + event_cols)))
+    for c, ty in (col_types or {}).items():  # a column all null in this file: the others' type
+        if c in t.column_names and pa.types.is_null(t[c].type):
+            t = t.set_column(t.schema.get_field_index(c), c, pa.nulls(t.num_rows, ty))
     t = t.append_column(_ROW, pa.array(np.arange(rows_read, dtype=np.int64)))
     pol = spec.on_invalid
+    oov = remapped if pol == "oov" else None
     for c in required:
         t = _fail_or_mask(t, pc.is_null(t[c]), path, c, "null value", pol, stats, f"null_{c}")
+    for c in (spec.user_column, spec.item_column):
+        if pa.types.is_integer(t[c].type) and (spec.min_id is not None or spec.max_id is not None):
+            ids = pc.cast(t[c], pa.int64()) if not pa.types.is_uint64(t[c].type) else t[c]
+            lo = pc.less(ids, spec.min_id) if spec.min_id is not None else None
+            hi = pc.greater(ids, spec.max_id) if spec.max_id is not None else None
+            bad = lo if hi is None else hi if lo is None else pc.or_(lo, hi)
+            t = _fail_or_mask(t, bad, path, c, f"id outside [{spec.min_id}, {spec.max_id}]",
+                              pol, stats, "id_out_of_range")
     ts = t[spec.timestamp_column]
     if not pa.types.is_integer(ts.type):
         raise DataValidationError(
@@ -187,6 +248,13 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
                          pc.cast(t[spec.timestamp_column], pa.int64()))
     t = _fail_or_mask(t, pc.less(t[spec.timestamp_column], 0), path, spec.timestamp_column,
                       "negative timestamp", pol, stats, "bad_timestamp")
+    tsc = t[spec.timestamp_column]
+    bad = pc.less(tsc, spec.min_timestamp)
+    if spec.max_timestamp is not None:
+        bad = pc.or_(bad, pc.greater(tsc, spec.max_timestamp))
+    t = _fail_or_mask(t, bad, path, spec.timestamp_column,
+                      f"timestamp outside [{spec.min_timestamp}, {spec.max_timestamp}]", pol, stats,
+                      "bad_timestamp")
     lab = t[spec.label.column]
     if not (pa.types.is_integer(lab.type) or pa.types.is_floating(lab.type)
             or pa.types.is_boolean(lab.type)):
@@ -227,7 +295,15 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
             idx = pc.index_in(raw, value_set=key)
             t = t.append_column(f"_{role}_row", idx)
             t = _fail_or_mask(t, pc.is_null(idx), path, col, f"id not in the {role} table", pol,
-                              stats, f"unknown_{role[:-1]}")
+                              stats, f"unknown_{role[:-1]}", oov)
+    for f in feats:
+        if f.kind == "multi_hot" and f.source in t.column_names and f.name not in side.get(
+                "users", pa.table({})).column_names + side.get("items", pa.table({})).column_names:
+            col = t[f.source]
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                t = _fail_or_mask(t, _null_list_elements(col), path, f.source,
+                                  "null element in a list", pol, stats,
+                                  f"null_element_{f.source}", oov)
     for role in ("users", "items"):
         if f"_{role}_row" in t.column_names:  # read after all filters, so lengths agree
             rows_of[role] = t[f"_{role}_row"]
@@ -235,18 +311,30 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     for f in feats:
         if f.kind == "sequence":
             continue
-        if f.name in side.get("users", pa.table({})).column_names and "users" in rows_of:
-            out[f.name] = side["users"][f.name].take(rows_of["users"])
-        elif f.name in side.get("items", pa.table({})).column_names and "items" in rows_of:
-            out[f.name] = side["items"][f.name].take(rows_of["items"])
+        role = next((r for r in ("users", "items") if r in rows_of
+                     and f.name in side.get(r, pa.table({})).column_names), None)
+        if role is not None:
+            col = side[role][f.name].take(rows_of[role])  # unknown id (oov): null -> id 0
+            if f.kind == "sparse":
+                col = pc.fill_null(col, 0)
+            elif f.kind == "multi_hot":
+                col = pc.fill_null(col, pa.scalar([], col.type))
+            out[f.name] = col
         else:
             col = _transform(f, t[f.source], path)
             if f.kind == "dense":
                 out[f.name] = col
+            elif f.encoding == "hash":
+                out[f.name] = hash_encode(col, f.hash_buckets)
             else:
                 out[f.name] = encode(col, event_vocabs[f.name])
-    uid = (pc.add(pc.cast(rows_of["users"], pa.int64()), 1) if "users" in rows_of
-           else encode(t[spec.user_column], event_vocabs[_UID]))
+    if "users" in rows_of:
+        uid = pc.add(pc.cast(rows_of["users"], pa.int64()), 1)
+        if uid.null_count:  # oov users: a stable id above the users table, from the raw id
+            other = pc.add(hash_encode(t[spec.user_column], 2**62), len(keys["users"]))
+            uid = pc.if_else(pc.is_null(uid), other, uid)
+    else:
+        uid = encode(t[spec.user_column], event_vocabs[_UID])
     out[_UID] = uid
     out[_BUCKET] = pa.array(uid.to_numpy(zero_copy_only=False) % num_buckets)
     out[USER] = t[spec.user_column]
@@ -259,7 +347,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     table = pa.table({k: (v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v)
                       for k, v in out.items()})
     return table, {"file": path, "rows_read": rows_read, "rows_used": table.num_rows,
-                   "rejected": dict(stats)}
+                   "rejected": dict(stats), "remapped": dict(remapped)}
 
 
 # ----------------------------------------------------------------------------- sequences
@@ -326,6 +414,11 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     t0 = time.perf_counter()
     spec = cfg.dataset
     out = cfg.prepared_dir
+    for what, url in (("dataset.events", spec.events), ("prepared_dir", out),
+                      ("dataset.users.path", spec.users.path if spec.users else None),
+                      ("dataset.items.path", spec.items.path if spec.items else None)):
+        if url is not None:
+            storage.require_shared(url, what)
     event_files, markers = storage.list_parquet_files(spec.events)
     side_raw: dict[str, pa.Table] = {}
     side_files: dict[str, list[str]] = {}
@@ -343,33 +436,62 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     for role, s in (("users", spec.users), ("items", spec.items)):
         if s is not None:
             keys[role] = side_raw[role][s.key].combine_chunks()
+    hashing: dict[str, dict] = {}
+    side_null_elements: dict[str, int] = {}
     for f in feats:
         role = roles[f.name]
         if role == "events":
             continue
         where = spec.users.path if role == "users" else spec.items.path
         col = _transform(f, side_raw[role][f.source], where)
+        if f.kind == "multi_hot":
+            bad = _null_list_elements(col)
+            n_bad = pc.sum(bad).as_py() or 0
+            if n_bad and spec.on_invalid == "error":
+                row = pc.index(bad, True).as_py()
+                file, frow = _locate(side_raw[role], side_files[role], row)
+                raise DataValidationError(
+                    f"{file}: column {f.source!r} row {frow}: null element in a list (value "
+                    f"{side_raw[role][f.source][row].as_py()!r}); {n_bad} such row(s) in the "
+                    f"{role} table. Set dataset.on_invalid: oov to map them to id 0 and count them.")
+            if n_bad:  # skip / oov: a side-table row cannot be dropped; its nulls encode to 0
+                side_null_elements[f"{role}.{f.source}"] = n_bad
         if f.kind == "dense":
             side_enc[role][f.name] = col
+        elif f.encoding == "hash":
+            side_enc[role][f.name] = hash_encode(col, f.hash_buckets)
+            hashing[f.name] = hash_collisions(col, f.hash_buckets)
         else:
             vocabs[f.name] = build_vocab(col)
             side_enc[role][f.name] = encode(col, vocabs[f.name])
     side_tables = {r: pa.table(c) for r, c in side_enc.items()}
 
     event_feats = [f for f in feats if roles[f.name] == "events"]
-    _check_event_schemas(event_files, spec, [f.source for f in event_feats])
+    col_types = _check_event_schemas(event_files, spec, [f.source for f in event_feats])
 
     # vocabularies of event-level columns: one Ray Data pass
     need_uid = "users" not in side_raw
+    # (hashed features need no vocabulary; their distinct values give the collision report)
     unique_cols = sorted({f.source for f in event_feats if f.kind != "dense"}
                          | ({spec.user_column} if need_uid else set()))
     event_vocabs: dict[str, pa.Array] = {}
     if unique_cols:
-        raw_ds = ray.data.read_parquet(event_files, columns=unique_cols)
+        paths, fs = storage.ray_paths(event_files)
+        raw_ds = ray.data.read_parquet(paths, columns=unique_cols, filesystem=fs)
         for c in unique_cols:
-            uniq = pa.array(raw_ds.unique(c))
+            ty = raw_ds.schema().base_schema.field(c).type
+            if pa.types.is_list(ty) or pa.types.is_large_list(ty):
+                # distinct elements of a list column, wrapped back into one list
+                flat = raw_ds.select_columns([c]).map_batches(
+                    lambda b, c=c: pa.table({c: pc.list_flatten(b[c])}), batch_format="pyarrow")
+                uniq = pa.array([flat.unique(c)], ty)
+            else:
+                uniq = pa.array(raw_ds.unique(c))
             for f in event_feats:
-                if f.source == c and f.kind != "dense":
+                if f.source == c and f.kind != "dense" and f.encoding == "hash":
+                    hashing[f.name] = hash_collisions(_transform(f, uniq, spec.events),
+                                                      f.hash_buckets)
+                elif f.source == c and f.kind != "dense":
                     event_vocabs[f.name] = build_vocab(_transform(f, uniq, spec.events))
             if need_uid and c == spec.user_column:
                 event_vocabs[_UID] = build_vocab(uniq)
@@ -381,7 +503,7 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     feats_dump = [f.model_dump() for f in cfg.features]
     event_cols = sorted({f.source for f in event_feats})
     refs = [read_task.remote(p, i, spec, event_cols, side_ref, keys, event_vocabs, feats_dump,
-                             num_buckets) for i, p in enumerate(event_files)]
+                             num_buckets, col_types) for i, p in enumerate(event_files)]
     table_refs = [r[0] for r in refs]
     try:
         file_stats = ray.get([r[1] for r in refs])
@@ -393,8 +515,10 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         raise (DataValidationError(str(cause)) if isinstance(cause, ValueError) else cause) \
             from None
     rejected: Counter = Counter()
+    remapped: Counter = Counter()
     for s in file_stats:
         rejected.update(s["rejected"])
+        remapped.update(s["remapped"])
     rows_read = sum(s["rows_read"] for s in file_stats)
     nonempty = [r for r, s in zip(table_refs, file_stats) if s["rows_used"]]
     if not nonempty:
@@ -427,7 +551,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
             sub = sub.random_shuffle(seed=cfg.train.seed)
         url = storage.join(out, name)
         if split_counts[name]:
-            sub.write_parquet(url, min_rows_per_file=rows_per_file,
+            path, fs = storage.ray_paths(url)
+            sub.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file,
                               max_rows_per_file=rows_per_file)
         files_per_split[name] = _file_rows(url) if storage.exists(url) else {}
         if sum(files_per_split[name].values()) != split_counts[name]:
@@ -460,7 +585,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
             continue
         src = f.source if f.kind == "sequence" else f.name
         tables.setdefault(f.table_name, 0)
-        tables[f.table_name] = max(tables[f.table_name], len(vocabs[src]) + 1)
+        size = hashing[src]["buckets"] + 1 if src in hashing else len(vocabs[src]) + 1
+        tables[f.table_name] = max(tables[f.table_name], size)
     schema = ds.schema()
     manifest = {
         "name": cfg.name,
@@ -476,10 +602,16 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         "rows_used": rows_used,
         "rows_rejected": n_rejected,
         "rejected_by_reason": dict(rejected),
+        "rows_remapped": sum(remapped.values()),
+        "remapped_by_reason": dict(remapped),
+        "side_table_null_list_elements": side_null_elements,
+        "hashing": hashing,
+        "empty_files": [s["file"] for s in file_stats if s["rows_read"] == 0],
         "rows_per_split": split_counts,
         "files_per_split": files_per_split,
         "input_files": {s["file"]: {"rows_read": s["rows_read"], "rows_used": s["rows_used"],
-                                    "rejected": s["rejected"]} for s in file_stats},
+                                    "rejected": s["rejected"], "remapped": s["remapped"]}
+                        for s in file_stats},
         "skipped_markers": markers,
         "side_tables": {r: {"files": side_files[r], "rows": side_raw[r].num_rows}
                         for r in side_raw},
@@ -500,7 +632,8 @@ def _file_rows(url: str) -> dict[str, int]:
     for p in sorted(fs.find(path)):
         if p.endswith(".parquet"):
             with fs.open(p, "rb") as f:
-                rows[p] = pq.ParquetFile(f).metadata.num_rows
+                rows[p if storage.is_local(fs) else fs.unstrip_protocol(p)] = \
+                    pq.ParquetFile(f).metadata.num_rows
     return rows
 
 

@@ -1,4 +1,11 @@
-"""Storage helpers over fsspec: list Parquet inputs, read/write small files at any URL."""
+"""Storage helpers over fsspec: list Parquet inputs, read/write small files at any URL.
+
+Every path in a job (raw logs, prepared samples, run folder with checkpoints and outputs) may be
+a local path, ``file://``, ``s3://`` (through s3fs; endpoint and credentials from the usual AWS
+environment: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, or
+``~/.aws``), or any other fsspec protocol every Ray process can reach. ``memory://`` works for
+one process only: :func:`require_shared` rejects it where Ray tasks or workers would read it.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +22,63 @@ import pyarrow.parquet as pq
 MARKER_SUFFIXES = (".crc",)
 
 
+#: protocols whose files live in one process's memory: Ray tasks/workers cannot see them
+PROCESS_LOCAL_PROTOCOLS = ("memory",)
+
+
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and path inside it for ``url`` (local path, file://, s3://, ...)."""
-    return fsspec.core.url_to_fs(url)
+    """fsspec filesystem and path inside it for ``url`` (local path, file://, s3://, ...).
+
+    Listing caches of remote filesystems are dropped first: other processes (Ray tasks, other
+    ranks) write to the same bucket, and a stale cached listing would hide their files."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not is_local(fs):
+        fs.invalidate_cache()
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem."""
+    proto = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in proto or "local" in proto
+
+
+def require_shared(url: str, what: str) -> None:
+    """Raise ``ValueError`` when ``url`` is on a process-local filesystem (``memory://``) that
+    Ray tasks and Ray Train workers, running in other processes, cannot read or write."""
+    fs, _ = fsspec.core.url_to_fs(url)
+    proto = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if any(p in PROCESS_LOCAL_PROTOCOLS for p in proto):
+        raise ValueError(
+            f"{what} {url}: memory:// lives in one process's memory, but Ray tasks and Ray Train "
+            f"workers run in other processes and cannot see it; use a local path, file:// or "
+            f"shared storage such as s3://")
+
+
+def ray_paths(urls: str | list[str]) -> tuple[str | list[str], pafs.FileSystem | None]:
+    """``(paths, filesystem)`` for ``ray.data.read_parquet`` / ``Dataset.write_parquet``.
+
+    Local paths go to Ray as they are (``filesystem=None``: Arrow's local filesystem). Any
+    other URL is handed to Ray with its fsspec filesystem wrapped for Arrow
+    (``pyarrow.fs.PyFileSystem(FSSpecHandler(...))``), so Ray reads and writes with exactly the
+    same endpoint and credentials as the rest of rectrain (Arrow's own S3 client would resolve
+    them differently)."""
+    single = isinstance(urls, str)
+    lst = [urls] if single else list(urls)
+    if not lst:
+        return urls, None
+    fs, _ = url_to_fs(lst[0])
+    if is_local(fs):
+        paths = [url_to_fs(u)[1] for u in lst]
+        return (paths[0] if single else paths), None
+    paths = [fs._strip_protocol(u) for u in lst]
+    return (paths[0] if single else paths), pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def arrow_fs(url: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and path for ``url`` (pyarrow's own for local, fsspec-wrapped else)."""
     fs, path = url_to_fs(url)
-    if fs.protocol in ("file", ("file", "local")) or "file" in (fs.protocol or ()):
+    if is_local(fs):
         return pafs.LocalFileSystem(), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 

@@ -124,6 +124,8 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     from rectrain.data.prepare import ITEM, TS, USER, load_manifest
     from rectrain.train.resume import FAULT_ENV, prepare_run
 
+    storage.require_shared(cfg.prepared_dir, "prepared_dir")
+    storage.require_shared(cfg.run_dir, "run_dir")
     resources = init_ray(cfg, address)
     cfg = prepare_run(cfg)  # fresh run: clear old checkpoints; retries resume from the latest
     tc = cfg.train
@@ -135,7 +137,8 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     for split in ("train", "valid", "test")[1 if cfg.checkpoint.every_n_steps else 0:]:
         url = storage.join(cfg.prepared_dir, split)
         cols = layout.columns + ([USER, ITEM, TS] if split == "test" else [])
-        ds = ray.data.read_parquet(url, columns=cols)
+        path, fs = storage.ray_paths(url)
+        ds = ray.data.read_parquet(path, columns=cols, filesystem=fs)
         if split == "train":
             ds = ds.randomize_block_order()
         datasets[split] = ds
@@ -146,7 +149,9 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker=placed_train_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads,
-                           "fault": os.environ.get(FAULT_ENV)},
+                           "fault": os.environ.get(FAULT_ENV),
+                           "env": {k: v for k, v in os.environ.items()
+                                   if k.startswith("RECTRAIN_")}},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(cfg, use_gpu),

@@ -144,7 +144,13 @@ def save_checkpoint(url: str, model: nn.Module, optimizer=None, meta: dict | Non
         _, tmp_path = storage.url_to_fs(tmp)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-        fs.mv(tmp_path, path, recursive=True)
+        if storage.is_local(fs):
+            fs.mv(tmp_path, path, recursive=True)
+        else:  # object stores have no folder rename (s3fs's recursive mv fails on the prefix)
+            for f in fs.find(tmp_path):
+                fs.mv(f, path.rstrip("/") + f[len(tmp_path.rstrip("/")):])
+            if fs.exists(tmp_path):
+                fs.rm(tmp_path, recursive=True)
         storage.write_json(meta or {}, storage.join(url, META))
     _barrier()
 

@@ -114,6 +114,18 @@ def lr_schedule(optimizer, spec, planned_steps: int) -> Callable[[int], None]:
     return set_lr
 
 
+def fault_step(rank: int) -> int | None:
+    """Fault injection for tests: ``RECTRAIN_FAULT_STEP="R:S"`` makes rank ``R`` raise
+    ``RuntimeError`` when it is about to run training step ``S`` (0-based, global count), so a
+    test can check that one failing rank stops the whole job with the original error. Returns
+    ``S`` for this rank, or None."""
+    spec = os.environ.get("RECTRAIN_FAULT_STEP")
+    if not spec:
+        return None
+    r, s = (int(x) for x in spec.split(":"))
+    return s if r == rank else None
+
+
 def _global_mean(x: float) -> float:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
@@ -153,6 +165,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     if resumed:
         best, history, step = resumed["best"], resumed["history"], resumed["step"]
         train_seconds, train_samples = resumed["train_seconds"], resumed["train_samples"]
+    fault_at = fault_step(env.rank)
     for epoch in range(start_epoch, tc.epochs):
         # ---- train: same number of steps on every rank (drop_last + MIN agreement)
         t_epoch = time.perf_counter()
@@ -160,6 +173,9 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         tables = ckpt.train_tables(epoch) or env.shard("train").tables(epoch)
         for t, _ in collective_batches(rebatch(tables, tc.batch_size, True, ckpt.rng(np_rng)),
                                        "train"):
+            if step == fault_at:
+                raise RuntimeError(f"injected fault on rank {env.rank} at step {step} "
+                                   f"(RECTRAIN_FAULT_STEP)")
             batch = layout.to_batch(t.select(layout.columns)).to(env.device)
             set_lr(step)
             out = dmp(batch)
@@ -252,6 +268,7 @@ def ray_train_worker(config: dict) -> None:
     # FBGEMM logs every table's constructor arguments at INFO on the root logger
     logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
+    os.environ.update(config.get("env") or {})  # RECTRAIN_* of the driver (fault injection)
     cfg = config_from_dict(config["job"])
     if config.get("fault"):  # fault-injection tests only (rectrain.train.resume.FAULT_ENV)
         os.environ["RECTRAIN_TEST_FAULT"] = config["fault"]
