@@ -73,6 +73,9 @@ def test_sessions_are_bursts(small):
     assert (gaps >= 0).all()
     assert np.mean(gaps < 600) > 0.6  # most gaps: within a session (mean 90 s)
     assert np.mean(gaps > 86_400) > 0.03  # and new sessions days later
+    spec = SynthSpec(**SPEC)
+    assert e["timestamp"].min() >= spec.start_ts
+    assert e["timestamp"].max() <= spec.start_ts + spec.days * 86_400  # inside the log window
 
 
 def test_labels_carry_user_item_signal():

@@ -10,13 +10,14 @@ like real logs:
   of the events and a few users are very active;
 - **sessions**: each user's events form bursts; the gap to the previous event is exponential
   with mean ``session_gap_s`` (a new session, probability ``new_session_prob``) or
-  ``within_gap_s`` (same session); all events of a session come from one category (80% one of
-  the user's three favourite categories) with items drawn by popularity inside it;
+  ``within_gap_s`` (same session), inside a ``days``-long window; all events of a session come
+  from one category (80% one of the user's three favourite categories) with items drawn by
+  popularity inside it;
 - **learnable labels**: users and items have latent factors ``[latent_dim]`` built around
   category centres (a user's centre is the mean of their favourite categories'), and
-  ``score = affinity_scale * <u, i> / sqrt(d) + item_bias + N(0, 1)`` gives ``rating`` (1..5, by
-  fixed score thresholds) and ``click ~ Bernoulli(sigmoid(score))``: the labels depend on the
-  user-item pair and on the user's history, so AUC > 0.5 is meaningful;
+  ``score = affinity_scale * (<u, i> / sqrt(d) - 0.5) + item_bias + N(0, 1)`` gives ``rating``
+  (1..5, by fixed score thresholds) and ``click ~ Bernoulli(sigmoid(score))``: the labels
+  depend on the user-item pair and on the user's history, so AUC > 0.5 is meaningful;
 - **text**: item ``title`` and ``description`` are built from category-specific words, so a
   sentence-embedding model sees the category in them.
 
@@ -94,6 +95,8 @@ class SynthSpec:
         new_session_prob: probability that an event starts a new session.
         session_gap_s, within_gap_s: mean gap (seconds) before a new session / within one.
         start_ts: unix seconds of the earliest possible first event.
+        days: length of the log window; every event lies in ``[start_ts, start_ts + days]``
+            (a user whose gaps would overrun it has their timeline compressed).
     """
 
     events: int
@@ -110,6 +113,7 @@ class SynthSpec:
     session_gap_s: float = 3 * 86_400.0
     within_gap_s: float = 90.0
     start_ts: int = 1_600_000_000
+    days: float = 180.0
 
     def __post_init__(self):
         for k in ("events", "users", "items", "categories", "latent_dim"):
@@ -240,10 +244,18 @@ def generate_events(spec: SynthSpec, file_index: int, lo: int, hi: int, w: dict)
                     rng.exponential(spec.within_gap_s, n))
     gaps[pos == 0] = 0.0
     cs = np.cumsum(gaps)
-    first = np.cumsum(counts) - counts
-    user_start = spec.start_ts + rng.integers(0, 90 * 86_400, nu)
-    ts = (np.repeat(user_start, counts) + (cs - np.repeat(cs[first[counts > 0]],
-                                                           counts[counts > 0]))).astype(np.int64)
+    active = counts > 0
+    first = (np.cumsum(counts) - counts)[active]
+    last = first + counts[active] - 1
+    since_first = cs - np.repeat(cs[first], counts[active])  # seconds since the user's 1st event
+    # users start in the first quarter of the window; a user whose gaps would overrun the
+    # window (very active users) has the timeline compressed to fit it
+    window = spec.days * 86_400.0
+    offset = rng.uniform(0.0, 0.25 * window, nu)[active]
+    span = cs[last] - cs[first]
+    squeeze = np.minimum(1.0, (window - offset) / np.maximum(span, 1.0))
+    ts = (spec.start_ts + np.repeat(offset, counts[active])
+          + since_first * np.repeat(squeeze, counts[active])).astype(np.int64)
     # one category per session: 80% a favourite of the user, else by category popularity
     session = np.cumsum(new_session) - 1
     n_sess = int(session[-1]) + 1 if n else 0
