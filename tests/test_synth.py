@@ -106,6 +106,17 @@ def test_deterministic_per_seed(small, tmp_path):
     assert not _events(other).equals(_events(out))
 
 
+def test_cli_synth_writes_the_requested_counts(tmp_path, ray_local):
+    from rectrain.cli import main
+
+    out = str(tmp_path / "cli")
+    assert main(["synth", "--events", "500", "--users", "50", "--items", "40", "--files", "2",
+                 "--seed", "3", "--out", out]) == 0
+    assert _events(out).num_rows == 500 and len(_file_digests(out)) == 2
+    assert pq.read_table(f"{out}/items").num_rows == 40
+    assert storage.read_json(f"{out}/synth.json")["spec"]["seed"] == 3
+
+
 def test_bad_spec_is_rejected():
     with pytest.raises(ValueError, match="events must be >= 1"):
         SynthSpec(events=0)
