@@ -26,7 +26,8 @@ class Batch(Pipelineable):
     """One training/eval batch (the Batch contract of DESIGN.md).
 
     Attributes:
-        dense: float32 ``[B, D]`` z-normalised dense features (``D`` may be 0).
+        dense: float32 ``[B, D]`` z-normalised dense features (``D`` may be 0), then the
+            ``text_embedding`` inputs (:meth:`FeatureLayout.dense_dim`).
         sparse: :class:`KeyedJaggedTensor` with int64 values and int32 lengths, keys in
             :attr:`FeatureLayout.sparse_keys` order (pooled features first, then the
             sequence-table features).
@@ -104,8 +105,12 @@ class FeatureLayout:
         if missing:
             raise KeyError(f"manifest has no text embeddings for {missing}; run prepare again")
         if self.text:
+            from rectrain.data import storage
             from rectrain.data.text_embed import load_text_matrix
-            self.text_matrix = {n: load_text_matrix(i["path"]) for n, i in self.text_info.items()}
+
+            # relative to prepared_dir, so a moved/copied prepared folder still works
+            self.text_matrix = {n: load_text_matrix(storage.join(
+                cfg.prepared_dir, "catalog", f"text_{n}.parquet")) for n in self.text_info}
         self.max_sequence_length = cfg.dataset.sequence_length
         self.aux_thresholds = list(cfg.dataset.label.aux_thresholds)
         self.columns = self.sparse_keys + [f.name for f in self.dense] + [LABEL] + (
