@@ -58,13 +58,19 @@ def _cli(args: list[str], log) -> float:
     return time.perf_counter() - t0
 
 
-def run_entry(entry: dict, reuse: bool, log_dir: Path) -> dict:
-    """Train one job (unless reused) and return its table row."""
+def run_entry(entry: dict, reuse: bool, log_dir: Path, collect: bool = False) -> dict:
+    """Train one job (unless reused, or ``collect``: never train) and return its table row.
+
+    Raises:
+        FileNotFoundError: ``collect`` and the job has no ``metrics.json``.
+    """
     cfg = load_config(entry["job"])
     metrics_url = storage.join(cfg.run_dir, "metrics.json")
     log_path = log_dir / f"{cfg.name}.log"
     wall = None
-    if not (reuse and storage.exists(metrics_url)):
+    if collect and not storage.exists(metrics_url):
+        raise FileNotFoundError(f"not run: {metrics_url} missing")
+    if not (reuse or collect) or not storage.exists(metrics_url):
         with open(log_path, "w") as log:
             if not storage.exists(storage.join(cfg.prepared_dir, "manifest.json")):
                 _cli(["prepare", *([cfg.dataset.source] if cfg.dataset.source else []),
@@ -113,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default="benchmarks/quality_jobs.yaml")
     p.add_argument("--only", default=None, help="comma-separated labels, models or job names")
     p.add_argument("--reuse", action="store_true", help="reuse runs that have metrics.json")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: tabulate the runs that have metrics.json")
     p.add_argument("--out", default="benchmarks/results/quality")
     a = p.parse_args(argv)
     entries = load_entries(a.jobs)
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in entries:
         print(f"[quality] {e['job']} ...", flush=True)
         try:
-            rows.append(run_entry(e, a.reuse, log_dir))
+            rows.append(run_entry(e, a.reuse, log_dir, a.collect))
             r = rows[-1]
             print(f"[quality] {r['label']}: {r['metric']} {_fmt(r['value'])} "
                   f"({_fmt(r['wall_seconds'], 0)} s)", flush=True)

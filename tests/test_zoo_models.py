@@ -51,10 +51,10 @@ def test_forward_backward_step_lowers_loss(name, extra, tmp_path):
     cfg, layout, model = _model(str(tmp_path), name, **extra)
     batch = layout.to_batch(_batch_table(0))  # row 0 has an empty history
     assert batch.sparse.to_dict()["hist_item_id"].lengths()[0] == 0
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     losses = []
-    for _ in range(15):  # the model can fit 12 rows: the graph is wired end to end
+    for _ in range(8):  # the model can fit 12 rows: the graph is wired end to end
         logits = model(batch)
         assert logits.shape == (12,) and torch.isfinite(logits).all()
         loss = loss_fn(logits, batch.labels)
