@@ -166,7 +166,7 @@ class FeatureSpec(_Model):
 class ModelSpec(_Model):
     """Model choice and sizes. ``din``: Deep Interest Network (Zhou et al., KDD 2018)."""
 
-    name: Literal["din"] = "din"
+    name: Literal["din", "dlrm", "dcnv2", "bst", "autoint"] = "din"
     embedding_dim: int = Field(16, ge=1)
     sequence_features: list[str] = Field(
         ["hist_item_id"], min_length=1,
@@ -177,6 +177,23 @@ class ModelSpec(_Model):
     mlp_hidden: list[int] = [200, 80]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     aux_weight: float = Field(1.0, ge=0.0, description="weight of the auxiliary heads' loss")
+    # ---- ranking model zoo (rectrain/models/zoo.py)
+    loss: Literal["bce", "mse"] = Field(
+        "bce", description="bce: binary label (AUC/logloss); mse: regression on the raw label "
+                           "column `label_value`, e.g. the rating (RMSE/MAE)")
+    sequence_encoder: Optional[Literal["mean", "cnn", "gru", "lstm", "transformer"]] = Field(
+        None, description="history encoder: din adds its output next to target attention "
+                          "(None: none); bst runs it over history + target (None: transformer); "
+                          "dlrm/dcnv2/autoint pool the history with it (None: mean)")
+    encoder_kernel: int = Field(3, ge=1, description="cnn sequence encoder kernel (steps)")
+    attention_heads: int = Field(2, ge=1, description="heads of bst/autoint/transformer blocks")
+    attention_layers: int = Field(1, ge=1, description="transformer blocks (bst/autoint)")
+    bottom_mlp: list[int] = Field([64], description="dlrm: bottom MLP on dense features "
+                                                     "(a last layer of embedding_dim is added)")
+    cross_layers: int = Field(3, ge=1, description="dcnv2: cross layers")
+    cross_rank: Optional[int] = Field(None, ge=1, description="dcnv2: low-rank W = U V^T")
+    cross_structure: Literal["stacked", "parallel"] = Field(
+        "parallel", description="dcnv2: cross then deep (stacked) or side by side (parallel)")
 
 
 class OptimSpec(_Model):

@@ -171,7 +171,7 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
         cols.update({c: users[c].take(pa.array(uu)) for c in from_users})
         cols.update({c: state[c].take(pa.array(uu)) for c in from_events + seq_names})
         cols[LABEL] = pa.array(np.zeros(len(uu), dtype=np.float32))
-        if layout.aux_thresholds:
+        if layout.aux_thresholds or layout.regression:
             cols[LABEL_VALUE] = cols[LABEL]
         return layout.to_batch(pa.table(cols))
 

@@ -31,7 +31,8 @@ class Batch(Pipelineable):
         sparse: :class:`KeyedJaggedTensor` with int64 values and int32 lengths, keys in
             :attr:`FeatureLayout.sparse_keys` order (pooled features first, then the
             sequence-table features).
-        labels: float32 ``[B]``.
+        labels: float32 ``[B]``: the binary label, or with ``model.loss: mse`` the raw label
+            value (e.g. the rating) that the model regresses.
         aux_labels: float32 ``[B, K]`` auxiliary targets (``label_value >= t`` for each of
             ``dataset.label.aux_thresholds``); ``K`` may be 0.
     """
@@ -113,8 +114,10 @@ class FeatureLayout:
                 cfg.prepared_dir, "catalog", f"text_{n}.parquet")) for n in self.text_info}
         self.max_sequence_length = cfg.dataset.sequence_length
         self.aux_thresholds = list(cfg.dataset.label.aux_thresholds)
+        #: mse regression trains on the raw label column (batch.labels = label_value)
+        self.regression = getattr(cfg.model, "loss", "bce") == "mse"
         self.columns = self.sparse_keys + [f.name for f in self.dense] + [LABEL] + (
-            [LABEL_VALUE] if self.aux_thresholds else [])
+            [LABEL_VALUE] if self.aux_thresholds or self.regression else [])
 
     def _tables(self, feats: list[FeatureSpec], make) -> list:
         """One config per table name (first feature's settings), features appended in order."""
@@ -145,7 +148,7 @@ class FeatureLayout:
             fields.append(pa.field(f.name, ty))
         fields += [pa.field(f.name, pa.float64()) for f in self.dense]
         fields.append(pa.field(LABEL, pa.float32()))
-        if self.aux_thresholds:
+        if self.aux_thresholds or self.regression:
             fields.append(pa.field(LABEL_VALUE, pa.float32()))
         return pa.schema(fields)
 
@@ -198,7 +201,8 @@ class FeatureLayout:
             dense = torch.cat([dense] + [torch.from_numpy(self._text_dense(f, table))
                                          for f in self.text], dim=1)
         labels = torch.from_numpy(
-            table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.float32, copy=True))
+            table.column(LABEL_VALUE if self.regression else LABEL)
+            .to_numpy(zero_copy_only=False).astype(np.float32, copy=True))
         if self.aux_thresholds:
             v = torch.from_numpy(table.column(LABEL_VALUE).to_numpy(zero_copy_only=False)
                                  .astype(np.float32))

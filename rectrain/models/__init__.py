@@ -7,6 +7,10 @@ from rectrain.models.din import DIN
 
 MODELS = {"din": DIN}
 
+from rectrain.models.zoo import AutoInt, BST, DCNv2, DLRM  # noqa: E402  (ranking model zoo)
+
+MODELS.update({"dlrm": DLRM, "dcnv2": DCNv2, "bst": BST, "autoint": AutoInt})
+
 
 def build_model(layout, spec, sparse_device=None, dense_device=None):
     """Instantiate the model named ``spec.name`` (KeyError lists the known names)."""

@@ -9,6 +9,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from rectrain.config import ModelSpec
 from rectrain.data.features import Batch, FeatureLayout
 from rectrain.models.layers import MLP, TargetAttention
+from rectrain.models.zoo_layers import SequenceEncoder
 
 
 def main_logits(out: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,9 @@ class DIN(nn.Module):
       the keys with :class:`TargetAttention` (masked padding).
     - ``[pooled, candidate, attention output, other sequence-table features (sum-pooled), dense]``
       -> MLP (PReLU) -> one logit.
+    - With ``model.sequence_encoder`` (``mean``/``cnn``/``gru``/``lstm``/``transformer``), the
+      encoder's vector for the history (:class:`~rectrain.models.zoo_layers.SequenceEncoder`)
+      is one more MLP input next to the attention output (target attention is kept).
 
     Embedding modules are created on ``sparse_device`` (use ``torch.device("meta")`` before
     sharding with DistributedModelParallel); dense layers on ``dense_device``.
@@ -58,6 +62,14 @@ class DIN(nn.Module):
         self.ec = EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
         self.attention = TargetAttention(k * E, spec.attention_hidden, device=dense_device)
         in_dim = E * (self.n_pooled + 2 * k + len(self.other_seq)) + layout.dense_dim
+        # optional history encoder (model.sequence_encoder): its output is an extra MLP input
+        # next to the target-attention output (attention stays; None = the original DIN)
+        self.history_encoder = None
+        if getattr(spec, "sequence_encoder", None):
+            self.history_encoder = SequenceEncoder(
+                spec.sequence_encoder, k * E, self.max_len, kernel=spec.encoder_kernel,
+                heads=spec.attention_heads, layers=spec.attention_layers, device=dense_device)
+            in_dim += k * E
         self.mlp = MLP(in_dim, spec.mlp_hidden, activation="prelu", dropout=spec.dropout,
                        device=dense_device)
         self.n_aux = len(layout.aux_thresholds)
@@ -83,6 +95,8 @@ class DIN(nn.Module):
         mask = steps.unsqueeze(0) < seqs[self.seqs[0]].lengths().unsqueeze(1)  # [B, L]
         att, weights = self.attention(q, keys, mask)
         parts += [q, att]
+        if self.history_encoder is not None:
+            parts.append(self.history_encoder(keys, mask))
         for name in self.other_seq:
             jt = seqs[name]
             parts.append(jt.to_padded_dense(desired_length=self.max_len).sum(1))

@@ -33,6 +33,8 @@ from rectrain.models.din import main_logits
 from rectrain.train.checkpoint import load_checkpoint, save_checkpoint
 from rectrain.train.metrics import binary_metrics, gather_arrays
 from rectrain.train.resume import Checkpointer
+from rectrain.train.objectives import (eval_metrics, init_regression_head, is_regression,
+                                       main_loss, selection_score, test_extras)
 from rectrain.train.sharding import shard_model
 
 log = logging.getLogger("rectrain.train")
@@ -148,6 +150,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     dmp, optimizer, plan = shard_model(model, cfg.sharding, cfg.optim, env.device)
     _say(env, f"sharding plan ({env.world} ranks):\n{plan}")
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    label_loss = main_loss(cfg)  # BCE, or MSE on label_value with model.loss: mse
     writer = None
     if env.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -155,7 +158,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     ckpt_url = storage.join(cfg.run_dir, "checkpoint")
     planned = tc.epochs * max(1, manifest["rows_per_split"]["train"] // (tc.batch_size * env.world))
     set_lr = lr_schedule(optimizer, cfg.optim, planned)
-    best = {"auc": float("nan"), "score": -1.0, "epoch": -1}
+    best = {"auc": float("nan"), "score": -math.inf, "epoch": -1}
     history = []
     step = 0
     train_seconds = 0.0
@@ -178,8 +181,10 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
                                    f"(RECTRAIN_FAULT_STEP)")
             batch = layout.to_batch(t.select(layout.columns)).to(env.device)
             set_lr(step)
+            if step == 0 and is_regression(cfg):
+                init_regression_head(dmp, batch.labels)
             out = dmp(batch)
-            loss = loss_fn(main_logits(out), batch.labels)
+            loss = label_loss(main_logits(out), batch.labels)
             if out.dim() == 2:  # auxiliary ordinal heads
                 loss = loss + cfg.model.aux_weight * loss_fn(out[:, 1:], batch.aux_labels)
             optimizer.zero_grad()
@@ -210,10 +215,12 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         train_samples += global_rows
         # ---- validate over ALL validation rows of all ranks
         v = evaluate(dmp, layout, env.shard("valid"), tc.eval_batch_size, env.device)
-        vm = binary_metrics(v["logits"], v["labels"])
+        vm = eval_metrics(cfg, v)
         rec = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), "train_rows": global_rows,
                "train_seconds": epoch_s, "train_samples_per_s": global_rows / max(epoch_s, 1e-9),
                "valid_auc": vm["auc"], "valid_logloss": vm["logloss"], "valid_rows": vm["rows"]}
+        if is_regression(cfg):
+            rec.update(valid_rmse=vm["rmse"], valid_mae=vm["mae"])
         rec["train_loss"] = _global_mean(rec["train_loss"])
         ckpt.finish_epoch_record(rec)
         history.append(rec)
@@ -226,7 +233,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
             writer.add_scalar("train/epoch_samples_per_s", rec["train_samples_per_s"], epoch)
         env.report({k: float(x) for k, x in rec.items()})
         # a NaN AUC (one class only in valid) ranks below any real one but still checkpoints
-        score = vm["auc"] if vm["auc"] == vm["auc"] else -0.5
+        score = selection_score(cfg, vm)
         if score > best["score"]:
             best = {"auc": vm["auc"], "score": score, "epoch": epoch}
             save_checkpoint(ckpt_url, dmp, optimizer, meta={
@@ -237,7 +244,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     load_checkpoint(ckpt_url, dmp)
     keep = (USER, ITEM, TS)
     te = evaluate(dmp, layout, env.shard("test"), tc.eval_batch_size, env.device, keep=keep)
-    tm = binary_metrics(te["logits"], te["labels"])
+    tm = eval_metrics(cfg, te)
     _say(env, f"test (best epoch {best['epoch']}): AUC {tm['auc']:.4f} logloss "
               f"{tm['logloss']:.4f} NE {tm['ne']:.4f} ({tm['rows']} rows)")
     metrics = {
@@ -248,8 +255,14 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         "train_seconds": train_seconds, "worker_seconds": time.perf_counter() - t_start,
         "world_size": env.world, "epochs": history,
     }
+    metrics.update(test_extras(cfg, te, te[USER]))
+    metrics["model"] = cfg.model.name
+    if is_regression(cfg):
+        _say(env, f"test RMSE {metrics['test_rmse']:.4f} MAE {metrics['test_mae']:.4f}")
     if env.rank == 0:
         probs = 1.0 / (1.0 + np.exp(-te["logits"].astype(np.float64)))
+        if is_regression(cfg):  # the predicted label value (e.g. rating), not a probability
+            probs = te["logits"].astype(np.float64)
         pred = pa.table({"user_id": te[USER], "item_id": te[ITEM], "timestamp": te[TS],
                          "label": te["labels"].astype(np.float32), "score": probs})
         storage.write_parquet(pred, storage.join(cfg.run_dir, "predictions", "test.parquet"))
