@@ -107,7 +107,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     datasets = {}
     for split in ("train", "valid", "test"):
         url = storage.join(cfg.prepared_dir, split)
-        cols = layout.columns + ([USER, ITEM, TS] if split == "test" else [])
+        cols = layout.columns + ([USER, ITEM, TS] if split != "train" else [])
         ds = ray.data.read_parquet(url, columns=cols)
         if split == "train":
             ds = ds.randomize_block_order()

@@ -7,6 +7,12 @@ from rectrain.models.din import DIN
 
 MODELS = {"din": DIN}
 
+from rectrain.models.sasrec import SASRec  # noqa: E402  (retrieval / next-item models)
+from rectrain.models.two_tower import TwoTower  # noqa: E402
+
+MODELS["two_tower"] = TwoTower
+MODELS["sasrec"] = SASRec
+
 
 def build_model(layout, spec, sparse_device=None, dense_device=None):
     """Instantiate the model named ``spec.name`` (KeyError lists the known names)."""

@@ -1,0 +1,85 @@
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, ICDM 2018) on a TorchRec
+``EmbeddingCollection``, with the shared :class:`~rectrain.models.layers.TransformerEncoder`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingCollection
+
+from rectrain.config import ModelSpec
+from rectrain.data.features import Batch, FeatureLayout
+from rectrain.models.layers import TransformerEncoder
+from rectrain.models.two_tower import embed, sequence_feature_check
+
+
+def right_align(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's ``lengths[b]`` leading steps to the end of the row.
+
+    ``x`` ``[B, L, E]`` left-aligned (valid steps first, as ``to_padded_dense`` gives),
+    ``lengths`` int ``[B]``. Returns ``(y [B, L, E], valid bool [B, L])`` where the most recent
+    step of every row sits at position ``L - 1`` (as SASRec pads on the left), so learned
+    position embeddings count back from the most recent item.
+    """
+    B, L, _ = x.shape
+    steps = torch.arange(L, device=x.device).unsqueeze(0)  # [1, L]
+    shift = (L - lengths.to(torch.long)).unsqueeze(1)  # [B, 1]
+    valid = steps >= shift
+    src = (steps - shift).clamp(min=0)  # [B, L]
+    y = torch.gather(x, 1, src.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    return y * valid.unsqueeze(-1).to(x.dtype), valid
+
+
+class SASRec(nn.Module):
+    """Causal transformer over the behaviour sequence predicting the next item.
+
+    The history (item ids of the up-to-``L`` previous events, most recent last) is embedded with
+    the item table, scaled by ``sqrt(E)``, right-aligned, given learned position embeddings and
+    run through ``spec.seq_layers`` pre-norm causal self-attention blocks
+    (:class:`TransformerEncoder`, padding masked). The output at the last step is the user
+    vector ``u [B, E]``; the item vector ``v [B, E]`` is the row's item embedding from the
+    **same** table (input and output embeddings shared, as in the paper), and the score of an
+    item is ``<u, v>``. Only the item table is used; pooled side features in the batch are
+    ignored (the paper's model uses item ids only).
+
+    ``forward(batch)`` returns ``(u, v)`` float32 ``[B, E]``; :meth:`sequence_outputs` the
+    per-step outputs ``[B, L, E]`` (step ``t`` sees steps ``<= t`` only). An empty history
+    gives ``u = 0``.
+    """
+
+    task = "retrieval"
+
+    def __init__(self, layout: FeatureLayout, spec: ModelSpec,
+                 sparse_device: torch.device | None = None,
+                 dense_device: torch.device | None = None):
+        super().__init__()
+        E = layout.embedding_dim
+        self.layout = layout
+        self.item_key, self.hist_key = sequence_feature_check(layout, spec)
+        self.max_len = layout.max_sequence_length
+        self.temperature = 1.0
+        self.ec = EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
+        self.encoder = TransformerEncoder(E, heads=spec.seq_heads, layers=spec.seq_layers,
+                                          dropout=spec.seq_dropout, causal=True,
+                                          max_len=self.max_len, device=dense_device)
+        self.dropout = nn.Dropout(spec.seq_dropout)
+
+    def _outputs(self, seqs) -> torch.Tensor:
+        jt = seqs[self.hist_key]
+        x = jt.to_padded_dense(desired_length=self.max_len)  # [B, L, E]
+        x, valid = right_align(x, jt.lengths())
+        x = self.dropout(x * math.sqrt(x.shape[-1]))
+        return self.encoder(x, valid)
+
+    def sequence_outputs(self, batch: Batch) -> torch.Tensor:
+        """Per-step outputs ``[B, L, E]`` (right-aligned; padded steps are 0)."""
+        _, seqs = embed(batch, self.layout, None, self.ec)
+        return self._outputs(seqs)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        _, seqs = embed(batch, self.layout, None, self.ec)
+        u = self._outputs(seqs)[:, -1]
+        v = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)
+        return u, v
