@@ -152,6 +152,9 @@ class ModelSpec(_Model):
     seq_layers: int = Field(2, ge=1, description="sasrec: transformer blocks")
     seq_heads: int = Field(1, ge=1, description="sasrec: attention heads")
     seq_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="sasrec: dropout")
+    seq_max_len: Optional[int] = Field(
+        None, ge=1, description="sasrec: attend over the last N history items only (None: "
+                                "dataset.sequence_length)")
     attention_hidden: list[int] = [64, 32]
     mlp_hidden: list[int] = [200, 80]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -127,3 +127,20 @@ def test_item_features_are_checked():
     cfg, layout = _layout("sasrec", item_feature="user_id")
     with pytest.raises(ValueError, match="model.item_feature"):
         SASRec(layout, cfg.model)
+
+
+@pytest.mark.parametrize("name", ["two_tower", "sasrec"])
+def test_n_queries_limits_the_user_side(name):
+    torch.manual_seed(0)
+    cfg, layout = _layout(name, item_features=["genres"], tower_hidden=[16, 8], seq_dropout=0.0,
+                          seq_max_len=4)
+    model = build_model(layout, cfg.model).eval()
+    batch = layout.to_batch(_rows(6, seed=3))
+    with torch.no_grad():
+        u, v = model(batch)
+        u2, v2 = model(batch, n_queries=2)
+        u0, v0 = model(batch, n_queries=0)
+    assert u2.shape[0] == 2 and u0.shape[0] == 0
+    torch.testing.assert_close(u2, u[:2])
+    torch.testing.assert_close(v2, v)
+    torch.testing.assert_close(v0, v)

@@ -44,8 +44,10 @@ class SASRec(nn.Module):
     item is ``<u, v>``. Only the item table is used; pooled side features in the batch are
     ignored (the paper's model uses item ids only).
 
-    ``forward(batch)`` returns ``(u, v)`` float32 ``[B, E]``; :meth:`sequence_outputs` the
-    per-step outputs ``[B, L, E]`` (step ``t`` sees steps ``<= t`` only). An empty history
+    ``forward(batch, n_queries=None)`` returns ``(u [n_queries, E], v [B, E])`` float32 (the
+    user side only for the first ``n_queries`` rows; all rows by default);
+    :meth:`sequence_outputs` the per-step outputs ``[B, S, E]`` (``S = spec.seq_max_len``, the
+    most recent steps) (step ``t`` sees steps ``<= t`` only). An empty history
     gives ``u = 0``.
     """
 
@@ -59,17 +61,21 @@ class SASRec(nn.Module):
         self.layout = layout
         self.item_key, self.hist_key = sequence_feature_check(layout, spec)
         self.max_len = layout.max_sequence_length
+        self.steps = min(spec.seq_max_len or self.max_len, self.max_len)
         self.temperature = 1.0
         self.ec = EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
         self.encoder = TransformerEncoder(E, heads=spec.seq_heads, layers=spec.seq_layers,
                                           dropout=spec.seq_dropout, causal=True,
-                                          max_len=self.max_len, device=dense_device)
+                                          max_len=self.steps, device=dense_device)
         self.dropout = nn.Dropout(spec.seq_dropout)
 
-    def _outputs(self, seqs) -> torch.Tensor:
+    def _outputs(self, seqs, n_queries: int | None = None) -> torch.Tensor:
         jt = seqs[self.hist_key]
-        x = jt.to_padded_dense(desired_length=self.max_len)  # [B, L, E]
-        x, valid = right_align(x, jt.lengths())
+        x = jt.to_padded_dense(desired_length=self.max_len)[:n_queries]  # [B, L, E]
+        x, valid = right_align(x, jt.lengths()[:n_queries])
+        x, valid = x[:, -self.steps:], valid[:, -self.steps:]  # the most recent steps
+        if x.shape[0] == 0:  # no queries (item vectors only): nn.MultiheadAttention needs B > 0
+            return x
         x = self.dropout(x * math.sqrt(x.shape[-1]))
         return self.encoder(x, valid)
 
@@ -78,8 +84,9 @@ class SASRec(nn.Module):
         _, seqs = embed(batch, self.layout, None, self.ec)
         return self._outputs(seqs)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, n_queries: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         _, seqs = embed(batch, self.layout, None, self.ec)
-        u = self._outputs(seqs)[:, -1]
+        u = self._outputs(seqs, n_queries)[:, -1]
         v = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)
         return u, v

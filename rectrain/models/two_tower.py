@@ -73,7 +73,8 @@ class TwoTower(nn.Module):
     temperature, Yi et al. 2019 Sec. 4). Item table shared between the history and the item
     tower. Embedding modules on ``sparse_device`` (``meta`` before DMP sharding).
 
-    ``forward(batch)`` returns ``(u, v)``, both float32 ``[B, d]``.
+    ``forward(batch, n_queries=None)`` returns ``(u [n_queries, d], v [B, d])`` float32 (the
+    user tower runs on the first ``n_queries`` rows only; all rows by default).
 
     Raises:
         ValueError: the item feature / history / user or item feature lists do not fit the
@@ -116,12 +117,14 @@ class TwoTower(nn.Module):
                             device=dense_device)
         self.item_out = nn.Linear(self.item_mlp.out_dim, d, device=dense_device)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, n_queries: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, seqs = embed(batch, self.layout, self.ebc, self.ec)
-        u_parts = [pooled[n] for n in self.user_pooled]
-        u_parts.append(masked_mean(seqs[self.hist_key], self.max_len))
+        q = slice(None, n_queries)
+        u_parts = [pooled[n][q] for n in self.user_pooled]
+        u_parts.append(masked_mean(seqs[self.hist_key], self.max_len)[q])
         if batch.dense.shape[1]:
-            u_parts.append(batch.dense)
+            u_parts.append(batch.dense[q])
         item = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)  # [B, E]
         v_parts = [item] + [pooled[n] for n in self.item_pooled]
         u = self.user_out(self.user_mlp(torch.cat(u_parts, dim=1)))

@@ -112,7 +112,7 @@ def corpus_vectors(model, layout: FeatureLayout, items: pa.Table, item_key: str,
     (collective under DMP: every rank calls it). Ids not in the corpus (0 = unknown) are
     ``absent`` and never ranked."""
     with torch.no_grad():
-        _, v = model(layout.to_batch(items).to(device))
+        _, v = model(layout.to_batch(items).to(device), n_queries=0)
     ids = torch.from_numpy(items[item_key].to_numpy().astype(np.int64))
     V = torch.zeros(n_items, v.shape[1])
     V[ids] = v.float().cpu()
@@ -227,14 +227,14 @@ def run_retrieval(cfg: JobConfig, env) -> dict:
                 t = pa.concat_tables([t, items.select(layout.columns).cast(t.schema)])
             batch = layout.to_batch(t).to(env.device)
             set_lr(step)
-            u, v = dmp(batch)
+            u, v = dmp(batch, n_queries=B)
             ids = torch.from_numpy(t[item_key].to_numpy()[:B].astype(np.int64))
             if full:
-                logits = u[:B] @ v[B:].t() / temperature
+                logits = u @ v[B:].t() / temperature
                 loss = F.cross_entropy(logits, target_pos[ids].to(env.device))
             else:
                 lq = log_q[ids].to(env.device) if ms.logq_correction else None
-                loss = in_batch_softmax_loss(u, v, ids.to(env.device), temperature, lq)
+                loss = in_batch_softmax_loss(u, v[:B], ids.to(env.device), temperature, lq)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -306,3 +306,38 @@ def run_retrieval(cfg: JobConfig, env) -> dict:
             writer.add_scalar(f"test/{k}", tm[k], 0)
         writer.close()
     return metrics
+
+
+def retrieval_top_k(model, candidates, users: pa.Table, items: pa.Table, prepared: str, k: int,
+                    users_per_chunk: int = 1024) -> pa.Table:
+    """Top-``k`` items per user of a retrieval model (one process, unsharded model).
+
+    ``candidates(user_rows, item_rows)`` builds a :class:`Batch` of (users-catalog row,
+    items-catalog row) pairs with each user's latest behaviour sequence (see
+    :mod:`rectrain.recommend`). Every item of the catalog is scored by ``<u, v> / temperature``
+    (the model's training logit, not a probability); the items of every event the user has in
+    the prepared data (train, valid and test) are excluded. Returns
+    ``(user_id, rank, item_id, score)``, rank 1 = best, ``k`` rows per user.
+    """
+    n_users, n_items = users.num_rows, items.num_rows
+    with torch.no_grad():
+        _, v = model(candidates(np.zeros(n_items, np.int64), np.arange(n_items)), n_queries=0)
+        us = [model(candidates(np.arange(lo, min(lo + users_per_chunk, n_users)),
+                               np.zeros(min(users_per_chunk, n_users - lo), np.int64)))[0]
+              for lo in range(0, n_users, users_per_chunk)]
+    scores = torch.cat(us) @ v.t() / model.temperature  # [n_users, n_items]
+    parts = [t for t in (_read_split(prepared, s, [USER, ITEM]) for s in
+                         ("train", "valid", "test")) if t]
+    events = pa.concat_tables(parts)
+    u_rows = pc.index_in(events[USER], value_set=users[USER]).to_numpy(zero_copy_only=False)
+    i_rows = pc.index_in(events[ITEM], value_set=items[ITEM]).to_numpy(zero_copy_only=False)
+    ok = ~(np.isnan(u_rows.astype(np.float64)) | np.isnan(i_rows.astype(np.float64)))
+    scores[torch.from_numpy(u_rows[ok].astype(np.int64)),
+           torch.from_numpy(i_rows[ok].astype(np.int64))] = float("-inf")
+    top = torch.topk(scores, k=min(k, n_items), dim=1)
+    kk = top.indices.shape[1]
+    u_idx = np.repeat(np.arange(n_users), kk)
+    return pa.table({"user_id": users[USER].take(pa.array(u_idx)),
+                     "rank": pa.array(np.tile(np.arange(1, kk + 1), n_users).astype(np.int32)),
+                     "item_id": items[ITEM].take(pa.array(top.indices.reshape(-1).numpy())),
+                     "score": pa.array(top.values.reshape(-1).numpy().astype(np.float32))})
