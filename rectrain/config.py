@@ -152,6 +152,9 @@ class ModelSpec(_Model):
     seq_layers: int = Field(2, ge=1, description="sasrec: transformer blocks")
     seq_heads: int = Field(1, ge=1, description="sasrec: attention heads")
     seq_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="sasrec: dropout")
+    sasrec_all_steps: bool = Field(
+        False, description="sasrec: train every history step to predict the next item (the "
+                           "paper's objective; needs retrieval_loss: full), not only the last")
     seq_max_len: Optional[int] = Field(
         None, ge=1, description="sasrec: attend over the last N history items only (None: "
                                 "dataset.sequence_length)")

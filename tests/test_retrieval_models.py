@@ -144,3 +144,14 @@ def test_n_queries_limits_the_user_side(name):
     torch.testing.assert_close(u2, u[:2])
     torch.testing.assert_close(v2, v)
     torch.testing.assert_close(v0, v)
+
+
+def test_next_item_targets():
+    from rectrain.models.sasrec import next_item_targets
+
+    hist = pa.array([[5, 6, 7], [], [1, 2, 3, 4, 9]], pa.list_(pa.int64())).slice(0, 3)
+    out = next_item_targets(hist, np.array([8, 3, 10]), steps=4)
+    # right-aligned last 4 items; step s -> item at s + 1, last step -> the row's item
+    assert out.tolist() == [[0, 6, 7, 8], [0, 0, 0, 0], [3, 4, 9, 10]]  # empty: no step
+    # sliced arrays (non-zero offsets) work too
+    assert next_item_targets(hist.slice(2, 1), np.array([10]), 2).tolist() == [[9, 10]]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from rectrain.config import ModelSpec
+from rectrain.data.encode import positions_in_lists
 from rectrain.data.features import Batch, FeatureLayout
 from rectrain.models.layers import TransformerEncoder
 from rectrain.models.two_tower import embed, sequence_feature_check
@@ -45,7 +48,10 @@ class SASRec(nn.Module):
     ignored (the paper's model uses item ids only).
 
     ``forward(batch, n_queries=None)`` returns ``(u [n_queries, E], v [B, E])`` float32 (the
-    user side only for the first ``n_queries`` rows; all rows by default);
+    user side only for the first ``n_queries`` rows; all rows by default); with
+    ``all_steps=True`` the first element is every step's output ``[n_queries, S, E]`` (training
+    with the paper's objective: step ``s`` predicts the item at step ``s + 1``, the last step the
+    row's own item; see :func:`next_item_targets`);
     :meth:`sequence_outputs` the per-step outputs ``[B, S, E]`` (``S = spec.seq_max_len``, the
     most recent steps) (step ``t`` sees steps ``<= t`` only). An empty history
     gives ``u = 0``.
@@ -84,9 +90,35 @@ class SASRec(nn.Module):
         _, seqs = embed(batch, self.layout, None, self.ec)
         return self._outputs(seqs)
 
-    def forward(self, batch: Batch, n_queries: int | None = None
+    def forward(self, batch: Batch, n_queries: int | None = None, all_steps: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         _, seqs = embed(batch, self.layout, None, self.ec)
-        u = self._outputs(seqs, n_queries)[:, -1]
+        h = self._outputs(seqs, n_queries)
+        v = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)
+        if all_steps:  # the paper's objective: every step predicts the next item
+            return h, v
+        u = h[:, -1]
         v = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)
         return u, v
+
+
+def next_item_targets(hist: "pa.ListArray", items: np.ndarray, steps: int) -> np.ndarray:
+    """int64 ``[B, S]`` next-item target of each step of the right-aligned last ``S = steps``
+    history items: step ``s`` -> the history item at step ``s + 1``, the last step -> ``items``
+    (the row's own item); 0 where step ``s`` holds no history item (padding). Vectorised over
+    the list offsets of ``hist`` (Arrow ``list<int64>``, most recent last)."""
+    hist = hist.combine_chunks() if isinstance(hist, pa.ChunkedArray) else hist
+    offsets = hist.offsets.to_numpy()
+    values = hist.flatten().to_numpy(zero_copy_only=False)
+    lengths = np.diff(offsets)
+    m = np.minimum(lengths, steps)  # items kept per row (the most recent)
+    B = len(lengths)
+    ids = np.zeros((B, steps + 1), dtype=np.int64)  # right-aligned history, then the item
+    within = positions_in_lists(m)
+    rows = np.repeat(np.arange(B), m)
+    src = np.repeat(offsets[1:] - offsets[0] - m, m) + within
+    ids[rows, np.repeat(steps - m, m) + within] = values[src]
+    ids[:, steps] = items
+    out = ids[:, 1:].copy()
+    out[ids[:, :steps] == 0] = 0
+    return out

@@ -37,6 +37,7 @@ from rectrain.data.features import FeatureLayout
 from rectrain.data.loader import collective_batches, padding_table, rebatch
 from rectrain.data.prepare import ITEM, TS, USER, load_manifest
 from rectrain.models import build_model
+from rectrain.models.sasrec import next_item_targets
 from rectrain.models.two_tower import in_batch_softmax_loss
 from rectrain.train.checkpoint import load_checkpoint, save_checkpoint
 from rectrain.train.metrics import gather_arrays
@@ -212,6 +213,9 @@ def run_retrieval(cfg: JobConfig, env) -> dict:
     planned = tc.epochs * max(1, manifest["rows_per_split"]["train"] // (tc.batch_size * env.world))
     set_lr = lr_schedule(optimizer, cfg.optim, planned)
     full = ms.retrieval_loss == "full"
+    all_steps = ms.name == "sasrec" and ms.sasrec_all_steps
+    if all_steps and not full:
+        raise ValueError("model.sasrec_all_steps needs model.retrieval_loss: full")
     target_pos = torch.full((n_items,), -1, dtype=torch.long)
     target_pos[item_ids] = torch.arange(len(item_ids))
     best = {"score": -1.0, "epoch": -1, "metrics": {}}
@@ -227,12 +231,20 @@ def run_retrieval(cfg: JobConfig, env) -> dict:
                 t = pa.concat_tables([t, items.select(layout.columns).cast(t.schema)])
             batch = layout.to_batch(t).to(env.device)
             set_lr(step)
-            u, v = dmp(batch, n_queries=B)
             ids = torch.from_numpy(t[item_key].to_numpy()[:B].astype(np.int64))
-            if full:
+            if all_steps:  # SASRec's objective: every history step predicts the next item
+                h, v = dmp(batch, n_queries=B, all_steps=True)
+                nxt = torch.from_numpy(next_item_targets(
+                    t[model.hist_key].slice(0, B).combine_chunks(), ids.numpy(), h.shape[1]))
+                has = nxt > 0
+                logits = h[has.to(env.device)] @ v[B:].t() / temperature
+                loss = F.cross_entropy(logits, target_pos[nxt[has]].to(env.device))
+            elif full:
+                u, v = dmp(batch, n_queries=B)
                 logits = u @ v[B:].t() / temperature
                 loss = F.cross_entropy(logits, target_pos[ids].to(env.device))
             else:
+                u, v = dmp(batch, n_queries=B)
                 lq = log_q[ids].to(env.device) if ms.logq_correction else None
                 loss = in_batch_softmax_loss(u, v[:B], ids.to(env.device), temperature, lq)
             optimizer.zero_grad()
@@ -296,6 +308,11 @@ def run_retrieval(cfg: JobConfig, env) -> dict:
         "train_seconds": train_seconds, "worker_seconds": time.perf_counter() - t_start,
         "world_size": env.world, "epochs": history,
     }
+    # flat keys too (benchmarks/quality.py reads top-level keys): test_hr@10, test_ndcg@10,
+    # test_recall@20, ..., valid_*, most_popular_test_*, most_popular_valid_*
+    for prefix, mm in (("test_", tm), ("valid_", best["metrics"]), ("most_popular_test_", pm),
+                       ("most_popular_valid_", best.get("pop", {}))):
+        metrics.update({prefix + k: x for k, x in mm.items()})
     if env.rank == 0:
         pred = pa.table({"user_id": te[USER], "item_id": te[ITEM], "timestamp": te[TS],
                          "rank": te["rank"].astype(np.int64),
