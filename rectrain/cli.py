@@ -124,10 +124,22 @@ def cmd_train(cfg: JobConfig, args) -> dict:
     from rectrain.launch.ray_launch import train
 
     m = train(cfg, getattr(args, "address", None))
+    if m.get("task") == "retrieval":  # two-tower, SASRec: full-ranking metrics
+        print(f"[rectrain] {_ranking_line(m)} (best epoch {m['best_epoch']}, "
+              f"{m['train_samples_per_s']:,.0f} train samples/s); run dir {cfg.run_dir}",
+              flush=True)
+        return m
     print(f"[rectrain] test AUC {m['test_auc']:.4f}  logloss {m['test_logloss']:.4f}  "
           f"(best epoch {m['best_epoch']}, {m['train_samples_per_s']:,.0f} train samples/s); "
           f"run dir {cfg.run_dir}", flush=True)
     return m
+
+
+def _ranking_line(m: dict) -> str:
+    t, p = m["test"], m["baseline_most_popular"]["test"]
+    return (f"test HR@10 {t['hr@10']:.4f} NDCG@10 {t['ndcg@10']:.4f} recall@20 "
+            f"{t['recall@20']:.4f} | most popular HR@10 {p['hr@10']:.4f} NDCG@10 "
+            f"{p['ndcg@10']:.4f} recall@20 {p['recall@20']:.4f}")
 
 
 def cmd_recommend(run_dir: str, k: int, out: str | None, explain: int = 0) -> str:
@@ -263,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             m = storage.read_json(url)
             m["wall_seconds_main_job"] = wall
             storage.write_json(m, url)
-            print(f"[rectrain] main job done in {wall:.0f} s: test AUC {m['test_auc']:.4f}, "
-                  f"logloss {m['test_logloss']:.4f}", flush=True)
+            if m.get("task") == "retrieval":
+                print(f"[rectrain] main job done in {wall:.0f} s: {_ranking_line(m)}", flush=True)
+            else:
+                print(f"[rectrain] main job done in {wall:.0f} s: test AUC {m['test_auc']:.4f}, "
+                      f"logloss {m['test_logloss']:.4f}", flush=True)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"rectrain: error: {e}", file=sys.stderr)
         return 2

@@ -166,13 +166,41 @@ class FeatureSpec(_Model):
 class ModelSpec(_Model):
     """Model choice and sizes. ``din``: Deep Interest Network (Zhou et al., KDD 2018)."""
 
-    name: Literal["din", "dlrm", "dcnv2", "bst", "autoint"] = "din"
+    name: Literal["din", "dlrm", "dcnv2", "bst", "autoint", "two_tower", "sasrec"] = "din"
     embedding_dim: int = Field(16, ge=1)
     sequence_features: list[str] = Field(
         ["hist_item_id"], min_length=1,
         description="behaviour sequences attended over; each one's source feature is the "
                     "matching part of the query (e.g. [hist_item_id, hist_genre] attends with "
                     "[item_id, genre], as DIN's goods + category ids)")
+    # ---- retrieval / next-item models (two_tower, sasrec: rectrain/models/{two_tower,sasrec}.py,
+    # trained by rectrain/train/retrieval.py)
+    item_feature: str = Field(
+        "item_id", description="two_tower/sasrec: the target item's sparse feature; its table "
+                               "is the corpus ranked in full at evaluation")
+    user_features: Optional[list[str]] = Field(
+        None, description="two_tower: pooled features of the user tower (None: every pooled "
+                          "feature not in item_features)")
+    item_features: list[str] = Field(
+        [], description="two_tower: pooled item side features of the item tower (next to "
+                        "item_feature)")
+    tower_hidden: list[int] = Field([128, 64], min_length=1,
+                                    description="two_tower: tower MLP sizes; last = output dim")
+    temperature: float = Field(0.05, gt=0, description="two_tower: softmax temperature on the "
+                                                       "cosine similarity of the two towers")
+    retrieval_loss: Literal["in_batch", "full"] = Field(
+        "in_batch", description="in_batch: sampled softmax over the batch's items with log-Q "
+                                "correction (Yi et al. 2019); full: softmax over every item")
+    logq_correction: bool = Field(True, description="in_batch: subtract log(item frequency)")
+    seq_layers: int = Field(2, ge=1, description="sasrec: transformer blocks")
+    seq_heads: int = Field(1, ge=1, description="sasrec: attention heads")
+    seq_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="sasrec: dropout")
+    sasrec_all_steps: bool = Field(
+        False, description="sasrec: train every history step to predict the next item (the "
+                           "paper's objective; needs retrieval_loss: full), not only the last")
+    seq_max_len: Optional[int] = Field(
+        None, ge=1, description="sasrec: attend over the last N history items only (None: "
+                                "dataset.sequence_length)")
     attention_hidden: list[int] = [64, 32]
     mlp_hidden: list[int] = [200, 80]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -175,6 +175,13 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
             cols[LABEL_VALUE] = cols[LABEL]
         return layout.to_batch(pa.table(cols))
 
+    if getattr(model, "task", "ranking") == "retrieval":  # two-tower, SASRec: <u, v> scores
+        from rectrain.train.retrieval import retrieval_top_k
+        table = retrieval_top_k(model, candidates, users, items, prepared, k)
+        path = out or storage.join(run_dir, "recommendations", "top_k.parquet")
+        storage.write_parquet(table, path)
+        return path, n_users
+
     out_u, out_r, out_i, out_s = [], [], [], []
     with torch.no_grad():
         for lo in range(0, n_users, users_per_chunk):

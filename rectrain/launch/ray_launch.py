@@ -136,7 +136,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
     for split in ("train", "valid", "test")[1 if cfg.checkpoint.every_n_steps else 0:]:
         url = storage.join(cfg.prepared_dir, split)
-        cols = layout.columns + ([USER, ITEM, TS] if split == "test" else [])
+        cols = layout.columns + ([USER, ITEM, TS] if split != "train" else [])
         path, fs = storage.ray_paths(url)
         ds = ray.data.read_parquet(path, columns=cols, filesystem=fs)
         if split == "train":

@@ -4,12 +4,12 @@ dense_device)`` and map a :class:`~rectrain.data.features.Batch` to logits ``[B]
 from __future__ import annotations
 
 from rectrain.models.din import DIN
+from rectrain.models.sasrec import SASRec
+from rectrain.models.two_tower import TwoTower
+from rectrain.models.zoo import BST, DLRM, AutoInt, DCNv2
 
-MODELS = {"din": DIN}
-
-from rectrain.models.zoo import AutoInt, BST, DCNv2, DLRM  # noqa: E402  (ranking model zoo)
-
-MODELS.update({"dlrm": DLRM, "dcnv2": DCNv2, "bst": BST, "autoint": AutoInt})
+MODELS = {"din": DIN, "dlrm": DLRM, "dcnv2": DCNv2, "bst": BST, "autoint": AutoInt,
+          "two_tower": TwoTower, "sasrec": SASRec}
 
 
 def build_model(layout, spec, sparse_device=None, dense_device=None):

@@ -139,6 +139,10 @@ def _global_mean(x: float) -> float:
 def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     """Train, validate, checkpoint and test one job on this rank (collective). Returns the final
     metrics dict (identical on every rank)."""
+    from rectrain.models import MODELS
+    if getattr(MODELS.get(cfg.model.name), "task", "ranking") == "retrieval":
+        from rectrain.train.retrieval import run_retrieval  # two-tower, SASRec: full ranking
+        return run_retrieval(cfg, env)
     t_start = time.perf_counter()
     tc = cfg.train
     torch.manual_seed(tc.seed)

@@ -1,0 +1,162 @@
+"""Two-tower retrieval model (Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large
+Corpus Item Recommendations", RecSys 2019) on TorchRec embedding collections, and the
+log-Q-corrected in-batch sampled softmax it is trained with.
+
+Retrieval models (this one and :class:`rectrain.models.sasrec.SASRec`) declare
+``task = "retrieval"`` and map a :class:`~rectrain.data.features.Batch` to
+``(user_vectors [B, d], item_vectors [B, d])``: the query side of each row and the embedding of
+the row's own item. Scores are ``<u, v> / temperature``. The training loop
+(:mod:`rectrain.train.retrieval`) evaluates them by ranking every item of the corpus.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from rectrain.config import ModelSpec
+from rectrain.data.features import Batch, FeatureLayout
+from rectrain.models.layers import MLP
+
+
+def sequence_feature_check(layout: FeatureLayout, spec: ModelSpec) -> tuple[str, str]:
+    """``(item_feature, history_feature)`` of a retrieval model, checked against the layout:
+    the item feature and the first of ``spec.sequence_features`` must share the item table.
+
+    Raises:
+        ValueError: naming the offending ``model.*`` field.
+    """
+    seq_by_name = {f.name: f for f in layout.sequence}
+    item = spec.item_feature
+    if item not in seq_by_name or seq_by_name[item].kind != "sparse":
+        raise ValueError(f"model.item_feature: {item!r} must be a sparse feature on the table of "
+                         f"a behaviour sequence; sequence-table features: {sorted(seq_by_name)}")
+    hist = spec.sequence_features[0]
+    if seq_by_name[hist].table_name != seq_by_name[item].table_name:
+        raise ValueError(f"model.sequence_features: {hist!r} must share table "
+                         f"{seq_by_name[item].table_name!r} with model.item_feature {item!r}")
+    return item, hist
+
+
+def embed(batch: Batch, layout: FeatureLayout, ebc, ec) -> tuple[dict, dict]:
+    """Look up a batch: ``(pooled {name: [B, E]}, sequences {name: JaggedTensor})`` (pooled is
+    empty when ``ebc`` is None; its keys are then ignored)."""
+    kjt = batch.sparse
+    n_pooled = len(layout.pooled)
+    if n_pooled:
+        pooled_kjt, seq_kjt = kjt.split([n_pooled, len(layout.sequence)])
+        pooled = ebc(pooled_kjt).to_dict() if ebc is not None else {}
+    else:
+        seq_kjt, pooled = kjt, {}
+    return pooled, ec(seq_kjt)
+
+
+def masked_mean(jt, max_len: int) -> torch.Tensor:
+    """Mean of a JaggedTensor's rows ``[B, E]`` (an empty row gives zeros)."""
+    x = jt.to_padded_dense(desired_length=max_len)  # [B, L, E], zero padded
+    n = jt.lengths().clamp(min=1).unsqueeze(1).to(x.dtype)
+    return x.sum(1) / n
+
+
+class TwoTower(nn.Module):
+    """Two-tower retrieval model.
+
+    - **User tower**: ``[pooled user features (user id, demographics...; EmbeddingBagCollection),
+      mean of the behaviour sequence's item embeddings (EmbeddingCollection, item table)]``
+      -> MLP (ReLU) -> Linear -> L2-normalised ``u [B, d]``.
+    - **Item tower**: ``[item id embedding (same item table), pooled item side features
+      (genres, release year...)]`` -> MLP (ReLU) -> Linear -> L2-normalised ``v [B, d]``.
+
+    ``d = spec.tower_hidden[-1]``; score = ``<u, v> / spec.temperature`` (cosine similarity with
+    temperature, Yi et al. 2019 Sec. 4). Item table shared between the history and the item
+    tower. Embedding modules on ``sparse_device`` (``meta`` before DMP sharding).
+
+    ``forward(batch, n_queries=None)`` returns ``(u [n_queries, d], v [B, d])`` float32 (the
+    user tower runs on the first ``n_queries`` rows only; all rows by default).
+
+    Raises:
+        ValueError: the item feature / history / user or item feature lists do not fit the
+            layout (names the ``model.*`` field).
+    """
+
+    task = "retrieval"
+
+    def __init__(self, layout: FeatureLayout, spec: ModelSpec,
+                 sparse_device: torch.device | None = None,
+                 dense_device: torch.device | None = None):
+        super().__init__()
+        E = layout.embedding_dim
+        self.layout = layout
+        self.item_key, self.hist_key = sequence_feature_check(layout, spec)
+        pooled = [f.name for f in layout.pooled]
+        for i, n in enumerate(spec.item_features):
+            if n not in pooled:
+                raise ValueError(f"model.item_features.{i}: {n!r} is not a pooled feature "
+                                 f"(pooled: {pooled})")
+        self.item_pooled = list(spec.item_features)
+        self.user_pooled = (list(spec.user_features) if spec.user_features is not None
+                            else [n for n in pooled if n not in self.item_pooled])
+        for i, n in enumerate(self.user_pooled):
+            if n not in pooled:
+                raise ValueError(f"model.user_features.{i}: {n!r} is not a pooled feature "
+                                 f"(pooled: {pooled})")
+        self.max_len = layout.max_sequence_length
+        self.temperature = spec.temperature
+        self.ebc = (EmbeddingBagCollection(tables=layout.ebc_tables(), device=sparse_device)
+                    if layout.pooled else None)
+        self.ec = EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
+        *hidden, d = spec.tower_hidden
+        u_in = E * (len(self.user_pooled) + 1) + layout.dense_dim
+        v_in = E * (len(self.item_pooled) + 1)
+        self.user_mlp = MLP(u_in, hidden, activation="relu", dropout=spec.dropout,
+                            device=dense_device)
+        self.user_out = nn.Linear(self.user_mlp.out_dim, d, device=dense_device)
+        self.item_mlp = MLP(v_in, hidden, activation="relu", dropout=spec.dropout,
+                            device=dense_device)
+        self.item_out = nn.Linear(self.item_mlp.out_dim, d, device=dense_device)
+
+    def forward(self, batch: Batch, n_queries: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, seqs = embed(batch, self.layout, self.ebc, self.ec)
+        q = slice(None, n_queries)
+        u_parts = [pooled[n][q] for n in self.user_pooled]
+        u_parts.append(masked_mean(seqs[self.hist_key], self.max_len)[q])
+        if batch.dense.shape[1]:
+            u_parts.append(batch.dense[q])
+        item = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)  # [B, E]
+        v_parts = [item] + [pooled[n] for n in self.item_pooled]
+        u = self.user_out(self.user_mlp(torch.cat(u_parts, dim=1)))
+        v = self.item_out(self.item_mlp(torch.cat(v_parts, dim=1)))
+        return F.normalize(u, dim=1), F.normalize(v, dim=1)
+
+
+def in_batch_softmax_loss(u: torch.Tensor, v: torch.Tensor, item_ids: torch.Tensor,
+                          temperature: float = 1.0, log_q: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """In-batch sampled softmax with log-Q correction (Yi et al., RecSys 2019, Eq. 3-4).
+
+    Row ``i``'s positive is its own item ``v_i``; the other rows' items are the negatives. With
+    ``s_ij = <u_i, v_j> / temperature`` and ``q_j`` the probability of sampling item ``j`` (its
+    frequency among training positives: an item enters a batch as often as it is a positive),
+    the corrected logit is ``s_ij - log q_j`` and the loss is the mean over rows of
+    ``-log softmax_j(s_ij - log q_j)[j = i]``. Columns ``j != i`` that hold the same item as row
+    ``i`` (accidental hits) are masked out, so an item is never its own negative.
+
+    Args:
+        u, v: float ``[B, d]`` query and item vectors.
+        item_ids: int64 ``[B]`` item of each row (for the accidental-hit mask).
+        temperature: divides the dot products.
+        log_q: float ``[B]`` ``log q`` of each row's item, or None (no correction).
+
+    Returns:
+        scalar float32 loss (nats).
+    """
+    logits = u @ v.t() / temperature
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
+    same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(u), device=u.device))
