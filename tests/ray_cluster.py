@@ -149,9 +149,11 @@ def start_cluster(tmp: str, worker_node: bool = True, timeout_s: float = 600) ->
              "--disable-usage-stats", "--block", *_ports()],
             env=env, stdout=wlog, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
         while _alive_nodes(c) < 2:
-            if c.procs[1].poll() is not None or time.monotonic() > deadline:
+            if head.poll() is not None or c.procs[1].poll() is not None \
+                    or time.monotonic() > deadline:
                 c.stop()
-                raise RuntimeError(f"worker node did not join: {open(wlog.name).read()[-3000:]}")
+                raise RuntimeError(f"worker node did not join: {open(wlog.name).read()[-3000:]}"
+                                   f"\nhead: {open(log.name).read()[-3000:]}")
             time.sleep(1)
     return c
 
