@@ -111,7 +111,14 @@ def _ready(job_address: str) -> bool:
         return False
 
 
-def start_cluster(tmp: str, worker_node: bool = True, timeout_s: float = 240) -> LoopbackCluster:
+def _alive_nodes(c: LoopbackCluster) -> int:
+    try:
+        return len(c.nodes())
+    except (OSError, ValueError):  # the dashboard is still starting (a loaded machine)
+        return 0
+
+
+def start_cluster(tmp: str, worker_node: bool = True, timeout_s: float = 600) -> LoopbackCluster:
     """Start the head (3 logical CPUs) and, with ``worker_node``, a second node (2 CPUs), with
     Ray's token authentication on: the token is ``$RAY_AUTH_TOKEN`` (set by the caller)."""
     assert os.environ.get("RAY_AUTH_TOKEN"), "set RAY_AUTH_TOKEN first"
@@ -141,10 +148,12 @@ def start_cluster(tmp: str, worker_node: bool = True, timeout_s: float = 240) ->
              "--num-cpus", "2", "--resources", json.dumps({"rectrain_worker": 1}),
              "--disable-usage-stats", "--block", *_ports()],
             env=env, stdout=wlog, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
-        while len(c.nodes()) < 2:
-            if c.procs[1].poll() is not None or time.monotonic() > deadline:
+        while _alive_nodes(c) < 2:
+            if head.poll() is not None or c.procs[1].poll() is not None \
+                    or time.monotonic() > deadline:
                 c.stop()
-                raise RuntimeError(f"worker node did not join: {open(wlog.name).read()[-3000:]}")
+                raise RuntimeError(f"worker node did not join: {open(wlog.name).read()[-3000:]}"
+                                   f"\nhead: {open(log.name).read()[-3000:]}")
             time.sleep(1)
     return c
 
@@ -192,7 +201,7 @@ def cluster_prepared(ray_cluster):
     os.makedirs(tmp)
     spec = write_tiny_job(tmp)
     job_id = submit(spec, verb="prepare", address=ray_cluster.job_address, working_dir=ROOT)
-    status = wait(job_id, ray_cluster.job_address, timeout_s=600)
+    status = wait(job_id, ray_cluster.job_address, timeout_s=1500)
     if status != "SUCCEEDED":
         from rectrain.launch.submit import client
         pytest.fail(f"prepare job {status}:\n{client(ray_cluster.job_address).get_job_logs(job_id)}")

@@ -28,7 +28,7 @@ def test_worker_resources_from_config(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # may start the session's two-node cluster and run two jobs
+@pytest.mark.timeout(3000)  # may start the session's two-node cluster and run two jobs
 def test_two_workers_on_two_nodes(ray_cluster, cluster_prepared):
     spec, _ = cluster_prepared
     job = yaml.safe_load(open(spec))
@@ -38,7 +38,7 @@ def test_two_workers_on_two_nodes(ray_cluster, cluster_prepared):
     with open(spread, "w") as f:
         yaml.safe_dump(job, f)
     job_id = submit(spread, verb="train", address=ray_cluster.job_address, working_dir=ROOT)
-    status = wait(job_id, ray_cluster.job_address, timeout_s=600)
+    status = wait(job_id, ray_cluster.job_address, timeout_s=1500)
     assert status == "SUCCEEDED", client(ray_cluster.job_address).get_job_logs(job_id)
 
     metrics = json.load(open(os.path.join(job["run_dir"], "metrics.json")))
