@@ -5,8 +5,8 @@ item table) saves at steps 5, 10 and 12 (epoch end) and keeps the newest 2. Its 
 checkpoint at step 10 is resumed with 1 and with 3 workers: right after the restore, the resharded
 embedding tables and the fused row-wise Adagrad momentum equal, element for element, the shards
 the 2 workers saved, and the epoch's row accounting continues at row 320 without skipping or
-repeating a row. (Resuming with the same world size reproduces the uninterrupted run exactly:
-tests/test_fault_tolerance.py.)"""
+repeating a row. With one rank, a run resumed from its own mid-epoch checkpoint reproduces the
+uninterrupted run exactly."""
 
 import pickle
 import shutil
@@ -144,3 +144,40 @@ def test_fsspec_url_checkpoint(tmp_path):
         other = torch.nn.Linear(4, 3)
         assert load_checkpoint(url, other) == {"epoch": 1}
         assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
+
+
+def test_same_world_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """One gloo rank in this process: a run resumed from its own mid-epoch checkpoint ends with
+    the same weights-derived metrics as the run that never stopped (RNG, optimiser state, step
+    counter and data position all restored)."""
+    import os
+
+    import torch.distributed as dist
+
+    from rectrain.config import config_from_dict
+    from rectrain.train import loop
+    from tests.ckpt_helpers import free_port
+
+    tmp = str(tmp_path)
+    write_prepared(f"{tmp}/prepared", n_train=240)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        def run(run_dir, resume=None):
+            job = _job(tmp, run_dir, 1, resume=resume)
+            job["model"] = {**job["model"], "dropout": 0.3}  # RNG state matters
+            cfg = config_from_dict(job)
+            return loop.run(cfg, loop.file_env(cfg, 0, 1))
+
+        ref = run(f"{tmp}/ref")
+        run_dir, ckpt = _resumed_copy(tmp, f"{tmp}/ref", "again")
+        ckpt = ckpt.replace(f"step-{RESUME_STEP:08d}", "step-00000010")
+        assert is_complete(ckpt)
+        m = run(run_dir, resume=ckpt)
+    finally:
+        dist.destroy_process_group()
+    assert m["epochs"][0]["resumed_at_row"] == 10 * B
+    assert m["epochs"][0]["train_rows"] == ref["epochs"][0]["train_rows"] == 240 // B * B
+    assert m["epochs"][0]["train_loss"] == pytest.approx(ref["epochs"][0]["train_loss"], rel=1e-6)
+    assert m["epochs"][0]["valid_auc"] == ref["epochs"][0]["valid_auc"]
+    assert m["test_auc"] == ref["test_auc"] and m["test_logloss"] == ref["test_logloss"]

@@ -97,18 +97,25 @@ def resolve_resume(run_dir: str, resume: str | None) -> str | None:
 
 def prepare_run(cfg):
     """Driver side, before workers start: a fresh run (``checkpoint.resume`` None) deletes the
-    run directory's old periodic checkpoints and sets ``resume='auto'``, so that a worker group
+    run directory's old checkpoints (periodic and best) and sets ``resume='auto'``, so that a worker group
     restarted by Ray Train after a failure resumes from this run's latest checkpoint.
     ``latest``/URL are resolved now (a missing checkpoint fails before any worker starts).
     Returns a copy of ``cfg`` with the resolved ``checkpoint.resume``."""
     cfg = cfg.model_copy(deep=True)
     ck = cfg.checkpoint
     if ck.resume is None:
-        storage.remove(checkpoints_url(cfg.run_dir))
+        _remove_old_run(cfg.run_dir)
         ck.resume = "auto"
     elif ck.resume != "auto":
         ck.resume = resolve_resume(cfg.run_dir, ck.resume)
     return cfg
+
+
+def _remove_old_run(run_dir: str) -> None:
+    """A fresh run replaces an earlier run's checkpoints in the same run directory (periodic
+    ones and the best one), so that neither is ever resumed from or adopted as best."""
+    for name in ("checkpoints", "checkpoint", "checkpoint.tmp"):
+        storage.remove(storage.join(run_dir, name))
 
 
 def _rank_states(obj, world: int) -> list:
@@ -144,7 +151,7 @@ class Checkpointer:
         ``best``, ``history``, ``step``, ``train_seconds``, ``train_samples`` for the loop."""
         if self.spec.resume is None:  # fresh run (torchrun / tests): old checkpoints go
             if self.env.rank == 0:
-                storage.remove(self.root)
+                _remove_old_run(self.cfg.run_dir)
             if dist.is_initialized():
                 dist.barrier()
             return 0, None
