@@ -58,6 +58,8 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default=os.path.join(ROOT, "jobs", "synth_din.yaml"))
     p.add_argument("--out", default="runs/bench/ingest_prepare")
     p.add_argument("--skip-synth", action="store_true", help="reuse <out>/raw")
+    p.add_argument("--reuse-prepared", action="store_true",
+                   help="reuse <out>/raw and <out>/prepared: only steps 2, 4, 5 (no Ray)")
     args = p.parse_args(argv)
 
     import ray
@@ -66,20 +68,21 @@ def main(argv=None) -> dict:
     from rectrain.data import storage
     from rectrain.data.features import FeatureLayout
     from rectrain.data.loader import FileShard, rebatch
-    from rectrain.data.prepare import prepare
+    from rectrain.data.prepare import load_manifest, prepare
     from rectrain.data.sources.synth import SynthSpec, synth
 
     out = os.path.abspath(args.out)
     raw = os.path.join(out, "raw")
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", logging_level="WARNING")
-    from ray.data import DataContext
-    DataContext.get_current().enable_progress_bars = False
+    if not args.reuse_prepared:
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level="WARNING")
+        from ray.data import DataContext
+        DataContext.get_current().enable_progress_bars = False
     res: dict = {"events": args.events, "cpus": args.cpus, "batch_sizes": args.batch_sizes,
                  "machine": platform.platform(), "loadavg_start": os.getloadavg()}
 
     # 1. synth
-    if not args.skip_synth:
+    if not (args.skip_synth or args.reuse_prepared):
         s = synth(SynthSpec(events=args.events, users=args.users, items=args.items,
                             files=args.files, seed=args.seed), raw)
         res["synth"] = {"rows": s["events"], "seconds": s["seconds"]["total"],
@@ -98,12 +101,15 @@ def main(argv=None) -> dict:
                     "users": {"path": os.path.join(raw, "users"), "key": "user_id"},
                     "items": {"path": os.path.join(raw, "items"), "key": "item_id"},
                     "sequence_length": args.sequence_length}})
-    t0 = time.perf_counter()
-    m = prepare(cfg)
-    sec = time.perf_counter() - t0
-    res["prepare"] = {"rows": m["rows_read"], "rejected": m["rows_rejected"], "seconds": sec,
-                      "rows_per_s": m["rows_read"] / sec, "phases_s": m["seconds"],
-                      "rows_per_split": m["rows_per_split"]}
+    if args.reuse_prepared:
+        m = load_manifest(cfg.prepared_dir)
+    else:
+        t0 = time.perf_counter()
+        m = prepare(cfg)
+        sec = time.perf_counter() - t0
+        res["prepare"] = {"rows": m["rows_read"], "rejected": m["rows_rejected"],
+                          "seconds": sec, "rows_per_s": m["rows_read"] / sec,
+                          "phases_s": m["seconds"], "rows_per_split": m["rows_per_split"]}
 
     # 4. raw read of the prepared train split (model columns only)
     layout = FeatureLayout(cfg, m)
@@ -126,13 +132,14 @@ def main(argv=None) -> dict:
         res["parquet_to_batch"][str(bs)] = {"rows": rows, "seconds": sec, "rows_per_s": rows / sec}
 
     res["ratios"] = {
-        "prepare_over_raw_read": res["prepare"]["rows_per_s"]
-        / res["raw_read_events"]["rows_per_s"],
+        **({"prepare_over_raw_read": res["prepare"]["rows_per_s"]
+            / res["raw_read_events"]["rows_per_s"]} if "prepare" in res else {}),
         **{f"parquet_to_batch_{bs}_over_raw_read": v["rows_per_s"]
            / res["raw_read_train"]["rows_per_s"] for bs, v in res["parquet_to_batch"].items()},
     }
     res["loadavg_end"] = os.getloadavg()
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "ingest_prepare.json")
     with open(path, "w") as f:

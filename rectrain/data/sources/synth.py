@@ -39,7 +39,6 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rectrain.data import storage
 from rectrain.data.encode import positions_in_lists
