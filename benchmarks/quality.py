@@ -112,6 +112,11 @@ def markdown(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
+        if r.get("error"):
+            why = "not run" if r["error"].startswith("not run") else "failed"
+            lines.append(f"| {r['label']} | `{r['job']}` | {r['metric']} {arrow} | {why} | "
+                         "– | – | – | – | – |")
+            continue
         rm = (f"{_fmt(r.get('test_rmse') if r['metric'] != 'test_rmse' else r['value'])} / "
               f"{_fmt(r.get('test_mae'))}") if ("test_mae" in r) else "–"
         lines.append(
