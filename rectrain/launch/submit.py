@@ -210,12 +210,13 @@ def wait(job_id: str, address: Optional[str] = None, timeout_s: float = 3600.0,
         time.sleep(poll_s)
 
 
-def follow_logs(job_id: str, address: Optional[str] = None, out=sys.stdout) -> str:
+def follow_logs(job_id: str, address: Optional[str] = None, out=None) -> str:
     """Stream the job's logs until it ends (``JobSubmissionClient.tail_job_logs``); returns
     the final status."""
     import asyncio
 
     c = client(address)
+    out = out or sys.stdout  # looked up now: the caller may have redirected it
 
     async def _tail():
         async for chunk in c.tail_job_logs(job_id):
