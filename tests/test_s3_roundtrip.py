@@ -77,7 +77,7 @@ def test_s3_roundtrip_prepare_train_checkpoint_recommend(s3_env, tmp_path):
     _put(tables["events"].slice(0, 250), f"{root}/raw/events/part-0.parquet")
     _put(tables["events"].slice(250), f"{root}/raw/events/part-1.parquet")
     fs, _ = storage.url_to_fs(root)
-    fs.pipe(f"rectrain-test/job/raw/events/_SUCCESS", b"")
+    fs.pipe("rectrain-test/job/raw/events/_SUCCESS", b"")
     job = tiny_job(root)
     job["train"] = {**job["train"], "num_workers": 2, "epochs": 1}
     job["ray"] = {"data_cpus": 1}

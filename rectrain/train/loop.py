@@ -31,7 +31,7 @@ from rectrain.data.prepare import ITEM, TS, USER, load_manifest
 from rectrain.models import build_model
 from rectrain.models.din import main_logits
 from rectrain.train.checkpoint import load_checkpoint, save_checkpoint
-from rectrain.train.metrics import binary_metrics, gather_arrays
+from rectrain.train.metrics import gather_arrays
 from rectrain.train.resume import Checkpointer
 from rectrain.train.objectives import (eval_metrics, init_regression_head, is_regression,
                                        main_loss, selection_score, test_extras)
