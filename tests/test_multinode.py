@@ -48,7 +48,8 @@ def test_two_workers_on_two_nodes(ray_cluster, cluster_prepared):
     # distinct node ids, one the head (custom resource rectrain_head), one the worker node
     assert len({w["node_id"] for w in workers}) == 2
     assert sorted("rectrain_head" in nodes[w["node_id"]] for w in workers) == [False, True]
-    assert all(w["local_rank"] == 0 and w["node_rank"] in (0, 1) for w in workers)
+    # (local_rank/node_rank are not checked: Ray Train groups workers by node IP, and both
+    # raylets of this test share the machine's IP)
     # and the run is sane: every test row scored once, a real AUC, the same rows as prepared
     manifest = json.load(open(os.path.join(os.path.dirname(spec), "prepared", "manifest.json")))
     assert metrics["world_size"] == 2
