@@ -136,9 +136,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="Parquet path (default RUN_DIR/recommendations/top_k.parquet)")
     sp.add_argument("--explain", type=int, default=0, metavar="M",
                     help="also list the M past items with the largest attention weights")
+    from rectrain.bench.cli import add_parser as add_bench_parser
+    add_bench_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.verb == "bench":
+            from rectrain.bench.cli import run as run_bench
+            run_bench(args)
+            return 0
         if args.verb == "recommend":
             cmd_recommend(args.checkpoint, args.k, args.out, args.explain)
             return 0

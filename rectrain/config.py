@@ -163,6 +163,11 @@ class TrainSpec(_Model):
     seed: int = 0
     log_every: int = Field(20, ge=1, description="log a line every N steps")
     max_train_rows: Optional[int] = Field(None, ge=1, description="cap rows per epoch (smoke runs)")
+    pipeline: Literal["plain", "sparse_dist"] = Field(
+        "plain", description="sparse_dist: TorchRec's TrainPipelineSparseDist overlaps the next "
+                             "batch's input distribution with this batch's compute")
+    prefetch_batches: int = Field(
+        2, ge=0, description="Arrow -> Batch conversions done ahead in a background thread")
 
 
 class ShardingSpec(_Model):

@@ -58,6 +58,10 @@ class Batch(Pipelineable):
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def num_rows(self) -> int:  # as pa.Table: lets collective_batches count a Batch
+        return self.batch_size
+
 
 def _list_parts(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values int64, lengths int32) of a (possibly sliced) list column, from its offsets."""
