@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="trainstep on cuda: nccl, CUDA TBE kernels, one process per GPU")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast of dense layers (cuda)")
+    sp.add_argument("--ablations", action="store_true",
+                    help="trainstep: also run each optimisation off/on (before/after table); "
+                         "on by default in `bench all`")
 
 
 def _workloads(names: list[str], data: str, rows: int):
@@ -70,7 +73,7 @@ def _apply_config(args) -> None:
         spec = yaml.safe_load(f) or {}
     bench = spec.get("bench", {})
     unknown = set(bench) - {"name", "size", "out", "data", "workers", "workloads", "paths",
-                            "pipeline", "peer_venv", "device", "bf16"}
+                            "pipeline", "peer_venv", "device", "bf16", "ablations"}
     if unknown:
         raise ValueError(f"{args.config}: bench: unknown keys {sorted(unknown)}")
     if bench.get("name") and bench["name"] != args.name:
@@ -112,6 +115,7 @@ def run(args) -> dict:
                                            steps=s["steps"], warmup=s["warmup"],
                                            ray_epochs=s["ray_epochs"], pipeline=args.pipeline,
                                            paths=paths, device=args.device, bf16=args.bf16,
+                                           ablations=args.ablations or args.name == "all",
                                            progress=bar)
             elif n == "scaling":
                 from rectrain.bench.scaling import run_scaling

@@ -17,8 +17,25 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
 
+def _offline_requests() -> None:
+    """deepctr-torch asks PyPI for its latest version when imported (``requests.get`` in a
+    thread); the benchmark runs offline, so give it a ``requests`` whose ``get`` fails at once
+    (deepctr then prints a notice and goes on)."""
+    import types
+
+    mod = types.ModuleType("requests")
+
+    def get(*a, **k):
+        raise ConnectionError("rectrain bench: no network at run time")
+
+    mod.get = get
+    mod.codes = types.SimpleNamespace(ok=200)
+    sys.modules.setdefault("requests", mod)
+
+
 def main(data_path: str, out_path: str, epochs: int, batch: int, threads: int) -> None:
-    from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
+    _offline_requests()
+    from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat
     from deepctr_torch.models import DIN
 
     torch.set_num_threads(threads)
@@ -39,8 +56,11 @@ def main(data_path: str, out_path: str, epochs: int, batch: int, threads: int) -
                                                 embedding_name=f["table"]),
                                      maxlen=f["maxlen"], length_name="seq_length"))
 
+    for f in spec["dense"]:
+        cols.append(DenseFeat(f, 1))
+
     def inputs(split):
-        x = {}
+        x = {f: d[f"{split}__{f}"] for f in spec["dense"]}
         for f in spec["sparse"] + spec["multi_hot"] + spec["sequence"]:
             x[f["name"]] = d[f"{split}__{f['name']}"]
         x["seq_length"] = d[f"{split}__seq_length"]

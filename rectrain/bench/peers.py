@@ -74,7 +74,8 @@ def export_npz(wl: Workload, path: str) -> dict:
     seq_names = {f.name for f in layout.sequence if f.kind == "sequence"}
     spec = {"embedding_dim": layout.embedding_dim, "mlp_hidden": list(m.mlp_hidden),
             "attention_hidden": list(m.attention_hidden), "dropout": m.dropout,
-            "sparse": [], "multi_hot": [], "sequence": [], "history_features": []}
+            "sparse": [], "multi_hot": [], "sequence": [], "history_features": [],
+            "dense": [f.name for f in layout.dense]}
     arrays = {}
     maxlen_mh = {}
     for split in ("train", "test"):
@@ -107,6 +108,10 @@ def export_npz(wl: Workload, path: str) -> dict:
                 if split == "train":
                     spec["sparse"].append({"name": f.name, "table": f.table_name,
                                            "vocab": vocab})
+        for f in layout.dense:  # z-normalised with the manifest's train stats, as to_batch does
+            st = layout.dense_stats.get(f.name, {"mean": 0.0, "std": 1.0})
+            x = t.column(f.name).to_numpy(zero_copy_only=False).astype(np.float32)
+            arrays[f"{split}__{f.name}"] = np.nan_to_num((x - st["mean"]) / (st["std"] or 1.0))
         arrays[f"{split}__label"] = t.column("label").to_numpy().astype(np.float32)
     # deepctr looks histories up as "hist_<query>": rename the sequence feature accordingly
     for s in spec["sequence"]:

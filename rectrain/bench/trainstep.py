@@ -319,7 +319,7 @@ def ratio(x, y):
 def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, world: int = 2,
                   steps: int = 30, warmup: int = 3, ray_epochs: int = 2,
                   pipeline: str = "plain", paths=("a", "b", "c"), device: str = "cpu",
-                  bf16: bool = False, progress=None) -> dict:
+                  bf16: bool = False, ablations: bool = False, progress=None) -> dict:
     """Run (a), (b) and (c) for each workload; write ``trainstep.json``/``.md``/``.png``."""
     cpus = os.cpu_count() or 1
     rows = []
@@ -361,6 +361,16 @@ def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, wo
             c = {"skipped": f"model {wl.model!r} is not in rectrain's registry yet"}
         if progress:
             progress.update(1)
+        abl = {}
+        if ablations:
+            # each optimisation off (or on) against the run above, same workload, same run
+            if "b" in paths and pipeline == "plain":
+                abl["b_sparse_dist"] = run_dmp({**common, "threads": max(1, cpus // world),
+                                                "pipeline": "sparse_dist"})["samples_per_s"]
+            if "c" in paths and "samples_per_s" in c:
+                j0 = {**job, "train": {**job["train"], "prefetch_batches": 0}}
+                abl["c_no_prefetch"] = run_ray(j0)
+        r["ablations"] = abl
         r.update({"a_plain_samples_per_s": a.get("samples_per_s"),
                   "b_dmp_samples_per_s": b.get("samples_per_s"),
                   "c_ray_samples_per_s": c.get("samples_per_s"),
@@ -389,6 +399,25 @@ def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, wo
         for p in ("a", "b", "c"):
             if "skipped" in r[p]:
                 md += f"\n- {r['workload']}: ({p}) skipped: {r[p]['skipped']}.\n"
+    abl_rows = []
+    for r in rows:
+        ab = r["ablations"]
+        if "b_sparse_dist" in ab:
+            abl_rows.append({"workload": r["workload"], "optimisation":
+                             "(b) TrainPipelineSparseDist (input dist overlapped)",
+                             "before": r["b_dmp_samples_per_s"], "after": ab["b_sparse_dist"]})
+        if "c_no_prefetch" in ab:
+            abl_rows.append({"workload": r["workload"], "optimisation":
+                             "(c) Arrow→Batch prefetch thread (2 ahead)",
+                             "before": ab["c_no_prefetch"]["samples_per_s"],
+                             "after": r["c_ray_samples_per_s"]})
+    for x in abl_rows:
+        x["after_over_before"] = ratio(x["after"], x["before"])
+    if abl_rows:
+        md += ("\n#### Optimisations, before / after (samples/s, same run)\n\n"
+               + report.markdown_table(abl_rows, ["workload", "optimisation", "before", "after",
+                                                  "after_over_before"],
+                                       {"after_over_before": ".2f"}) + "\n")
     labels, vals = [], []
     for r in rows:
         for k, lab in (("a_plain_samples_per_s", "a plain"), ("b_dmp_samples_per_s", "b DMP"),
@@ -401,6 +430,6 @@ def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, wo
     result = {"settings": {"batch_per_worker": batch, "workers": world, "steps": steps,
                            "warmup": warmup, "ray_epochs": ray_epochs, "pipeline": pipeline,
                            "device": device, "bf16": bf16},
-              "rows": rows}
+              "rows": rows, "optimisations": abl_rows}
     report.write(out_dir, "trainstep", result, md)
     return result
