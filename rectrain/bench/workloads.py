@@ -59,6 +59,7 @@ class Workload:
     model_spec: dict
     seq_len: int = 1
     dataset: dict | None = None
+    optim: dict | None = None
 
     def job(self, run_dir: str, **train) -> dict:
         """Job config dict (``rectrain.config.config_from_dict`` input); ``train`` overrides
@@ -73,8 +74,8 @@ class Workload:
                 "label": {"column": "label"}, "sequence_length": self.seq_len},
             "features": self.features,
             "model": dict(self.model_spec),
-            "optim": {"dense": "adam", "dense_lr": 1e-3, "sparse": "rowwise_adagrad",
-                      "sparse_lr": 0.05},
+            "optim": dict(self.optim or {"dense": "adam", "dense_lr": 1e-3,
+                                         "sparse": "rowwise_adagrad", "sparse_lr": 0.05}),
             "train": {"batch_size": 1024, "eval_batch_size": 8192, "epochs": 1,
                       "num_workers": 2, "log_every": 10_000, **train},
             "sharding": {"types": ["table_wise"]},
@@ -237,7 +238,8 @@ def din_ml100k(root: str) -> Workload:
                           users=dict(job["dataset"]["users"], path=f"{raw}/users"),
                           items=dict(job["dataset"]["items"], path=f"{raw}/items"))
     wl = Workload("din_ml100k", prepared, "din", job["features"], spec,
-                  job["dataset"]["sequence_length"], dataset=job["dataset"])
+                  job["dataset"]["sequence_length"], dataset=job["dataset"],
+                  optim=job.get("optim"))
     if os.path.exists(os.path.join(prepared, "manifest.json")):
         return wl
     from rectrain.cli import main as cli_main
