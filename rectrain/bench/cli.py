@@ -97,7 +97,8 @@ def run(args) -> dict:
     # progress units: ingest 2/workload, trainstep 3/workload, scaling 6, peers 3
     wl_of = {n: (args.workloads or default_wl.get(n, "")).split(",") for n in names}
     total = sum({"ingest": 2 * len(wl_of["ingest"]) if "ingest" in wl_of else 0,
-                 "trainstep": 3 * len(wl_of.get("trainstep", [])),
+                 "trainstep": (5 if args.ablations or args.name == "all" else 3)
+                 * len(wl_of.get("trainstep", [])),
                  "scaling": 6, "peers": 3}[n] for n in names)
     results, t0 = {}, time.perf_counter()
     with tqdm(total=total, unit="stage", dynamic_ncols=True) as bar:

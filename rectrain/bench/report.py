@@ -88,6 +88,7 @@ def plot_bars(path: str, labels: Sequence[str], values: Sequence[float], ylabel:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     bars = ax.bar(range(len(values)), values, color="#4C72B0")
     ax.set_xticks(range(len(values)), labels, rotation=15, ha="right", fontsize=8)
@@ -110,6 +111,7 @@ def plot_lines(path: str, series: dict[str, tuple[Sequence[float], Sequence[floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)

@@ -364,12 +364,16 @@ def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, wo
         abl = {}
         if ablations:
             # each optimisation off (or on) against the run above, same workload, same run
+            if progress:
+                progress.set_description(f"trainstep {wl.name}: optimisations off/on")
             if "b" in paths and pipeline == "plain":
                 abl["b_sparse_dist"] = run_dmp({**common, "threads": max(1, cpus // world),
                                                 "pipeline": "sparse_dist"})["samples_per_s"]
             if "c" in paths and "samples_per_s" in c:
                 j0 = {**job, "train": {**job["train"], "prefetch_batches": 0}}
                 abl["c_no_prefetch"] = run_ray(j0)
+            if progress:
+                progress.update(2)
         r["ablations"] = abl
         r.update({"a_plain_samples_per_s": a.get("samples_per_s"),
                   "b_dmp_samples_per_s": b.get("samples_per_s"),
