@@ -121,7 +121,7 @@ def _plain_proc(args: dict, out_path: str) -> None:
     n = args["steps"] * args["batch"] * args["world"]
     with open(out_path, "w") as f:
         json.dump({"seconds": dt, "samples": n, "samples_per_s": n / dt,
-                   "final_loss": float(loss), "threads": args["threads"],
+                   "final_loss": float(loss.detach()), "threads": args["threads"],
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 
 
