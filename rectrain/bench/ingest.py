@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -39,6 +41,7 @@ def _ingest_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rng = np.random.default_rng(ctx.get_world_rank())
     shard = RayShard(ray.train.get_dataset_shard("train"))
+    history = []
     for epoch in range(config["epochs"]):
         t0 = time.perf_counter()
         first = None
@@ -56,9 +59,13 @@ def _ingest_worker(config: dict) -> None:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         sm = t.clone()
         dist.all_reduce(sm)
-        ray.train.report({"epoch": epoch, "seconds": float(mx[0]),
-                          "steady_seconds": float(mx[1]), "first_batch_seconds": float(mx[2]),
-                          "rows": int(sm[3])})
+        history.append({"epoch": epoch, "seconds": float(mx[0]),
+                        "steady_seconds": float(mx[1]), "first_batch_seconds": float(mx[2]),
+                        "rows": int(sm[3])})
+        ray.train.report(history[-1])
+    if ctx.get_world_rank() == 0:  # Ray Train 2.60 keeps no metrics without a checkpoint
+        from rectrain.data import storage
+        storage.write_json({"epochs": history}, config["result_path"])
 
 
 def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: int = 2
@@ -72,24 +79,26 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     from rectrain.launch.ray_launch import _exact_split_config, init_ray
 
     job = wl.job("/tmp/rectrain-bench-ingest", batch_size=batch, num_workers=world)
+    # rank 0 writes its per-epoch figures here (local mode: the driver's file system)
+    result_path = os.path.join(tempfile.mkdtemp(prefix="rectrain-bench-ingest-"), "ingest.json")
     cfg = bench_config(job)
     init_ray(cfg)
     layout = _layout(cfg)
     ds = ray.data.read_parquet(os.path.join(wl.prepared_dir, "train"),
                                columns=layout.columns).randomize_block_order()
-    history: list[dict] = []
     trainer = TorchTrainer(
         train_loop_per_worker=_ingest_worker,
         train_loop_config={"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch,
-                           "threads": max(1, (os.cpu_count() or 1) // world)},
+                           "threads": max(1, (os.cpu_count() or 1) // world),
+                           "result_path": result_path},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=world,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         datasets={"train": ds}, dataset_config=_exact_split_config(),
         run_config=RunConfig(name="bench_ingest", storage_path="/tmp/rectrain-bench-ingest/ray"))
-    result = trainer.fit()
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None \
-        else [result.metrics]
+    trainer.fit()
+    with open(result_path) as f:
+        history = json.load(f)["epochs"]
     return [{k: h[k] for k in ("epoch", "seconds", "steady_seconds", "first_batch_seconds",
                                "rows")} for h in history]
 
