@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--cpus", type=_positive, default=None,
                     help="CPUs of the embedded local Ray (default: all)")
     sp.add_argument("--address", default=None, help="Ray cluster address")
+    from rectrain.bench.cli import add_parser as add_bench_parser
+    add_bench_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -246,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             from rectrain.launch.submit import main as submit_main
             args.known_verbs = list(sub.choices)
             return submit_main(args)
+        if args.verb == "bench":
+            from rectrain.bench.cli import run as run_bench
+            run_bench(args)
+            return 0
         if args.verb == "export":
             from rectrain.export import export
             out = export(args.checkpoint, args.out)

@@ -260,6 +260,11 @@ class TrainSpec(_Model):
         None, gt=0, description="memory reserved per worker in GiB (Ray logical resource)")
     resources_per_worker: dict[str, float] = Field(
         {}, description="extra custom Ray resources per worker, e.g. {trainer_node: 1}")
+    pipeline: Literal["plain", "sparse_dist"] = Field(
+        "plain", description="sparse_dist: TorchRec's TrainPipelineSparseDist overlaps the next "
+                             "batch's input distribution with this batch's compute")
+    prefetch_batches: int = Field(
+        2, ge=0, description="Arrow -> Batch conversions done ahead in a background thread")
 
 
 class ShardingSpec(_Model):

@@ -60,6 +60,10 @@ class Batch(Pipelineable):
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def num_rows(self) -> int:  # as pa.Table: lets collective_batches count a Batch
+        return self.batch_size
+
 
 def _column(table, name: str) -> pa.Array:
     col = table.column(name)

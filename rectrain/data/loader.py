@@ -16,7 +16,9 @@ scored exactly once while the sharded model's collectives stay matched).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+import queue
+import threading
+from typing import Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +83,51 @@ def rebatch(tables: Iterable[pa.Table], batch_size: int, drop_last: bool,
         buf, n = ([cat.slice(off)] if n > off else []), n - off
     if n and not drop_last:
         yield pa.concat_tables(buf)
+
+
+T = TypeVar("T")
+
+
+def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate ``items`` in a background thread, keeping up to ``depth`` of them ready (e.g.
+    Arrow slicing and :meth:`FeatureLayout.to_batch` for the next batches while the model runs
+    the current one; NumPy/Arrow/torch release the GIL for most of that work). ``depth`` 0
+    iterates inline. An exception in the producer is re-raised here; closing the iterator early
+    stops the thread after its current item."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put((x, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((done, e))
+
+    th = threading.Thread(target=produce, name="rectrain-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            x, err = q.get()
+            if x is done:
+                if err is not None:
+                    raise err
+                return
+            yield x
+    finally:
+        stop.set()
 
 
 def _agree(flag: int, op) -> int:

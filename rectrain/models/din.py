@@ -100,7 +100,7 @@ class DIN(nn.Module):
         for name in self.other_seq:
             jt = seqs[name]
             parts.append(jt.to_padded_dense(desired_length=self.max_len).sum(1))
-        if batch.dense.shape[1]:
+        if self.layout.dense_dim:  # static: lets torch.fx trace the model (train pipeline)
             parts.append(batch.dense)
         logits = self.head(self.mlp(torch.cat(parts, dim=1)))
         return (logits.squeeze(-1) if self.n_aux == 0 else logits), weights

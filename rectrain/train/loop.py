@@ -26,7 +26,7 @@ from rectrain.config import JobConfig, config_from_dict
 from rectrain.data import storage
 from rectrain.data.features import FeatureLayout
 from rectrain.data.loader import (FileShard, RayShard, collective_batches, padding_table,
-                                  rebatch)
+                                  prefetch, rebatch)
 from rectrain.data.prepare import ITEM, TS, USER, load_manifest
 from rectrain.models import build_model
 from rectrain.models.din import main_logits
@@ -35,6 +35,7 @@ from rectrain.train.metrics import gather_arrays
 from rectrain.train.resume import Checkpointer
 from rectrain.train.objectives import (eval_metrics, init_regression_head, is_regression,
                                        main_loss, selection_score, test_extras)
+from rectrain.train.pipeline import Stepper
 from rectrain.train.sharding import shard_model
 
 log = logging.getLogger("rectrain.train")
@@ -136,6 +137,23 @@ def _global_mean(x: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def _global_max(x: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _mark_first(batches, first: list, t0: float):
+    """Pass ``batches`` through, appending the seconds from ``t0`` to the first one to ``first``
+    (an epoch's wait for its first batch: Ray Data's start-up)."""
+    for b in batches:
+        if not first:
+            first.append(time.perf_counter() - t0)
+        yield b
+
+
 def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     """Train, validate, checkpoint and test one job on this rank (collective). Returns the final
     metrics dict (identical on every rank)."""
@@ -155,6 +173,19 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     _say(env, f"sharding plan ({env.world} ranks):\n{plan}")
     loss_fn = torch.nn.BCEWithLogitsLoss()
     label_loss = main_loss(cfg)  # BCE, or MSE on label_value with model.loss: mse
+
+    def train_loss(out, batch):
+        loss = label_loss(main_logits(out), batch.labels)
+        if out.dim() == 2:  # auxiliary ordinal heads
+            loss = loss + cfg.model.aux_weight * loss_fn(out[:, 1:], batch.aux_labels)
+        return loss
+
+    def on_batch(batch):
+        if step == 0 and is_regression(cfg):  # output bias starts at the first batch's mean
+            init_regression_head(dmp, batch.labels)
+
+    stepper = Stepper(dmp, optimizer, env.device, cfg.model.aux_weight, tc.pipeline,
+                      loss=train_loss, on_batch=on_batch)
     writer = None
     if env.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -178,25 +209,24 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         t_epoch = time.perf_counter()
         t_log, n_log, loss_sum, loss_n, rows = t_epoch, 0, 0.0, 0, 0
         tables = ckpt.train_tables(epoch) or env.shard("train").tables(epoch)
-        for t, _ in collective_batches(rebatch(tables, tc.batch_size, True, ckpt.rng(np_rng)),
-                                       "train"):
+        # Arrow -> Batch conversion runs ahead in a thread; the agreement stays on this thread
+        feed = prefetch((layout.to_batch(t.select(layout.columns)) for t in
+                         rebatch(tables, tc.batch_size, True, ckpt.rng(np_rng))),
+                        tc.prefetch_batches)
+        first_batch = []
+        batches = _mark_first((b for b, _ in collective_batches(feed, "train")), first_batch,
+                              t_epoch)
+
+        def before_step(i):
             if step == fault_at:
                 raise RuntimeError(f"injected fault on rank {env.rank} at step {step} "
                                    f"(RECTRAIN_FAULT_STEP)")
-            batch = layout.to_batch(t.select(layout.columns)).to(env.device)
             set_lr(step)
-            if step == 0 and is_regression(cfg):
-                init_regression_head(dmp, batch.labels)
-            out = dmp(batch)
-            loss = label_loss(main_logits(out), batch.labels)
-            if out.dim() == 2:  # auxiliary ordinal heads
-                loss = loss + cfg.model.aux_weight * loss_fn(out[:, 1:], batch.aux_labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+
+        for loss, n in stepper.steps(batches, before_step=before_step):
             step += 1
-            rows += batch.batch_size
-            n_log += batch.batch_size * env.world
+            rows += n
+            n_log += n * env.world
             loss_sum += float(loss.detach())
             loss_n += 1
             ckpt.after_step(epoch, step, loss_sum, loss_n,
@@ -214,6 +244,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
                     writer.add_scalar("train/samples_per_s", sps, step)
                 t_log, n_log = now, 0
         epoch_s = time.perf_counter() - t_epoch
+        first_batch_s = first_batch[0] if first_batch else epoch_s
         train_seconds += epoch_s
         global_rows = rows * env.world
         train_samples += global_rows
@@ -222,6 +253,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         vm = eval_metrics(cfg, v)
         rec = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), "train_rows": global_rows,
                "train_seconds": epoch_s, "train_samples_per_s": global_rows / max(epoch_s, 1e-9),
+               "train_first_batch_seconds": _global_max(first_batch_s),
                "valid_auc": vm["auc"], "valid_logloss": vm["logloss"], "valid_rows": vm["rows"]}
         if is_regression(cfg):
             rec.update(valid_rmse=vm["rmse"], valid_mae=vm["mae"])

@@ -1,0 +1,177 @@
+"""Ingest benchmark: Parquet → ``Batch`` (KJT) throughput, rows/s, over the same files.
+
+- ``pyarrow read``: ``pyarrow.parquet.read_table`` of the train split (the feature columns), one
+  process: the floor cost of reading the bytes.
+- ``pyarrow read + to_batch``: the same read, sliced into batches of ``B`` rows and converted by
+  :meth:`FeatureLayout.to_batch` (Arrow offsets → KeyedJaggedTensor), one process.
+- ``rectrain Ray Data``: the path training uses, inside ``W`` Ray Train workers:
+  ``ray.data.read_parquet`` → ``randomize_block_order`` → exact ``streaming_split`` → whole
+  Arrow blocks (:class:`~rectrain.data.loader.RayShard`) → local shuffle and slicing
+  (:func:`~rectrain.data.loader.rebatch`) → ``to_batch`` in a prefetch thread, with no model:
+  global rows/s per epoch (all rows / slowest worker's time), with and without each epoch's
+  wait for its first batch (the streaming executor's start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rectrain.bench import report
+from rectrain.bench.workloads import Workload
+
+
+def _ingest_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from rectrain.bench.trainstep import _layout, bench_config
+    from rectrain.data.loader import RayShard, prefetch, rebatch
+
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    cfg = bench_config(config["job"])
+    layout = _layout(cfg)
+    ctx = ray.train.get_context()
+    rng = np.random.default_rng(ctx.get_world_rank())
+    shard = RayShard(ray.train.get_dataset_shard("train"))
+    history = []
+    for epoch in range(config["epochs"]):
+        t0 = time.perf_counter()
+        first = None
+        rows = 0
+        feed = prefetch((layout.to_batch(t.select(layout.columns)) for t in
+                         rebatch(shard.tables(epoch), config["batch"], True, rng)),
+                        config["prefetch"])
+        for b in feed:
+            if first is None:
+                first = time.perf_counter() - t0
+            rows += b.batch_size
+        dt = time.perf_counter() - t0
+        t = torch.tensor([dt, dt - (first or 0.0), first or 0.0, rows], dtype=torch.float64)
+        mx = t.clone()
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        sm = t.clone()
+        dist.all_reduce(sm)
+        history.append({"epoch": epoch, "seconds": float(mx[0]),
+                        "steady_seconds": float(mx[1]), "first_batch_seconds": float(mx[2]),
+                        "rows": int(sm[3])})
+        ray.train.report(history[-1])
+    if ctx.get_world_rank() == 0:  # Ray Train 2.60 keeps no metrics without a checkpoint
+        from rectrain.data import storage
+        storage.write_json({"epochs": history}, config["result_path"])
+
+
+def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: int = 2
+                   ) -> list[dict]:
+    """rectrain's Ray Data path in ``world`` Ray Train workers; per-epoch figures."""
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rectrain.bench.trainstep import _layout, bench_config
+    from rectrain.launch.ray_launch import _exact_split_config, init_ray
+
+    job = wl.job("/tmp/rectrain-bench-ingest", batch_size=batch, num_workers=world)
+    # rank 0 writes its per-epoch figures here (local mode: the driver's file system)
+    result_path = os.path.join(tempfile.mkdtemp(prefix="rectrain-bench-ingest-"), "ingest.json")
+    cfg = bench_config(job)
+    init_ray(cfg)
+    layout = _layout(cfg)
+    ds = ray.data.read_parquet(os.path.join(wl.prepared_dir, "train"),
+                               columns=layout.columns).randomize_block_order()
+    trainer = TorchTrainer(
+        train_loop_per_worker=_ingest_worker,
+        train_loop_config={"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch,
+                           "threads": max(1, (os.cpu_count() or 1) // world),
+                           "result_path": result_path},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=world,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        datasets={"train": ds}, dataset_config=_exact_split_config(),
+        run_config=RunConfig(name="bench_ingest", storage_path="/tmp/rectrain-bench-ingest/ray"))
+    trainer.fit()
+    with open(result_path) as f:
+        history = json.load(f)["epochs"]
+    return [{k: h[k] for k in ("epoch", "seconds", "steady_seconds", "first_batch_seconds",
+                               "rows")} for h in history]
+
+
+def run_pyarrow(wl: Workload, batch: int, repeats: int = 2) -> dict:
+    """The single-process pyarrow read, and read + ``to_batch``; best of ``repeats``."""
+    from rectrain.bench.trainstep import _layout, bench_config
+
+    cfg = bench_config(wl.job("/tmp/rectrain-bench-ingest"))
+    layout = _layout(cfg)
+    path = os.path.join(wl.prepared_dir, "train")
+    best_read, best_conv, rows, conv_rows = float("inf"), float("inf"), 0, 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        t = pq.read_table(path, columns=layout.columns)
+        best_read = min(best_read, time.perf_counter() - t0)
+        rows = t.num_rows
+        t0 = time.perf_counter()
+        t = pq.read_table(path, columns=layout.columns)
+        conv_rows = 0
+        for lo in range(0, t.num_rows - batch + 1, batch):
+            conv_rows += layout.to_batch(t.slice(lo, batch)).batch_size
+        best_conv = min(best_conv, time.perf_counter() - t0)
+    return {"rows": rows, "read_rows_per_s": rows / best_read,
+            "read_to_batch_rows": conv_rows, "read_to_batch_rows_per_s": conv_rows / best_conv}
+
+
+def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world: int = 2,
+               epochs: int = 2, progress=None) -> dict:
+    """The ingest job; writes ``ingest.json``/``.md``/``.png``."""
+    rows = []
+    for wl in workloads:
+        if progress:
+            progress.set_description(f"ingest {wl.name}: pyarrow")
+        pa_res = run_pyarrow(wl, batch)
+        if progress:
+            progress.update(1)
+            progress.set_description(f"ingest {wl.name}: Ray Data in {world} Ray Train workers")
+        ray_res = run_ray_ingest(wl, batch, world, epochs)
+        if progress:
+            progress.update(1)
+        best = max(ray_res, key=lambda e: e["rows"] / e["seconds"])
+        ray_rps = best["rows"] / best["seconds"]
+        ray_steady = max(e["rows"] / max(e["steady_seconds"], 1e-9) for e in ray_res)
+        rows.append({
+            "workload": wl.name, "rows": pa_res["rows"],
+            "pyarrow_read_rows_per_s": pa_res["read_rows_per_s"],
+            "pyarrow_to_batch_rows_per_s": pa_res["read_to_batch_rows_per_s"],
+            "ray_rows_per_s": ray_rps, "ray_steady_rows_per_s": ray_steady,
+            "ray_first_batch_s": best["first_batch_seconds"],
+            "ray_rows_per_epoch": best["rows"],
+            "ray_over_pyarrow_to_batch": ray_rps / pa_res["read_to_batch_rows_per_s"],
+            "epochs": ray_res, "pyarrow": pa_res})
+    cols = ["workload", "rows", "pyarrow_read_rows_per_s", "pyarrow_to_batch_rows_per_s",
+            "ray_rows_per_s", "ray_steady_rows_per_s", "ray_first_batch_s",
+            "ray_over_pyarrow_to_batch"]
+    md = ("### Ingest: Parquet → Batch(KJT), rows/s over the same files\n\n"
+          f"pyarrow: one process; Ray: rectrain's Ray Data path in {world} Ray Train workers, "
+          f"batch {batch}, best of {epochs} epochs ('steady' excludes the wait for the first "
+          "batch).\n\n"
+          + report.markdown_table(rows, cols, {"ray_over_pyarrow_to_batch": ".2f",
+                                               "ray_first_batch_s": ".2f"})
+          + "\n\n" + report.LOADED_NOTE + "\n")
+    labels, vals = [], []
+    for r in rows:
+        for k, lab in (("pyarrow_read_rows_per_s", "pyarrow read"),
+                       ("pyarrow_to_batch_rows_per_s", "pyarrow+to_batch"),
+                       ("ray_rows_per_s", "Ray Data path"),
+                       ("ray_steady_rows_per_s", "Ray Data steady")):
+            labels.append(f"{r['workload']}\n{lab}")
+            vals.append(r[k])
+    report.plot_bars(os.path.join(out_dir, "ingest.png"), labels, vals, "rows/s",
+                     "ingest: Parquet → Batch(KJT)")
+    result = {"settings": {"batch": batch, "workers": world, "epochs": epochs}, "rows": rows}
+    report.write(out_dir, "ingest", result, md)
+    return result
