@@ -51,9 +51,14 @@ def bench_config(job: dict):
         sharding=ShardingSpec(**job.get("sharding", {})))
 
 
-def registry_has(name: str) -> bool:
+def registry_has(name: str, features: list | None = None) -> bool:
+    """Whether rectrain's registry can build ``name`` for a workload with ``features``: the
+    registry's models (DLRM included) need a behaviour-sequence feature; the Criteo-shaped
+    workload has none, so it runs upstream ``torchrec.models.dlrm.DLRM`` instead."""
     from rectrain.models import MODELS
 
+    if features is not None and not any(f.get("kind") == "sequence" for f in features):
+        return False
     return name in MODELS
 
 
@@ -204,7 +209,7 @@ def _dmp_case(case: dict, rank: int, world: int) -> dict:
     manifest["tables"].update(case.get("table_rows") or {})
     layout = FeatureLayout(cfg, manifest)
     meta = torch.device("meta")
-    if cfg.model.name in MODELS:
+    if cfg.model.name in MODELS and layout.sequence:
         model = build_model(layout, cfg.model, sparse_device=meta)
     else:  # the Criteo-shaped workload before rectrain's registry has dlrm
         from rectrain.bench.models import TorchRecDLRM
@@ -349,16 +354,17 @@ def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, wo
             progress.set_description(f"trainstep {wl.name}: (b) TorchRec DMP")
         b = (run_dmp({**common, "threads": max(1, cpus // world), "pipeline": pipeline})
              if "b" in paths else skip)
-        b_model = wl.model if registry_has(wl.model) else "torchrec.models.dlrm.DLRM"
+        b_model = wl.model if registry_has(wl.model, wl.features) else "torchrec.models.dlrm.DLRM"
         if progress:
             progress.update(1)
             progress.set_description(f"trainstep {wl.name}: (c) Ray Train + Ray Data")
         if "c" not in paths:
             c = skip
-        elif registry_has(wl.model):
+        elif registry_has(wl.model, wl.features):
             c = run_ray(job)
         else:
-            c = {"skipped": f"model {wl.model!r} is not in rectrain's registry yet"}
+            c = {"skipped": f"rectrain's registry cannot build {wl.model!r} for workload "
+                            f"{wl.name!r} (its models need a behaviour sequence)"}
         if progress:
             progress.update(1)
         abl = {}
