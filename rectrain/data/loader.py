@@ -167,3 +167,22 @@ def padding_table(schema: pa.Schema, n: int) -> pa.Table:
         else:
             cols[field.name] = pc.cast(pa.array(np.zeros(n, dtype=np.int64)), ty)
     return pa.table(cols, schema=schema)
+
+
+def padded_eval_tables(source, layout, batch_size: int, keep=(), out=None):
+    """Evaluation batches of a shard, collective over ranks: yields ``(table, n_real, raw)``
+    where ``table`` is exactly ``batch_size`` rows of ``layout.columns`` (real rows first, then
+    padding rows that the caller discards), ``n_real`` the real rows (0 on a rank that has run
+    out while others have not) and ``raw`` the unselected real rows (None when ``n_real`` is 0).
+    Each column in ``keep`` of the real rows is appended to ``out[column]`` (numpy)."""
+    for t, n_real in collective_batches(rebatch(source.tables(), batch_size, False), "eval"):
+        raw = t
+        if t is not None:
+            for k in keep:
+                out[k].append(t.column(k).to_numpy(zero_copy_only=False))
+            t = t.select(layout.columns)
+        if n_real < batch_size:
+            filler = padding_table(layout.arrow_schema() if t is None else t.schema,
+                                   batch_size - n_real)
+            t = filler if t is None else pa.concat_tables([t, filler])
+        yield t, n_real, raw

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from rectrain.config import JobConfig, config_from_dict
 from rectrain.data import storage
 from rectrain.data.features import FeatureLayout
-from rectrain.data.loader import (FileShard, RayShard, collective_batches, padding_table,
+from rectrain.data.loader import (FileShard, RayShard, collective_batches, padded_eval_tables,
                                   prefetch, rebatch)
 from rectrain.data.prepare import ITEM, TS, USER, load_manifest
 from rectrain.models import build_model
@@ -71,18 +71,9 @@ def evaluate(model, layout: FeatureLayout, source, batch_size: int, device,
     short ranks run padding rows that are discarded). Returns arrays concatenated over ALL ranks:
     ``logits``, ``labels`` and each column in ``keep``."""
     model.eval()
-    cols = layout.columns
     out: dict[str, list] = {"logits": [], "labels": [], **{k: [] for k in keep}}
     with torch.no_grad():
-        for t, n_real in collective_batches(rebatch(source.tables(), batch_size, False), "eval"):
-            if t is not None:
-                for k in keep:
-                    out[k].append(t.column(k).to_numpy(zero_copy_only=False))
-                t = t.select(cols)
-            if n_real < batch_size:
-                filler = padding_table(layout.arrow_schema() if t is None else t.schema,
-                                       batch_size - n_real)
-                t = filler if t is None else pa.concat_tables([t, filler])
+        for t, n_real, _ in padded_eval_tables(source, layout, batch_size, keep, out):
             batch = layout.to_batch(t).to(device)
             logits = main_logits(model(batch))[:n_real]
             out["logits"].append(logits.float().cpu().numpy())

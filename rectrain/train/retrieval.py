@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from rectrain.config import JobConfig
 from rectrain.data import storage
 from rectrain.data.features import FeatureLayout
-from rectrain.data.loader import collective_batches, padding_table, rebatch
+from rectrain.data.loader import collective_batches, padded_eval_tables, padding_table, rebatch
 from rectrain.data.prepare import ITEM, TS, USER, load_manifest
 from rectrain.models import build_model
 from rectrain.models.sasrec import next_item_targets
@@ -137,18 +137,10 @@ def evaluate_ranking(model, layout: FeatureLayout, source, batch_size: int, devi
     pop = torch.from_numpy(popularity.astype(np.float64)).unsqueeze(0)
     out: dict[str, list] = {"rank": [], "pop_rank": [], "target": [], USER: [],
                             **{k: [] for k in keep}}
-    cols = layout.columns
     with torch.no_grad():
-        for t, n_real in collective_batches(rebatch(source.tables(), batch_size, False), "eval"):
-            if t is not None:
-                users = t[USER].combine_chunks()
-                for k in keep:
-                    out[k].append(t.column(k).to_numpy(zero_copy_only=False))
-                t = t.select(cols)
-            if n_real < batch_size:
-                filler = padding_table(layout.arrow_schema() if t is None else t.schema,
-                                       batch_size - n_real)
-                t = filler if t is None else pa.concat_tables([t, filler])
+        for t, n_real, raw in padded_eval_tables(source, layout, batch_size, keep, out):
+            if raw is not None:
+                users = raw[USER].combine_chunks()
             u, _ = model(layout.to_batch(t).to(device))
             if not n_real:
                 continue
