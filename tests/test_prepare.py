@@ -67,6 +67,13 @@ def test_prepare_counts_sequences_and_manifest(tmp_path, ray_local):
     manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert manifest["tables"]["item"] == 51 and manifest["tables"]["user_id"] == 31
     assert manifest["dense_stats"]["age"]["std"] > 0
+    # dense stats over the train split (sample std, as Ray Data's std), summed over buckets
+    train = _read(tmp_path / "prepared", "train").to_pandas()
+    assert manifest["dense_stats"]["age"]["mean"] == pytest.approx(train["age"].mean())
+    assert manifest["dense_stats"]["age"]["std"] == pytest.approx(train["age"].std(ddof=1))
+    # train is shuffled globally: neither grouped by user nor in time order within a user
+    runs = int((train["_user"].to_numpy()[1:] != train["_user"].to_numpy()[:-1]).sum())
+    assert runs > 0.8 * len(train)
     assert (tmp_path / "prepared" / "catalog" / "items.parquet").exists()
 
 

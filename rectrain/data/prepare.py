@@ -4,9 +4,10 @@
 
     events files ──(Ray task per file: read, validate, join users/items by index, label, encode)──┐
     users, items (small side tables, encoded once in the driver, broadcast via the object store)  │
-    Ray Data: group by user bucket → per bucket, vectorised: order each user's events by          │
+    sliced by user bucket → Ray task per bucket, vectorised: order each user's events by          │
         (timestamp, file, row), behaviour sequences from list offsets, chronological split ←──────┘
-    → train (globally shuffled) / valid / test Parquet + catalog (users, items) + vocabularies
+    → valid / test Parquet (per bucket); train dealt at random over parts → Ray task per part:
+      permute, write (a seeded global shuffle) + catalog (users, items) + vocabularies
     → manifest.json (schema, cardinalities, counts per split and file, rejected rows by reason)
 
 Nothing is dropped silently: every row read is either in exactly one split or counted in
@@ -393,8 +394,79 @@ def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: i
     return t.drop_columns([_BUCKET, _FILE, _ROW])
 
 
-def _sequences_udf(t: pa.Table, seq_features, max_len, n_test, n_valid) -> pa.Table:
-    return build_sequences(t, seq_features, max_len, n_test, n_valid)
+def _bucket_parts(t: pa.Table, num_buckets: int) -> tuple[pa.Table, ...] | pa.Table:
+    """Slices of one read task's table by user bucket (one stable sort, zero-copy slices)."""
+    if num_buckets == 1:
+        return t
+    return _deal(t, t[_BUCKET].to_numpy(), num_buckets)
+
+
+def _deal(t: pa.Table, dest: np.ndarray, n: int) -> tuple[pa.Table, ...]:
+    """Rows of ``t`` grouped by ``dest`` (ints in ``[0, n)``), keeping their order: one compact
+    table per destination (a ``take``, not a slice: pickling an Arrow slice ships the whole
+    parent buffers to the object store)."""
+    order = np.argsort(dest, kind="stable")
+    bounds = np.searchsorted(dest[order], np.arange(n + 1))
+    return tuple(t.take(pa.array(order[bounds[i]:bounds[i + 1]])) for i in range(n))
+
+
+def _write_chunks(t: pa.Table, folder: str, stem: str, rows_per_file: int) -> dict[str, int]:
+    """Write ``t`` as ``folder/stem-K.parquet`` files of at most ``rows_per_file`` rows."""
+    files = {}
+    for k, lo in enumerate(range(0, t.num_rows, rows_per_file)):
+        url = storage.join(folder, f"{stem}-{k:04d}.parquet")
+        chunk = t.slice(lo, rows_per_file)
+        storage.write_parquet(chunk, url)
+        files[url] = chunk.num_rows
+    return files
+
+
+def _sequence_bucket(bucket: int, out: str, seq_features, max_len: int, n_test: int,
+                     n_valid: int, dense_names: list[str], n_parts: int, seed: int,
+                     rows_per_file: int, *parts: pa.Table) -> tuple:
+    """One user bucket: :func:`build_sequences` over all its events, valid/test rows written to
+    ``out/{valid,test}/b<bucket>-K.parquet``, train rows dealt at random (``seed``, bucket)
+    over ``n_parts`` tables. Returns ``(stats, part_0, ..., part_{n_parts-1})``; stats: rows
+    per split, dense-feature sums over train and nulls over all rows, the output schema."""
+    parts = [p for p in parts if p.num_rows]
+    stats = {"rows": {name: 0 for name in SPLITS}, "schema": None,
+             "dense": {n: {"n": 0, "sum": 0.0, "sumsq": 0.0, "missing": 0} for n in dense_names}}
+    if not parts:
+        return (stats, *[None] * n_parts)
+    t = build_sequences(pa.concat_tables(parts, promote_options="permissive"), seq_features,
+                        max_len, n_test, n_valid)
+    split = t[SPLIT].to_numpy()
+    body = t.drop_columns([SPLIT, _UID])
+    stats["schema"] = {n: str(ty) for n, ty in zip(body.schema.names, body.schema.types)}
+    for code, name in enumerate(SPLITS):
+        stats["rows"][name] = int((split == code).sum())
+    is_train = pa.array(split == 0)
+    for n in dense_names:
+        col = body[n]
+        v = pc.filter(col, is_train).to_numpy(zero_copy_only=False).astype(np.float64)
+        v = v[~np.isnan(v)]  # nulls come out as NaN
+        stats["dense"][n] = {"n": int(v.size), "sum": float(v.sum()),
+                             "sumsq": float((v * v).sum()), "missing": int(col.null_count)}
+    for code, name in ((1, "valid"), (2, "test")):
+        sub = body.filter(pa.array(split == code))
+        if sub.num_rows:
+            _write_chunks(sub, storage.join(out, name), f"b{bucket:03d}", rows_per_file)
+    train = body.filter(is_train)
+    dest = np.random.default_rng([seed, bucket]).integers(0, n_parts, train.num_rows)
+    return (stats, *_deal(train, dest, n_parts))
+
+
+def _write_train_part(folder: str, part: int, seed: int, rows_per_file: int,
+                      *tables: pa.Table | None) -> dict[str, int]:
+    """Train part ``part`` from every bucket, permuted with (``seed``, ``part``), written as
+    ``folder/p<part>-K.parquet``; returns {file url: rows}."""
+    tables = [t for t in tables if t is not None and t.num_rows]
+    if not tables:
+        return {}
+    t = pa.concat_tables(tables, promote_options="permissive")
+    perm = np.random.default_rng([seed, 1_000_003, part]).permutation(t.num_rows)
+    return _write_chunks(t.take(pa.array(perm)), folder, f"p{part:03d}", rows_per_file)
+
 
 
 # ----------------------------------------------------------------------------- driver
@@ -528,47 +600,59 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     storage.remove(out)  # only now: a job that fails validation leaves the last good output
 
     seq_features = [(f.name, f.source) for f in cfg.features if f.kind == "sequence"]
-    ds = ray.data.from_arrow_refs(nonempty)
-    ds = ds.groupby(_BUCKET).map_groups(
-        _sequences_udf, batch_format="pyarrow",
-        fn_args=(seq_features, spec.sequence_length, spec.split.test, spec.split.valid),
-    ).materialize()
+    dense_names = [f.name for f in cfg.features if f.kind == "dense"]
+    # shuffle by user bucket with plain Ray tasks (no Ray Data all-to-all): each read task's
+    # output is sliced per bucket; bucket task b sequences its users' events, writes its valid
+    # and test rows and deals its train rows at random over P parts; write task p permutes part
+    # p (from every bucket) and writes it: a seeded global shuffle of train, one pass
+    n_parts = max(1, min(64, -(-sum(s["rows_used"] for s in file_stats) // rows_per_file)))
+    part_task = ray.remote(_bucket_parts).options(num_returns=num_buckets)
+    part_refs = [part_task.remote(r, num_buckets) for r in nonempty]
+    if num_buckets == 1:
+        part_refs = [[r] for r in part_refs]
+    del table_refs, nonempty
+    seq_task = ray.remote(_sequence_bucket).options(num_returns=n_parts + 1)
+    bucket_refs = [seq_task.remote(b, out, seq_features, spec.sequence_length, spec.split.test,
+                                   spec.split.valid, dense_names, n_parts, cfg.train.seed,
+                                   rows_per_file, *[parts[b] for parts in part_refs])
+                   for b in range(num_buckets)]
+    bucket_stats = ray.get([refs[0] for refs in bucket_refs])
+    del part_refs
     t_seq = time.perf_counter()
+    write_task = ray.remote(_write_train_part)
+    train_files = ray.get([write_task.remote(storage.join(out, "train"), p, cfg.train.seed,
+                                             rows_per_file, *[refs[1 + p] for refs in bucket_refs])
+                           for p in range(n_parts)])
+    del bucket_refs
+    t_train = time.perf_counter()
 
-    split_counts = {name: 0 for name in SPLITS}
-    for row in ds.groupby(SPLIT).count().take_all():
-        split_counts[SPLITS[int(row[SPLIT])]] = int(row["count()"])
+    split_counts = {name: sum(b["rows"][name] for b in bucket_stats) for name in SPLITS}
     rows_used = sum(split_counts.values())
     n_rejected = sum(rejected.values())
     if rows_read != rows_used + n_rejected:
         raise AssertionError(f"row accounting broken: read {rows_read} != used {rows_used} + "
                              f"rejected {n_rejected}")
-
     files_per_split: dict[str, dict[str, int]] = {}
-    for code, name in enumerate(SPLITS):
-        sub = ds.filter(expr=f"{SPLIT} == {code}").drop_columns([SPLIT, _UID])
-        if name == "train":
-            sub = sub.random_shuffle(seed=cfg.train.seed)
+    for name in SPLITS:
         url = storage.join(out, name)
-        if split_counts[name]:
-            path, fs = storage.ray_paths(url)
-            sub.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file,
-                              max_rows_per_file=rows_per_file)
         files_per_split[name] = _file_rows(url) if storage.exists(url) else {}
         if sum(files_per_split[name].values()) != split_counts[name]:
             raise AssertionError(f"{name}: written rows differ from the counted rows")
+    if sum(n for files in train_files for n in files.values()) != split_counts["train"]:
+        raise AssertionError("train: shuffled parts differ from the counted rows")
 
-    # normalisation stats for dense features (train split)
+    # normalisation stats for dense features (train split; nulls ignored, sample std ddof=1)
     dense_stats = {}
-    train_ds = ds.filter(expr=f"{SPLIT} == 0")
-    for f in cfg.features:
-        if f.kind == "dense":
-            mean, std = train_ds.mean(f.name), train_ds.std(f.name)  # nulls ignored
-            missing = ds.map_batches(lambda b, c=f.name: pa.table({"n": [b[c].null_count]}),
-                                     batch_format="pyarrow").sum("n")
-            dense_stats[f.name] = {"mean": float(mean) if mean is not None else 0.0,
-                                   "std": float(std) if std else 1.0,
-                                   "missing_imputed": int(missing or 0)}
+    for name in dense_names:
+        n = sum(b["dense"][name]["n"] for b in bucket_stats)
+        s1 = sum(b["dense"][name]["sum"] for b in bucket_stats)
+        s2 = sum(b["dense"][name]["sumsq"] for b in bucket_stats)
+        mean = s1 / n if n else 0.0
+        var = (s2 - n * mean * mean) / (n - 1) if n > 1 else 0.0
+        std = float(np.sqrt(max(var, 0.0)))
+        dense_stats[name] = {"mean": float(mean), "std": std if std else 1.0,
+                             "missing_imputed": sum(b["dense"][name]["missing"]
+                                                    for b in bucket_stats)}
 
     # catalog and vocabularies (for recommendation and for mapping ids back)
     for role, s in (("users", spec.users), ("items", spec.items)):
@@ -588,11 +672,10 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         tables.setdefault(f.table_name, 0)
         size = hashing[src]["buckets"] + 1 if src in hashing else len(vocabs[src]) + 1
         tables[f.table_name] = max(tables[f.table_name], size)
-    schema = ds.schema()
+    schema = next(b["schema"] for b in bucket_stats if b["schema"] is not None)
     manifest = {
         "name": cfg.name,
-        "schema": {n: str(t) for n, t in zip(schema.names, schema.types)
-                   if n not in (SPLIT, _UID)},
+        "schema": schema,
         "features": [{"name": f.name, "kind": f.kind, "table": f.table_name,
                       "num_embeddings": tables.get(f.table_name),
                       "pooling": f.pooling} for f in cfg.features],
@@ -620,6 +703,7 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
         "text_embeddings": text_embeddings,
         "seconds": {"read_validate_join": round(t_read - t0, 3),
                     "sequences_split": round(t_seq - t_read, 3),
+                    "shuffle_write_train": round(t_train - t_seq, 3),
                     "total": round(time.perf_counter() - t0, 3)},
         "config": cfg.model_dump(mode="json"),
     }
