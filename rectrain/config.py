@@ -169,10 +169,11 @@ class ModelSpec(_Model):
     name: Literal["din", "dlrm", "dcnv2", "bst", "autoint", "two_tower", "sasrec"] = "din"
     embedding_dim: int = Field(16, ge=1)
     sequence_features: list[str] = Field(
-        ["hist_item_id"], min_length=1,
+        ["hist_item_id"],
         description="behaviour sequences attended over; each one's source feature is the "
                     "matching part of the query (e.g. [hist_item_id, hist_genre] attends with "
-                    "[item_id, genre], as DIN's goods + category ids)")
+                    "[item_id, genre], as DIN's goods + category ids). May be empty only for "
+                    "dlrm (a Criteo-style job with no behaviour sequence)")
     # ---- retrieval / next-item models (two_tower, sasrec: rectrain/models/{two_tower,sasrec}.py,
     # trained by rectrain/train/retrieval.py)
     item_feature: str = Field(
@@ -348,6 +349,9 @@ class JobConfig(_Model):
                                      f"feature with source {items.key!r} (the item id)")
             if f.kind == "dense" and f.transform is not None and f.transform.prefix:
                 raise ValueError(f"feature {f.name!r}: prefix transform on a dense feature")
+        if not self.model.sequence_features and self.model.name != "dlrm":
+            raise ValueError(f"model.sequence_features: {self.model.name} needs at least one "
+                             "behaviour sequence (only dlrm runs without one)")
         for i, fname in enumerate(self.model.sequence_features):
             if fname not in by_name:
                 raise ValueError(f"model.sequence_features.{i}: no feature named {fname!r}")

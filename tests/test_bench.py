@@ -44,6 +44,40 @@ def test_workloads_manifest_matches_files(tmp_path):
             assert 0.1 < t.column("label").to_numpy().mean() < 0.9
 
 
+@pytest.mark.parametrize("kind", ["din", "dlrm"])
+def test_plain_baseline_is_the_registry_model(tmp_path, kind):
+    """Path (a)'s plain-PyTorch model computes the same logits as the registry model that paths
+    (b)/(c) shard, given the same weights: the ratios compare one network, not two."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from rectrain.bench.models import PlainDIN, PlainDLRM, to_plain
+    from rectrain.bench.trainstep import _layout, bench_config
+    from rectrain.models import build_model
+
+    wl = (din_synth(str(tmp_path / "w"), 600, seq_len=7, n_users=50, n_items=80)
+          if kind == "din" else dlrm_criteo(str(tmp_path / "w"), 600, max_rows=300))
+    cfg = bench_config(wl.job(str(tmp_path / "run")))
+    layout = _layout(cfg)
+    torch.manual_seed(0)
+    reg = build_model(layout, cfg.model, sparse_device=torch.device("cpu")).eval()
+    plain = (PlainDIN if kind == "din" else PlainDLRM)(layout, cfg.model).eval()
+    prefix = {"din": {"ebc.embedding_bags.": "bags.", "ec.embeddings.": "embs."},
+              "dlrm": {"emb.ebc.embedding_bags.": "bags."}}[kind]
+    sd = {}
+    for k, v in reg.state_dict().items():
+        for a, b in prefix.items():
+            k = k.replace(a, b) if k.startswith(a) else k
+        sd[k] = v
+    plain.load_state_dict(sd)
+    batch = layout.to_batch(pq.read_table(str(tmp_path / "w" / "train")).slice(0, 64))
+    with torch.no_grad():
+        want = reg(batch)
+        got = plain(to_plain(batch, layout))
+    assert want.shape == got.shape == (64,)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_prefetch_keeps_order_propagates_errors_and_stops():
     assert list(prefetch(iter(range(100)), 3)) == list(range(100))
     assert list(prefetch(iter(range(5)), 0)) == list(range(5))

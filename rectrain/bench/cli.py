@@ -14,11 +14,16 @@ import time
 
 from rectrain.bench import BENCHES
 
-#: per size knob: train rows of the synthetic sets, timed steps, epochs of the Ray runs
+#: per size knob: train rows of the synthetic DIN and Criteo-shaped sets (the Ray runs read
+#: them; enough rows that an epoch outlasts Ray Data's start-up several times), timed steps
+#: of the in-memory paths, epochs of the Ray runs
 SETTINGS = {
-    "tiny": dict(rows=4_096, steps=4, warmup=2, ray_epochs=1, peer_epochs=1, batch=256),
-    "quick": dict(rows=40_960, steps=20, warmup=3, ray_epochs=2, peer_epochs=2, batch=1024),
-    "full": dict(rows=204_800, steps=40, warmup=5, ray_epochs=2, peer_epochs=5, batch=1024),
+    "tiny": dict(rows=4_096, dlrm_rows=4_096, steps=4, warmup=2, ray_epochs=1, peer_epochs=1,
+                 batch=256),
+    "quick": dict(rows=409_600, dlrm_rows=2_048_000, steps=20, warmup=3, ray_epochs=2,
+                  peer_epochs=2, batch=1024),
+    "full": dict(rows=2_048_000, dlrm_rows=8_192_000, steps=40, warmup=5, ray_epochs=2,
+                 peer_epochs=5, batch=1024),
 }
 
 
@@ -47,15 +52,15 @@ def add_parser(sub) -> None:
                          "on by default in `bench all`")
 
 
-def _workloads(names: list[str], data: str, rows: int):
+def _workloads(names: list[str], data: str, s: dict):
     from rectrain.bench import workloads as w
 
     out = []
     for n in names:
         if n == "din_synth":
-            out.append(w.din_synth(os.path.join(data, "din_synth"), rows))
+            out.append(w.din_synth(os.path.join(data, "din_synth"), s["rows"]))
         elif n == "dlrm_criteo":
-            out.append(w.dlrm_criteo(os.path.join(data, "dlrm_criteo"), rows))
+            out.append(w.dlrm_criteo(os.path.join(data, "dlrm_criteo"), s["dlrm_rows"]))
         elif n == "din_ml100k":
             out.append(w.din_ml100k(os.path.join(data, "movielens-100k")))
         else:
@@ -89,6 +94,9 @@ def run(args) -> dict:
 
     _apply_config(args)
     s = SETTINGS[args.size]
+    # absolute: Ray Train workers run in their own working directory, and the job dicts the
+    # benches hand them carry these paths
+    args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
     os.makedirs(args.out, exist_ok=True)
     names = ["ingest", "trainstep", "scaling", "peers"] if args.name == "all" else [args.name]
     default_wl = {"ingest": "din_synth,dlrm_criteo", "trainstep": "din_synth,dlrm_criteo",
@@ -106,12 +114,12 @@ def run(args) -> dict:
             t = time.perf_counter()
             if n == "ingest":
                 from rectrain.bench.ingest import run_ingest
-                results[n] = run_ingest(_workloads(wl_of[n], args.data, s["rows"]), args.out,
+                results[n] = run_ingest(_workloads(wl_of[n], args.data, s), args.out,
                                         batch=s["batch"], world=args.workers,
                                         epochs=max(2, s["ray_epochs"]), progress=bar)
             elif n == "trainstep":
                 from rectrain.bench.trainstep import run_trainstep
-                results[n] = run_trainstep(_workloads(wl_of[n], args.data, s["rows"]), args.out,
+                results[n] = run_trainstep(_workloads(wl_of[n], args.data, s), args.out,
                                            batch=s["batch"], world=args.workers,
                                            steps=s["steps"], warmup=s["warmup"],
                                            ray_epochs=s["ray_epochs"], pipeline=args.pipeline,
@@ -123,7 +131,7 @@ def run(args) -> dict:
                 results[n] = run_scaling(args.data, args.out, args.size, progress=bar)
             elif n == "peers":
                 from rectrain.bench.peers import run_peers
-                wl = _workloads(wl_of[n], args.data, s["rows"])[0]
+                wl = _workloads(wl_of[n], args.data, s)[0]
                 results[n] = run_peers(wl, args.out, args.peer_venv, epochs=s["peer_epochs"],
                                        batch=1024,
                                        world=args.workers, progress=bar)

@@ -4,11 +4,9 @@
   :class:`~rectrain.models.layers.TargetAttention` and :class:`~rectrain.models.layers.MLP`, same
   table sizes) on plain ``nn.EmbeddingBag`` / ``nn.Embedding`` (``sparse=True`` gradients):
   path (a), "plain single-process PyTorch".
-- :class:`PlainDLRM`: DLRM (Naumov et al. 2019, "Deep Learning Recommendation Model for
-  Personalization and Recommendation Systems"): bottom MLP on the 13 dense features, one
-  ``nn.EmbeddingBag`` per sparse feature, pairwise dot interaction of the ``F + 1`` vectors
-  (upper triangle), top MLP; the same layer sizes as the upstream TorchRec
-  ``torchrec.models.dlrm.DLRM`` built by :func:`torchrec_dlrm`.
+- :class:`PlainDLRM`: the registry's DLRM (Naumov et al. 2019, "Deep Learning Recommendation
+  Model for Personalization and Recommendation Systems"; :class:`rectrain.models.zoo.DLRM`)
+  on plain ``nn.EmbeddingBag`` tables, for the Criteo-shaped workload (no sequence).
 - :func:`to_plain`: a :class:`~rectrain.data.features.Batch` (KJT) → the plain models' inputs,
   done before timing (the baseline gets its inputs in its own best format).
 """
@@ -20,11 +18,6 @@ from torch import nn
 
 from rectrain.data.features import Batch, FeatureLayout
 from rectrain.models.layers import MLP, TargetAttention
-
-#: DLRM sizes used for every path of the Criteo-shaped workload
-DLRM_BOTTOM = [64, 16]
-DLRM_TOP = [128, 64, 1]
-
 
 def to_plain(batch: Batch, layout: FeatureLayout) -> dict:
     """Per-feature tensors: pooled features ``(values int64 [N], offsets int64 [B])``, sequence
@@ -87,40 +80,37 @@ class PlainDIN(nn.Module):
 
 
 class PlainDLRM(nn.Module):
-    """DLRM on plain ``nn.EmbeddingBag`` tables (sum pooling, sparse gradients); ``forward``
-    → logits ``[B]``."""
+    """rectrain's registry :class:`~rectrain.models.zoo.DLRM` (no behaviour sequence: the
+    Criteo setting) on plain ``nn.EmbeddingBag`` tables with sparse gradients: bottom MLP on the
+    dense features to ``E``, pairwise dot interaction of the pooled features and the bottom
+    output (upper triangle), top MLP on ``[interactions, vectors]``; the same layers and sizes
+    (``model.bottom_mlp``, ``model.mlp_hidden``) as the registry model. ``forward`` → logits
+    ``[B]``."""
 
-    def __init__(self, layout: FeatureLayout, spec=None):
+    def __init__(self, layout: FeatureLayout, spec):
         super().__init__()
+        from rectrain.models.zoo_layers import DotInteraction
+
         E = layout.embedding_dim
+        if layout.sequence:
+            raise NotImplementedError("PlainDLRM: workloads without behaviour sequences only")
         self.names = [(f.name, f.table_name) for f in layout.pooled]
-        self.bags = nn.ModuleDict({c.name: nn.EmbeddingBag(c.num_embeddings, E, mode="sum",
-                                                           sparse=True)
-                                   for c in layout.ebc_tables()})
-        self.bottom = MLP(layout.dense_dim, DLRM_BOTTOM, activation="relu")
-        F = len(self.names) + 1
-        self.register_buffer("iu", torch.triu_indices(F, F, offset=1), persistent=False)
-        self.top = nn.Sequential(MLP(E + F * (F - 1) // 2, DLRM_TOP[:-1], activation="relu"),
-                                 nn.Linear(DLRM_TOP[-2], DLRM_TOP[-1]))
+        self.bags = nn.ModuleDict({
+            c.name: nn.EmbeddingBag(c.num_embeddings, E, mode=c.pooling.name.lower(),
+                                    sparse=True) for c in layout.ebc_tables()})
+        self.bottom = (MLP(layout.dense_dim, [*spec.bottom_mlp, E], "relu")
+                       if layout.dense_dim else None)
+        n_vec = len(self.names) + (1 if self.bottom is not None else 0)
+        self.interaction = DotInteraction(n_vec)
+        self.top = MLP(self.interaction.out_dim + n_vec * E, spec.mlp_hidden, "relu",
+                       spec.dropout)
+        self.n_aux = len(layout.aux_thresholds)
+        self.head = nn.Linear(self.top.out_dim, 1 + self.n_aux)
 
     def forward(self, x: dict) -> torch.Tensor:
-        d = self.bottom(x["dense"])
-        t = torch.stack([d] + [self.bags[t](*x[n]) for n, t in self.names], dim=1)  # [B, F, E]
-        z = torch.bmm(t, t.transpose(1, 2))[:, self.iu[0], self.iu[1]]
-        return self.top(torch.cat([d, z], dim=1)).squeeze(-1)
-
-
-class TorchRecDLRM(nn.Module):
-    """Upstream ``torchrec.models.dlrm.DLRM`` taking a :class:`Batch` (used for paths (b) while
-    the rectrain registry has no ``dlrm``); ``forward(batch)`` → logits ``[B]``."""
-
-    def __init__(self, layout: FeatureLayout, spec=None, sparse_device=None, dense_device=None):
-        super().__init__()
-        from torchrec.models.dlrm import DLRM
-        from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-        ebc = EmbeddingBagCollection(tables=layout.ebc_tables(), device=sparse_device)
-        self.dlrm = DLRM(ebc, layout.dense_dim, DLRM_BOTTOM, DLRM_TOP, dense_device=dense_device)
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.dlrm(batch.dense, batch.sparse).squeeze(-1)
+        vecs = [self.bags[t](*x[n]) for n, t in self.names]
+        if self.bottom is not None:
+            vecs.append(self.bottom(x["dense"]))
+        v = torch.stack(vecs, dim=1)  # [B, F, E]
+        logits = self.head(self.top(torch.cat([self.interaction(v), v.flatten(1)], dim=1)))
+        return logits.squeeze(-1) if self.n_aux == 0 else logits

@@ -32,34 +32,10 @@ from rectrain.bench.workloads import Workload
 
 
 def bench_config(job: dict):
-    """A :class:`~rectrain.config.JobConfig` for ``job``; when ``model.name`` is not (yet) a
-    valid config choice (``dlrm`` before the model zoo lands), a config built without
-    validating the model section (enough for :class:`FeatureLayout` and sharding)."""
-    from rectrain.config import (ConfigError, DatasetSpec, FeatureSpec, JobConfig, ModelSpec,
-                                 OptimSpec, ShardingSpec, TrainSpec, config_from_dict)
+    """The validated :class:`~rectrain.config.JobConfig` of a workload's job dict."""
+    from rectrain.config import config_from_dict
 
-    try:
-        return config_from_dict(job)
-    except ConfigError:
-        if job["model"]["name"] == "din":
-            raise
-    return JobConfig.model_construct(
-        name=job["name"], prepared_dir=job["prepared_dir"], run_dir=job["run_dir"],
-        dataset=DatasetSpec(**job["dataset"]), features=[FeatureSpec(**f) for f in job["features"]],
-        model=ModelSpec.model_construct(**{**ModelSpec().model_dump(), **job["model"]}),
-        optim=OptimSpec(**job["optim"]), train=TrainSpec(**job["train"]),
-        sharding=ShardingSpec(**job.get("sharding", {})))
-
-
-def registry_has(name: str, features: list | None = None) -> bool:
-    """Whether rectrain's registry can build ``name`` for a workload with ``features``: the
-    registry's models (DLRM included) need a behaviour-sequence feature; the Criteo-shaped
-    workload has none, so it runs upstream ``torchrec.models.dlrm.DLRM`` instead."""
-    from rectrain.models import MODELS
-
-    if features is not None and not any(f.get("kind") == "sequence" for f in features):
-        return False
-    return name in MODELS
+    return config_from_dict(job)
 
 
 def _layout(cfg):
@@ -95,7 +71,7 @@ def _plain_proc(args: dict, out_path: str) -> None:
     dev = torch.device(args.get("device", "cpu"))
     cfg = bench_config(args["job"])
     layout = _layout(cfg)
-    model = (PlainDIN(layout, cfg.model) if args["model"] == "din" else PlainDLRM(layout))
+    model = (PlainDIN if args["model"] == "din" else PlainDLRM)(layout, cfg.model)
     model.to(dev)
     batches = [_to(to_plain(b, layout), dev) for b in load_batches(
         cfg, layout, args["batch"], args["warmup"] + args["steps"], world=args["world"],
@@ -192,6 +168,15 @@ def embedding_bytes(dmp) -> int:
     return total
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now, MB (``/proc/self/statm``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _dmp_case(case: dict, rank: int, world: int) -> dict:
     import gc
 
@@ -199,7 +184,7 @@ def _dmp_case(case: dict, rank: int, world: int) -> dict:
 
     from rectrain.data.features import FeatureLayout
     from rectrain.data.prepare import load_manifest
-    from rectrain.models import MODELS, build_model
+    from rectrain.models import build_model
     from rectrain.train.pipeline import Stepper
     from rectrain.train.sharding import shard_model
 
@@ -208,15 +193,11 @@ def _dmp_case(case: dict, rank: int, world: int) -> dict:
     manifest = load_manifest(cfg.prepared_dir)
     manifest["tables"].update(case.get("table_rows") or {})
     layout = FeatureLayout(cfg, manifest)
-    meta = torch.device("meta")
-    if cfg.model.name in MODELS and layout.sequence:
-        model = build_model(layout, cfg.model, sparse_device=meta)
-    else:  # the Criteo-shaped workload before rectrain's registry has dlrm
-        from rectrain.bench.models import TorchRecDLRM
-        model = TorchRecDLRM(layout, sparse_device=meta)
+    model = build_model(layout, cfg.model, sparse_device=torch.device("meta"))
     dev = torch.device(f"cuda:{rank}") if case.get("device") == "cuda" else torch.device("cpu")
     dmp, opt, plan = shard_model(model, cfg.sharding, cfg.optim, dev)
     mem = embedding_bytes(dmp)
+    rss = _rss_mb()
     steps, warmup = case.get("steps", 0), case.get("warmup", 0)
     batches = load_batches(cfg, layout, case["batch"], warmup + steps, rank, world) \
         if steps else []
@@ -235,7 +216,7 @@ def _dmp_case(case: dict, rank: int, world: int) -> dict:
     dt = time.perf_counter() - t0
     res = {"rank": rank, "seconds": dt, "final_loss": float(loss), "embedding_bytes": mem,
            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "plan": str(plan) if rank == 0 else None}
+           "rss_mb": rss, "plan": str(plan) if rank == 0 else None}
     del dmp, opt, model, batches, stepper
     gc.collect()
     return res
@@ -285,6 +266,7 @@ def run_dmp_cases(cases: list[dict], world: int, threads: int) -> list[dict]:
                     "final_loss": ranks[0]["final_loss"], "threads_per_rank": threads,
                     "embedding_bytes_per_rank": [r["embedding_bytes"] for r in ranks],
                     "max_rss_mb_per_rank": [r["max_rss_mb"] for r in ranks],
+                    "rss_mb_per_rank": [r["rss_mb"] for r in ranks],
                     "plan": ranks[0]["plan"]})
     return out
 
@@ -354,17 +336,10 @@ def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, wo
             progress.set_description(f"trainstep {wl.name}: (b) TorchRec DMP")
         b = (run_dmp({**common, "threads": max(1, cpus // world), "pipeline": pipeline})
              if "b" in paths else skip)
-        b_model = wl.model if registry_has(wl.model, wl.features) else "torchrec.models.dlrm.DLRM"
         if progress:
             progress.update(1)
             progress.set_description(f"trainstep {wl.name}: (c) Ray Train + Ray Data")
-        if "c" not in paths:
-            c = skip
-        elif registry_has(wl.model, wl.features):
-            c = run_ray(job)
-        else:
-            c = {"skipped": f"rectrain's registry cannot build {wl.model!r} for workload "
-                            f"{wl.name!r} (its models need a behaviour sequence)"}
+        c = run_ray(job) if "c" in paths else skip
         if progress:
             progress.update(1)
         abl = {}
@@ -389,7 +364,7 @@ def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, wo
                   "c_over_b": ratio(c.get("samples_per_s"), b.get("samples_per_s")),
                   "c_steady_over_b": ratio(c.get("steady_samples_per_s"),
                                            b.get("samples_per_s")),
-                  "b_model": b_model, "pipeline": pipeline,
+                  "pipeline": pipeline,
                   "a": a, "b": b, "c": c})
         rows.append(r)
     cols = ["workload", "a_plain_samples_per_s", "b_dmp_samples_per_s", "c_ray_samples_per_s",
@@ -404,8 +379,6 @@ def run_trainstep(workloads: list[Workload], out_dir: str, batch: int = 1024, wo
                                                "c_steady_over_b": ".2f"})
           + "\n\n" + report.LOADED_NOTE + "\n")
     for r in rows:
-        if r["b_model"] != r["model"]:
-            md += f"\n- {r['workload']}: (b) ran {r['b_model']} (same layer sizes as (a)).\n"
         for p in ("a", "b", "c"):
             if "skipped" in r[p]:
                 md += f"\n- {r['workload']}: ({p}) skipped: {r[p]['skipped']}.\n"

@@ -190,7 +190,8 @@ def dlrm_criteo(out: str, rows: int, max_rows: int = 100_000, seed: int = 0,
     features = ([{"name": f"I{i}", "kind": "dense", "source": f"I{i}"} for i in range(1, 14)]
                 + [{"name": f"C{i}", "kind": "sparse", "source": f"C{i}"} for i in range(1, 27)])
     wl = Workload("dlrm_criteo", out, "dlrm", features,
-                  {"name": "dlrm", "embedding_dim": 16}, 1)
+                  {"name": "dlrm", "embedding_dim": 16, "sequence_features": [],
+                   "bottom_mlp": [64], "mlp_hidden": [128, 64]}, 1)
     if _stamp_ok(out, stamp):
         return wl
     rng = np.random.default_rng(seed)

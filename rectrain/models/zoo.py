@@ -66,12 +66,22 @@ class FeatureEmbeddings(nn.Module):
         self.other_seq = [n for n in self.seq_names if n not in self.queries + self.seqs]
         self.ebc = (EmbeddingBagCollection(tables=layout.ebc_tables(), device=sparse_device)
                     if layout.pooled else None)
-        self.ec = EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
+        # no sequence table (a Criteo-style dlrm job): pooled features only
+        self.ec = (EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
+                   if layout.sequence else None)
         self.n_fields = self.n_pooled + len(self.queries) + len(self.other_seq)
         self.query_dim = len(self.seqs) * self.E
 
     def forward(self, batch: Batch) -> Embedded:
         kjt = batch.sparse
+        if self.ec is None:
+            pooled = self.ebc(kjt).to_dict()
+            B = batch.labels.shape[0]
+            empty = batch.dense.new_zeros((B, 0, 0))
+            return Embedded(fields=[pooled[n] for n in self.pooled_names],
+                            query=batch.dense.new_zeros((B, 0)), history=empty,
+                            valid=torch.zeros((B, 0), dtype=torch.bool, device=empty.device),
+                            dense=batch.dense)
         if self.n_pooled:
             pooled_kjt, seq_kjt = kjt.split([self.n_pooled, len(self.seq_names)])
             pooled = self.ebc(pooled_kjt).to_dict()  # by name: sharded key order may differ
@@ -106,7 +116,9 @@ class DLRM(nn.Module):
 
     Deviation: the top MLP sees ``[bottom output, interactions, feature vectors]``; the paper
     concatenates only the bottom output with the interactions, which leaves no first-order term
-    when a job has no dense feature (MovieLens has none).
+    when a job has no dense feature (MovieLens has none). With no behaviour sequence
+    (``model.sequence_features: []``, the Criteo setting) the vectors are the pooled features
+    and the bottom MLP's output.
     """
 
     def __init__(self, layout: FeatureLayout, spec: ModelSpec, sparse_device=None,
@@ -115,9 +127,11 @@ class DLRM(nn.Module):
         E = layout.embedding_dim
         self.emb = FeatureEmbeddings(layout, spec, sparse_device)
         k = len(self.emb.seqs)
-        self.history = SequenceEncoder(spec.sequence_encoder or "mean", k * E,
-                                       layout.max_sequence_length, kernel=spec.encoder_kernel, heads=spec.attention_heads,
-                                       layers=spec.attention_layers, device=dense_device)
+        self.history = (SequenceEncoder(spec.sequence_encoder or "mean", k * E,
+                                        layout.max_sequence_length, kernel=spec.encoder_kernel,
+                                        heads=spec.attention_heads,
+                                        layers=spec.attention_layers, device=dense_device)
+                        if k else None)  # None: no behaviour sequence (Criteo-style job)
         self.bottom = (MLP(layout.dense_dim, [*spec.bottom_mlp, E], "relu", device=dense_device)
                        if layout.dense_dim else None)
         n_vec = self.emb.n_fields + k + (1 if self.bottom is not None else 0)
@@ -129,8 +143,9 @@ class DLRM(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         e = self.emb(batch)
-        h = self.history(e.history, e.valid)
-        vecs = e.fields + list(h.split(self.emb.E, dim=1))
+        vecs = list(e.fields)
+        if self.history is not None:
+            vecs += list(self.history(e.history, e.valid).split(self.emb.E, dim=1))
         if self.bottom is not None:
             vecs.append(self.bottom(e.dense))
         x = torch.stack(vecs, dim=1)  # [B, F, E]
