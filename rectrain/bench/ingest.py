@@ -5,7 +5,7 @@
 - ``pyarrow read + to_batch``: the same read, sliced into batches of ``B`` rows and converted by
   :meth:`FeatureLayout.to_batch` (Arrow offsets → KeyedJaggedTensor), one process.
 - ``rectrain Ray Data``: the path training uses, inside ``W`` Ray Train workers:
-  ``ray.data.read_parquet`` → ``randomize_block_order`` → exact ``streaming_split`` → whole
+  ``ray.data.read_parquet`` (files in a seeded per-epoch order) → exact ``streaming_split`` → whole
   Arrow blocks (:class:`~rectrain.data.loader.RayShard`) → local shuffle and slicing
   (:func:`~rectrain.data.loader.rebatch`) → ``to_batch`` in a prefetch thread, with no model:
   global rows/s per epoch (all rows / slowest worker's time), with and without each epoch's
@@ -72,6 +72,7 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
                    ) -> list[dict]:
     """rectrain's Ray Data path in ``world`` Ray Train workers; per-epoch figures."""
     import ray.data
+    from ray.data import FileShuffleConfig
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -84,8 +85,8 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     cfg = bench_config(job)
     init_ray(cfg)
     layout = _layout(cfg)
-    ds = ray.data.read_parquet(os.path.join(wl.prepared_dir, "train"),
-                               columns=layout.columns).randomize_block_order()
+    ds = ray.data.read_parquet(os.path.join(wl.prepared_dir, "train"), columns=layout.columns,
+                               shuffle=FileShuffleConfig(seed=cfg.train.seed))
     trainer = TorchTrainer(
         train_loop_per_worker=_ingest_worker,
         train_loop_config={"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch,
