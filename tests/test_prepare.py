@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -182,3 +183,46 @@ def test_skip_counts_staging_dirs_nan_dense_and_wide_ids(tmp_path, ray_local):
     n_bad_events = int(ev_df.drop(index=7)["user_id"].isin(bad_users).sum())  # row 7: rejected
     assert m["dense_stats"]["age"]["missing_imputed"] == n_bad_events > 0
     assert np.isfinite(m["dense_stats"]["age"]["mean"])
+
+
+def test_mixed_int_widths_uint_timestamps_and_offset_dense_stats(tmp_path, ray_local):
+    """Files of different integer widths give one schema in every output file; uint32
+    timestamps are read; the std of a dense feature with a large offset (1.6e9 + N(0, 1),
+    e.g. a timestamp-like value) is exact, not lost to cancellation."""
+    tables = tiny_tables(n_events=400)
+    ev = tables["events"]
+    rng = np.random.default_rng(1)
+    ev = ev.append_column("score", pa.array(1.6e9 + rng.normal(0, 1.0, ev.num_rows)))
+    narrow = pa.schema([(f.name, pa.int32() if f.name != "score" else pa.float64())
+                        for f in ev.schema])
+    a = ev.filter(pc.less_equal(ev["user_id"], 15)).cast(narrow)
+    b = ev.filter(pc.greater(ev["user_id"], 15))
+    for name in ("users", "items"):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+        pq.write_table(tables[name], tmp_path / "raw" / name / "part-0.parquet")
+    (tmp_path / "raw" / "events").mkdir(parents=True)
+    pq.write_table(a, tmp_path / "raw" / "events" / "part-0.parquet")
+    pq.write_table(b, tmp_path / "raw" / "events" / "part-1.parquet")
+    job = tiny_job(str(tmp_path))
+    job["features"].append({"name": "score", "kind": "dense", "source": "score"})
+    m = prepare(config_from_dict(job))
+    assert m["rows_used"] == ev.num_rows
+    for split in ("train", "valid", "test"):
+        schemas = {str(pq.read_schema(f)) for f in (tmp_path / "prepared" / split).iterdir()}
+        assert len(schemas) == 1, split
+        assert pq.read_schema(next((tmp_path / "prepared" / split).iterdir())).field(
+            "_user").type == pa.int64()
+    train = _read(tmp_path / "prepared", "train").to_pandas()
+    assert m["dense_stats"]["score"]["std"] == pytest.approx(train["score"].std(ddof=1),
+                                                             rel=1e-6)
+    assert 0.8 < m["dense_stats"]["score"]["std"] < 1.2
+
+    # unsigned timestamps narrower than 64 bits
+    ts = ev.drop_columns(["score"])
+    ts = ts.set_column(3, "timestamp", pc.cast(ts["timestamp"], pa.uint32()))
+    for f in (tmp_path / "raw" / "events").iterdir():
+        f.unlink()
+    pq.write_table(ts, tmp_path / "raw" / "events" / "part-0.parquet")
+    job["features"] = job["features"][:-1]
+    m = prepare(config_from_dict(job))
+    assert m["rows_used"] == ts.num_rows and m["rows_rejected"] == 0

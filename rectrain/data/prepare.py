@@ -242,9 +242,10 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
             f"{path}: column {spec.timestamp_column!r}: expected integer unix seconds, got {ts.type}"
         )
     if pa.types.is_unsigned_integer(ts.type):
-        t = _fail_or_mask(t, pc.greater(ts, pa.scalar(2**63 - 1, ts.type)), path,
-                          spec.timestamp_column, "timestamp beyond int64", pol, stats,
-                          "bad_timestamp")
+        if ts.type == pa.uint64():  # the only unsigned type that can exceed int64
+            t = _fail_or_mask(t, pc.greater(ts, pa.scalar(2**63 - 1, ts.type)), path,
+                              spec.timestamp_column, "timestamp beyond int64", pol, stats,
+                              "bad_timestamp")
         t = t.set_column(t.schema.get_field_index(spec.timestamp_column), spec.timestamp_column,
                          pc.cast(t[spec.timestamp_column], pa.int64()))
     t = _fail_or_mask(t, pc.less(t[spec.timestamp_column], 0), path, spec.timestamp_column,
@@ -348,6 +349,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     table = pa.table({k: (v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v)
                       for k, v in out.items()})
     return table, {"file": path, "rows_read": rows_read, "rows_used": table.num_rows,
+                   "schema": table.schema,
                    "rejected": dict(stats), "remapped": dict(remapped)}
 
 
@@ -421,20 +423,24 @@ def _write_chunks(t: pa.Table, folder: str, stem: str, rows_per_file: int) -> di
     return files
 
 
-def _sequence_bucket(bucket: int, out: str, seq_features, max_len: int, n_test: int,
-                     n_valid: int, dense_names: list[str], n_parts: int, seed: int,
+def _sequence_bucket(bucket: int, out: str, schema: pa.Schema, seq_features, max_len: int,
+                     n_test: int, n_valid: int, dense_names: list[str], n_parts: int, seed: int,
                      rows_per_file: int, *parts: pa.Table) -> tuple:
     """One user bucket: :func:`build_sequences` over all its events, valid/test rows written to
     ``out/{valid,test}/b<bucket>-K.parquet``, train rows dealt at random (``seed``, bucket)
-    over ``n_parts`` tables. Returns ``(stats, part_0, ..., part_{n_parts-1})``; stats: rows
-    per split, dense-feature sums over train and nulls over all rows, the output schema."""
+    over ``n_parts`` tables. Every bucket's input is cast to ``schema`` (the read tables'
+    unified schema), so all output files agree on column types whatever the raw files' widths.
+    Returns ``(stats, part_0, ..., part_{n_parts-1})``; stats: rows per split, per dense
+    feature the train count, mean and sum of squared deviations (combined across buckets by
+    Chan et al.'s parallel formula, stable for large offsets) and nulls over all rows, the
+    output schema."""
     parts = [p for p in parts if p.num_rows]
     stats = {"rows": {name: 0 for name in SPLITS}, "schema": None,
-             "dense": {n: {"n": 0, "sum": 0.0, "sumsq": 0.0, "missing": 0} for n in dense_names}}
+             "dense": {n: {"n": 0, "mean": 0.0, "m2": 0.0, "missing": 0} for n in dense_names}}
     if not parts:
         return (stats, *[None] * n_parts)
-    t = build_sequences(pa.concat_tables(parts, promote_options="permissive"), seq_features,
-                        max_len, n_test, n_valid)
+    t = pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
+    t = build_sequences(t, seq_features, max_len, n_test, n_valid)
     split = t[SPLIT].to_numpy()
     body = t.drop_columns([SPLIT, _UID])
     stats["schema"] = {n: str(ty) for n, ty in zip(body.schema.names, body.schema.types)}
@@ -445,8 +451,9 @@ def _sequence_bucket(bucket: int, out: str, seq_features, max_len: int, n_test: 
         col = body[n]
         v = pc.filter(col, is_train).to_numpy(zero_copy_only=False).astype(np.float64)
         v = v[~np.isnan(v)]  # nulls come out as NaN
-        stats["dense"][n] = {"n": int(v.size), "sum": float(v.sum()),
-                             "sumsq": float((v * v).sum()), "missing": int(col.null_count)}
+        mean = float(v.mean()) if v.size else 0.0
+        stats["dense"][n] = {"n": int(v.size), "mean": mean,
+                             "m2": float(((v - mean) ** 2).sum()), "missing": int(col.null_count)}
     for code, name in ((1, "valid"), (2, "test")):
         sub = body.filter(pa.array(split == code))
         if sub.num_rows:
@@ -611,8 +618,10 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     if num_buckets == 1:
         part_refs = [[r] for r in part_refs]
     del table_refs, nonempty
+    schema = pa.unify_schemas([s["schema"] for s in file_stats if s["rows_used"]],
+                              promote_options="permissive")
     seq_task = ray.remote(_sequence_bucket).options(num_returns=n_parts + 1)
-    bucket_refs = [seq_task.remote(b, out, seq_features, spec.sequence_length, spec.split.test,
+    bucket_refs = [seq_task.remote(b, out, schema, seq_features, spec.sequence_length, spec.split.test,
                                    spec.split.valid, dense_names, n_parts, cfg.train.seed,
                                    rows_per_file, *[parts[b] for parts in part_refs])
                    for b in range(num_buckets)]
@@ -644,12 +653,14 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     # normalisation stats for dense features (train split; nulls ignored, sample std ddof=1)
     dense_stats = {}
     for name in dense_names:
-        n = sum(b["dense"][name]["n"] for b in bucket_stats)
-        s1 = sum(b["dense"][name]["sum"] for b in bucket_stats)
-        s2 = sum(b["dense"][name]["sumsq"] for b in bucket_stats)
-        mean = s1 / n if n else 0.0
-        var = (s2 - n * mean * mean) / (n - 1) if n > 1 else 0.0
-        std = float(np.sqrt(max(var, 0.0)))
+        n, mean, m2 = 0, 0.0, 0.0
+        for b in bucket_stats:  # Chan, Golub & LeVeque's pairwise update
+            nb, mb, m2b = b["dense"][name]["n"], b["dense"][name]["mean"], b["dense"][name]["m2"]
+            if nb:
+                delta = mb - mean
+                n, mean, m2 = n + nb, mean + delta * nb / (n + nb), \
+                    m2 + m2b + delta * delta * n * nb / (n + nb)
+        std = float(np.sqrt(m2 / (n - 1))) if n > 1 else 0.0
         dense_stats[name] = {"mean": float(mean), "std": std if std else 1.0,
                              "missing_imputed": sum(b["dense"][name]["missing"]
                                                     for b in bucket_stats)}
