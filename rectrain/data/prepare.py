@@ -397,7 +397,8 @@ def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: i
 
 
 def _bucket_parts(t: pa.Table, num_buckets: int) -> tuple[pa.Table, ...] | pa.Table:
-    """Slices of one read task's table by user bucket (one stable sort, zero-copy slices)."""
+    """One read task's table split by user bucket (see :func:`_deal`); the table itself when
+    there is one bucket (a task with ``num_returns=1`` returns its value as one object)."""
     if num_buckets == 1:
         return t
     return _deal(t, t[_BUCKET].to_numpy(), num_buckets)
@@ -470,10 +471,9 @@ def _write_train_part(folder: str, part: int, seed: int, rows_per_file: int,
     tables = [t for t in tables if t is not None and t.num_rows]
     if not tables:
         return {}
-    t = pa.concat_tables(tables, promote_options="permissive")
+    t = pa.concat_tables(tables)  # one schema: the bucket tasks cast to it
     perm = np.random.default_rng([seed, 1_000_003, part]).permutation(t.num_rows)
     return _write_chunks(t.take(pa.array(perm)), folder, f"p{part:03d}", rows_per_file)
-
 
 
 # ----------------------------------------------------------------------------- driver
@@ -621,9 +621,10 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     schema = pa.unify_schemas([s["schema"] for s in file_stats if s["rows_used"]],
                               promote_options="permissive")
     seq_task = ray.remote(_sequence_bucket).options(num_returns=n_parts + 1)
-    bucket_refs = [seq_task.remote(b, out, schema, seq_features, spec.sequence_length, spec.split.test,
-                                   spec.split.valid, dense_names, n_parts, cfg.train.seed,
-                                   rows_per_file, *[parts[b] for parts in part_refs])
+    bucket_refs = [seq_task.remote(b, out, schema, seq_features, spec.sequence_length,
+                                   spec.split.test, spec.split.valid, dense_names, n_parts,
+                                   cfg.train.seed, rows_per_file,
+                                   *[parts[b] for parts in part_refs])
                    for b in range(num_buckets)]
     bucket_stats = ray.get([refs[0] for refs in bucket_refs])
     del part_refs

@@ -62,6 +62,7 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
     addr = _cluster_address(cfg, address)
     import ray
 
+    _configure_data_context()  # also when Ray was started by someone else
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -81,16 +82,21 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
                      include_dashboard=True, dashboard_host="127.0.0.1",
                      log_to_driver=True, _node_ip_address="127.0.0.1",
                      configure_logging=True, logging_level=logging.WARNING)
+    return ray.cluster_resources()
+
+
+def _configure_data_context() -> None:
+    """This process's Ray Data settings for every dataset rectrain creates."""
     from ray.data import DataContext
+
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     # Ray 2.60's Parquet DataSourceV2 starts every execution (every epoch) with a ListFiles
     # step that took 7-10 s of wall time (0.16 s CPU) for 125 local files on 2 cores, before
     # the first block; the V1 datasource gave its first block in 0.1-0.6 s on the same files
-    # (first batch of a 2M-row Criteo epoch: 13.7 s -> see README "Benchmarks")
+    # (first batch of epoch 1 of a 2M-row Criteo run: 11.9 s -> 0.3 s; README "Benchmarks")
     ctx.use_datasource_v2 = False
-    return ray.cluster_resources()
 
 
 def _exact_split_config():
@@ -145,10 +151,10 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         cols = layout.columns + ([USER, ITEM, TS] if split != "train" else [])
         path, fs = storage.ray_paths(url)
         # train: files in a seeded order that changes every epoch (FileShuffleConfig reseeds
-        # per execution), streamed; randomize_block_order() is an all-to-all operator that
-        # read the whole split before the first batch (5.6 s of 409,600 DIN rows, 13.7 s of
-        # 2M Criteo rows per epoch on 2 cores). Rows are already globally shuffled by prepare
-        # and each block is permuted again by the loader (loader.rebatch).
+        # per execution), streamed, in place of randomize_block_order() (an all-to-all
+        # operator; replacing it did not change the first-batch wait, which was Ray Data's
+        # file listing, see _configure_data_context). Rows are already globally shuffled by
+        # prepare and each block is permuted again by the loader (loader.rebatch).
         shuffle = FileShuffleConfig(seed=tc.seed) if split == "train" else None
         datasets[split] = ray.data.read_parquet(path, columns=cols, filesystem=fs,
                                                 shuffle=shuffle)

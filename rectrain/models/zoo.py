@@ -100,6 +100,18 @@ class FeatureEmbeddings(nn.Module):
                         valid=valid, dense=batch.dense)
 
 
+def _history_encoder(layout: FeatureLayout, spec: ModelSpec, k: int, dense_device=None):
+    """The pooled-history encoder of DLRM, DCNv2 and AutoInt: ``model.sequence_encoder``
+    (default ``mean``) over the ``k`` concatenated behaviour sequences (width ``k * E``);
+    None when the job has no behaviour sequence (``k == 0``, a Criteo-style dlrm job)."""
+    if not k:
+        return None
+    return SequenceEncoder(spec.sequence_encoder or "mean", k * layout.embedding_dim,
+                           layout.max_sequence_length, kernel=spec.encoder_kernel,
+                           heads=spec.attention_heads, layers=spec.attention_layers,
+                           device=dense_device)
+
+
 def _head(in_dim: int, layout: FeatureLayout, device) -> nn.Linear:
     return nn.Linear(in_dim, 1 + len(layout.aux_thresholds), device=device)
 
@@ -127,11 +139,7 @@ class DLRM(nn.Module):
         E = layout.embedding_dim
         self.emb = FeatureEmbeddings(layout, spec, sparse_device)
         k = len(self.emb.seqs)
-        self.history = (SequenceEncoder(spec.sequence_encoder or "mean", k * E,
-                                        layout.max_sequence_length, kernel=spec.encoder_kernel,
-                                        heads=spec.attention_heads,
-                                        layers=spec.attention_layers, device=dense_device)
-                        if k else None)  # None: no behaviour sequence (Criteo-style job)
+        self.history = _history_encoder(layout, spec, k, dense_device)
         self.bottom = (MLP(layout.dense_dim, [*spec.bottom_mlp, E], "relu", device=dense_device)
                        if layout.dense_dim else None)
         n_vec = self.emb.n_fields + k + (1 if self.bottom is not None else 0)
@@ -166,9 +174,7 @@ class DCNv2(nn.Module):
         E = layout.embedding_dim
         self.emb = FeatureEmbeddings(layout, spec, sparse_device)
         k = len(self.emb.seqs)
-        self.history = SequenceEncoder(spec.sequence_encoder or "mean", k * E,
-                                       layout.max_sequence_length, kernel=spec.encoder_kernel, heads=spec.attention_heads,
-                                       layers=spec.attention_layers, device=dense_device)
+        self.history = _history_encoder(layout, spec, k, dense_device)
         d0 = (self.emb.n_fields + k) * E + layout.dense_dim
         self.cross = CrossNetV2(d0, spec.cross_layers, spec.cross_rank, device=dense_device)
         self.stacked = spec.cross_structure == "stacked"
@@ -202,9 +208,7 @@ class AutoInt(nn.Module):
         E = layout.embedding_dim
         self.emb = FeatureEmbeddings(layout, spec, sparse_device)
         k = len(self.emb.seqs)
-        self.history = SequenceEncoder(spec.sequence_encoder or "mean", k * E,
-                                       layout.max_sequence_length, kernel=spec.encoder_kernel, heads=spec.attention_heads,
-                                       layers=spec.attention_layers, device=dense_device)
+        self.history = _history_encoder(layout, spec, k, dense_device)
         self.dense_vectors = (nn.Parameter(torch.randn(layout.dense_dim, E, device=dense_device)
                                            * 0.01) if layout.dense_dim else None)
         n = self.emb.n_fields + k + layout.dense_dim
