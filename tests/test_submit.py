@@ -62,6 +62,12 @@ def test_runtime_env_and_pinned_requirements():
     rt = build_runtime_env(ROOT, ["RECTRAIN_X=a b"])
     assert rt["working_dir"] == ROOT and rt["env_vars"] == {"RECTRAIN_X": "a b"}
     assert "pip" not in rt  # default: nodes run the rectrain image
+    # every worker of the job preloads pandas (worker_setup.py): the dotted path resolves
+    import importlib
+
+    from rectrain.launch import worker_setup
+    mod, _, fn = rt["worker_process_setup_hook"].rpartition(".")
+    assert getattr(importlib.import_module(mod), fn) is worker_setup.preload
     # anchored: /data/ is the repo's data folder, rectrain/data/ (code) still travels
     assert {"/.venv/", "/runs/", "/data/", "/.git"} <= set(rt["excludes"]) == set(EXCLUDES)
     pip = build_runtime_env(ROOT, pip="gpu")["pip"]["packages"]

@@ -10,6 +10,7 @@ from typing import Optional
 
 from rectrain.config import JobConfig
 from rectrain.data import storage
+from rectrain.launch import worker_setup
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
     ``num_workers * cpus_per_worker + data_cpus``: training workers reserve their CPUs and Ray
     Data keeps ``data_cpus`` for reading (with only as many CPUs as workers, Ray Data's read
     stays backpressured forever; DESIGN.md). The dashboard is off and nothing listens beyond
-    127.0.0.1 in local mode.
+    127.0.0.1 in local mode, and every worker runs :func:`rectrain.launch.worker_setup.preload`
+    at start (Ray's ``worker_process_setup_hook``).
     """
     addr = _cluster_address(cfg, address)
     import ray
@@ -79,6 +81,7 @@ def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
         # `ray start` left running (ray.init() with no address would join that one)
         with _loopback_only():
             ray.init(address="local", num_cpus=int(max(num_cpus, 1) + 0.999),
+                     runtime_env={"worker_process_setup_hook": worker_setup.HOOK},
                      include_dashboard=True, dashboard_host="127.0.0.1",
                      log_to_driver=True, _node_ip_address="127.0.0.1",
                      configure_logging=True, logging_level=logging.WARNING)

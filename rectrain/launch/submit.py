@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 import yaml
 
 from rectrain.config import ConfigError
+from rectrain.launch import worker_setup
 
 #: verbs whose job spec is a rectrain :class:`~rectrain.config.JobConfig` (validated before
 #: submission); other verbs (e.g. ``bench``) get ``--config SPEC`` unvalidated
@@ -150,7 +151,8 @@ def build_runtime_env(working_dir: str, env: Iterable[str] = (), pip: Optional[s
     """``runtime_env`` for the job: the working dir minus :data:`EXCLUDES`, ``env_vars`` from
     ``KEY=VALUE`` strings, and (with ``pip`` = ``cpu``/``gpu``) the project's pinned pip
     requirements; without ``pip`` the nodes must already have rectrain's stack (the image in
-    ``cluster/Dockerfile``).
+    ``cluster/Dockerfile``). Every worker runs :func:`rectrain.launch.worker_setup.preload`
+    (``worker_process_setup_hook``) at start.
 
     Raises:
         SubmitError: a missing working dir or a malformed ``KEY=VALUE``.
@@ -166,7 +168,7 @@ def build_runtime_env(working_dir: str, env: Iterable[str] = (), pip: Optional[s
             raise SubmitError(f"--env {item!r}: expected KEY=VALUE with KEY a variable name")
         env_vars[key] = value
     rt: dict = {"working_dir": str(wd.resolve()), "excludes": list(EXCLUDES),
-                "env_vars": env_vars}
+                "env_vars": env_vars, "worker_process_setup_hook": worker_setup.HOOK}
     if pip:
         rt["pip"] = {"packages": project_requirements(pip, str(wd)), "pip_check": False}
     return rt
