@@ -243,3 +243,28 @@ def test_workers_import_pandas_before_any_task(ray_local):
 
     states = ray_local.get([pandas_state.remote() for _ in range(6)])
     assert all(ok for _, ok in states), states
+
+
+def test_event_distincts_merge_files_of_mixed_widths_lists_and_nulls(tmp_path, ray_local):
+    """The event-level vocabulary pass (a Ray task per file) returns every distinct non-null
+    value over all files: int32 and int64 files merged as int64, list columns as one list row
+    of their distinct elements, a column all null in one file contributing nothing."""
+    from rectrain.data.prepare import _event_distincts
+
+    a = pa.table({"item": pa.array([3, 1, 3, None], pa.int32()),
+                  "tags": pa.array([[1, 2], None, [2, None], []], pa.list_(pa.int32())),
+                  "cat": pa.array(["x", "y", None, "x"])})
+    b = pa.table({"item": pa.array([2**40, 1], pa.int64()),
+                  "tags": pa.array([[7], [1]], pa.list_(pa.int64())),
+                  "cat": pa.nulls(2, pa.string())})
+    c = pa.table({"item": pa.array([5], pa.int64()), "tags": pa.array([[9]], pa.list_(pa.int64())),
+                  "cat": pa.nulls(1)})
+    files = []
+    for i, t in enumerate((a, b, c)):
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(t, files[-1])
+    types = {"item": pa.int32(), "tags": pa.list_(pa.int32()), "cat": pa.string()}
+    d = _event_distincts(files, ["item", "tags", "cat"], types)
+    assert d["item"].type == pa.int64() and sorted(d["item"].to_pylist()) == [1, 3, 5, 2**40]
+    assert len(d["tags"]) == 1 and sorted(d["tags"][0].as_py()) == [1, 2, 7, 9]
+    assert sorted(d["cat"].to_pylist()) == ["x", "y"]

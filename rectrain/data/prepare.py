@@ -476,6 +476,51 @@ def _write_train_part(folder: str, part: int, seed: int, rows_per_file: int,
     return _write_chunks(t.take(pa.array(perm)), folder, f"p{part:03d}", rows_per_file)
 
 
+def _file_distincts(path: str, columns: list[str]) -> dict[str, pa.Array]:
+    """Distinct non-null values of each column of one events file (runs as a Ray task).
+
+    List columns give their distinct elements. Returns ``{column: pa.Array}``.
+    """
+    t = storage.read_parquet(path, columns=columns)
+    out = {}
+    for c in columns:
+        col = t[c].combine_chunks()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            col = pc.list_flatten(col)
+        out[c] = pc.unique(pc.drop_null(col))
+    return out
+
+
+def _event_distincts(files: list[str], columns: list[str], col_types: dict[str, pa.DataType]
+                     ) -> dict[str, pa.Array]:
+    """Distinct values of event-level columns over all ``files``: a Ray task per file
+    (:func:`_file_distincts`), merged here. Integer values come back as int64 and floats as
+    float64 (files may differ in width); a list column comes back as ONE list row holding its
+    distinct elements, of the column's type in ``col_types``. Columns null in every file give
+    no values. (A Ray Data ``unique`` per column did this before; it re-read the files per
+    column and ran Ray Data's executor in the driver.)"""
+    import ray
+
+    task = ray.remote(_file_distincts)
+    parts = ray.get([task.remote(f, columns) for f in files])
+    out = {}
+    for c in columns:
+        ty = col_types.get(c, pa.null())
+        is_list = pa.types.is_list(ty) or pa.types.is_large_list(ty)
+        elem = ty.value_type if is_list else ty
+        target = (pa.int64() if pa.types.is_integer(elem) else
+                  pa.float64() if pa.types.is_floating(elem) else elem)
+        arrays = [pc.cast(p[c], target) for p in parts
+                  if len(p[c]) and not pa.types.is_null(p[c].type)]
+        values = pc.unique(pa.concat_arrays(arrays)) if arrays else pa.array([], target)
+        if is_list:
+            values = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+            values = values.cast(pa.list_(target) if pa.types.is_list(ty)
+                                 else pa.large_list(target))
+        out[c] = values
+    return out
+
+
 # ----------------------------------------------------------------------------- driver
 def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) -> dict:
     """Run the prepare stage for ``cfg`` on the connected Ray cluster; returns the manifest.
@@ -548,24 +593,16 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     event_feats = [f for f in feats if roles[f.name] == "events"]
     col_types = _check_event_schemas(event_files, spec, [f.source for f in event_feats])
 
-    # vocabularies of event-level columns: one Ray Data pass
+    # vocabularies of event-level columns: one pass, a Ray task per file
     need_uid = "users" not in side_raw
     # (hashed features need no vocabulary; their distinct values give the collision report)
     unique_cols = sorted({f.source for f in event_feats if f.kind != "dense"}
                          | ({spec.user_column} if need_uid else set()))
     event_vocabs: dict[str, pa.Array] = {}
     if unique_cols:
-        paths, fs = storage.ray_paths(event_files)
-        raw_ds = ray.data.read_parquet(paths, columns=unique_cols, filesystem=fs)
+        distinct = _event_distincts(event_files, unique_cols, col_types)
         for c in unique_cols:
-            ty = raw_ds.schema().base_schema.field(c).type
-            if pa.types.is_list(ty) or pa.types.is_large_list(ty):
-                # distinct elements of a list column, wrapped back into one list
-                flat = raw_ds.select_columns([c]).map_batches(
-                    lambda b, c=c: pa.table({c: pc.list_flatten(b[c])}), batch_format="pyarrow")
-                uniq = pa.array([flat.unique(c)], ty)
-            else:
-                uniq = pa.array(raw_ds.unique(c))
+            uniq = distinct[c]
             for f in event_feats:
                 if f.source == c and f.kind != "dense" and f.encoding == "hash":
                     hashing[f.name] = hash_collisions(_transform(f, uniq, spec.events),
