@@ -38,6 +38,12 @@ def test_hash_values_widths_nulls_and_lists():
     ids64 = hash_encode(pa.array([1, 2, 3, None], pa.int64()), 50).to_pylist()
     ids32 = hash_encode(pa.array([1, 2, 3, None], pa.int32()), 50).to_pylist()
     assert ids64 == ids32 and ids64[3] == 0 and all(1 <= i <= 50 for i in ids64[:3])
+    # uint64 above 2**63 (bit pattern) and booleans (0/1) hash too; small uint64 as int64
+    big = hash_encode(pa.array([2**63 + 1, 2**64 - 1, 7, None], pa.uint64()), 10**9).to_pylist()
+    assert big[2] == hash_encode(pa.array([7]), 10**9).to_pylist()[0] and big[3] == 0
+    assert len(set(big[:3])) == 3 and all(1 <= i <= 10**9 for i in big[:3])
+    flags = hash_encode(pa.array([True, False, None]), 10**9).to_pylist()
+    assert flags[:2] == hash_encode(pa.array([1, 0]), 10**9).to_pylist() and flags[2] == 0
     assert hash_encode(pa.array(["5"]), 10**9).to_pylist() != \
         hash_encode(pa.array([5]), 10**9).to_pylist()  # a string is not its number
     lists = pa.array([["a", "b"], [], None, ["a", None]], pa.list_(pa.string()))

@@ -246,25 +246,37 @@ def test_workers_import_pandas_before_any_task(ray_local):
 
 
 def test_event_distincts_merge_files_of_mixed_widths_lists_and_nulls(tmp_path, ray_local):
-    """The event-level vocabulary pass (a Ray task per file) returns every distinct non-null
-    value over all files: int32 and int64 files merged as int64, list columns as one list row
-    of their distinct elements, a column all null in one file contributing nothing."""
+    """The event-level vocabulary pass (a Ray task per file) returns every distinct value over
+    all files: int32 and int64 files merged as int64, uint64 above 2**63 kept, list columns as
+    one list row of their distinct elements, dictionary-encoded strings decoded, one null kept
+    (a transform such as ``year`` maps it to a value of its own), an empty file without the
+    columns skipped."""
     from rectrain.data.prepare import _event_distincts
 
+    big = 2**63 + 5
     a = pa.table({"item": pa.array([3, 1, 3, None], pa.int32()),
                   "tags": pa.array([[1, 2], None, [2, None], []], pa.list_(pa.int32())),
-                  "cat": pa.array(["x", "y", None, "x"])})
+                  "cat": pa.array(["x", "y", None, "x"]).dictionary_encode(),
+                  "big": pa.array([[big], [], [1], [big]], pa.list_(pa.uint64()))})
     b = pa.table({"item": pa.array([2**40, 1], pa.int64()),
                   "tags": pa.array([[7], [1]], pa.list_(pa.int64())),
-                  "cat": pa.nulls(2, pa.string())})
+                  "cat": pa.array(["z", "x"]).dictionary_encode(),
+                  "big": pa.array([[2], [big + 1]], pa.list_(pa.uint64()))})
     c = pa.table({"item": pa.array([5], pa.int64()), "tags": pa.array([[9]], pa.list_(pa.int64())),
-                  "cat": pa.nulls(1)})
+                  "cat": pa.nulls(1), "big": pa.array([[3]], pa.list_(pa.uint64()))})
+    empty = pa.table({"other": pa.array([], pa.int64())})
     files = []
-    for i, t in enumerate((a, b, c)):
+    for i, t in enumerate((a, b, c, empty)):
         files.append(str(tmp_path / f"part-{i}.parquet"))
         pq.write_table(t, files[-1])
-    types = {"item": pa.int32(), "tags": pa.list_(pa.int32()), "cat": pa.string()}
-    d = _event_distincts(files, ["item", "tags", "cat"], types)
-    assert d["item"].type == pa.int64() and sorted(d["item"].to_pylist()) == [1, 3, 5, 2**40]
-    assert len(d["tags"]) == 1 and sorted(d["tags"][0].as_py()) == [1, 2, 7, 9]
-    assert sorted(d["cat"].to_pylist()) == ["x", "y"]
+    types = {"item": pa.int32(), "tags": pa.list_(pa.int32()), "cat": a["cat"].type,
+             "big": pa.list_(pa.uint64())}
+    d = _event_distincts(files, ["item", "tags", "cat", "big"], types)
+
+    def values(arr):
+        return sorted(arr.to_pylist(), key=lambda v: (v is None, v))
+
+    assert d["item"].type == pa.int64() and values(d["item"]) == [1, 3, 5, 2**40, None]
+    assert len(d["tags"]) == 1 and values(d["tags"].values) == [1, 2, 7, 9, None]
+    assert d["cat"].type == pa.string() and values(d["cat"]) == ["x", "y", "z", None]
+    assert values(d["big"].values) == [1, 2, 3, big, big + 1]

@@ -71,6 +71,9 @@ def _mutate(case: str, s: dict) -> None:
     elif case == "string_timestamps":
         for i, p in enumerate(s["parts"]):
             s["parts"][i] = _set(p, "timestamp", [str(x) for x in p["timestamp"].to_pylist()])
+    elif case == "uint64_id_above_int64":
+        s["parts"][1] = _col(_set(p1, "user_id", p1["user_id"].cast(pa.uint64())), "user_id", 5,
+                             2**63 + 7, pa.uint64())
     elif case == "truncated_file":
         s["corrupt"] = "truncate"
     elif case == "zero_byte_file":
@@ -138,6 +141,8 @@ ERRORS = {
                             "value 99999"],
     "string_timestamps": ["part-0.parquet", "'timestamp'", "expected integer unix seconds",
                           "string"],
+    "uint64_id_above_int64": ["part-1.parquet", "'user_id' row 5", "id above 2**63-1",
+                              "value 9223372036854775815"],
     "truncated_file": ["part-1.parquet", "cannot read as Parquet"],
     "zero_byte_file": ["part-1.parquet", "cannot read as Parquet"],
     "null_element_in_event_list": ["part-1.parquet", "'tags' row 8", "null element",

@@ -93,8 +93,9 @@ def hash_encode(arr, buckets: int) -> pa.Array:
     The hash is pandas' ``hash_array`` (SipHash-2-4 with a fixed key, implemented in C), so the
     same value gets the same id in every process, on every machine and in every run, unlike
     Python's salted ``hash()``. Integers of any width are hashed as int64 (an id read as int32
-    in one file and int64 in another gets one id); other types by their value (strings as
-    UTF-8 text), so ``5`` and ``"5"`` differ. ``id = 1 + hash mod buckets``: distinct values may
+    in one file and int64 in another gets one id; uint64 above 2**63 by its bit pattern) and
+    booleans as 0/1; other types by their value (strings as UTF-8 text), so ``5`` and ``"5"``
+    differ. ``id = 1 + hash mod buckets``: distinct values may
     share an id (a collision); :func:`hash_collisions` counts them. List columns keep their
     offsets (``list<int64>``, null list -> empty list), as :func:`encode`.
 
@@ -113,7 +114,9 @@ def hash_encode(arr, buckets: int) -> pa.Array:
         inner = hash_encode(arr.flatten(), buckets)
         return pa.ListArray.from_arrays(pc.cast(offsets, pa.int32()), inner)
     if pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
-        values = pc.cast(pc.fill_null(arr, 0), pa.int64()).to_numpy()
+        # uint64 above 2**63 by its bit pattern (a bijection onto int64: no added collisions)
+        values = pc.fill_null(pc.cast(arr, pa.int64(), safe=not pa.types.is_uint64(arr.type)),
+                              0).to_numpy()
     else:
         values = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object)
     ids = (hash_array(values) % np.uint64(buckets)).astype(np.int64) + 1

@@ -229,6 +229,10 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     for c in required:
         t = _fail_or_mask(t, pc.is_null(t[c]), path, c, "null value", pol, stats, f"null_{c}")
     for c in (spec.user_column, spec.item_column):
+        if pa.types.is_uint64(t[c].type):  # raw ids are kept as int64 in the samples
+            t = _fail_or_mask(t, pc.greater(t[c], pa.scalar(2**63 - 1, pa.uint64())), path, c,
+                              "id above 2**63-1 (raw ids are stored as int64)", pol, stats,
+                              "id_out_of_range")
         if pa.types.is_integer(t[c].type) and (spec.min_id is not None or spec.max_id is not None):
             ids = pc.cast(t[c], pa.int64()) if not pa.types.is_uint64(t[c].type) else t[c]
             lo = pc.less(ids, spec.min_id) if spec.min_id is not None else None
@@ -477,28 +481,38 @@ def _write_train_part(folder: str, part: int, seed: int, rows_per_file: int,
 
 
 def _file_distincts(path: str, columns: list[str]) -> dict[str, pa.Array]:
-    """Distinct non-null values of each column of one events file (runs as a Ray task).
+    """Distinct values of each column of one events file (runs as a Ray task).
 
-    List columns give their distinct elements. Returns ``{column: pa.Array}``.
+    List columns give their distinct elements; dictionary-encoded columns their decoded values;
+    a null is kept as one value (a transform such as ``year`` maps it to a value of its own).
+    An empty file gives ``{}`` (its columns may be missing: the footer check allows that).
+    Returns ``{column: pa.Array}``.
     """
-    t = storage.read_parquet(path, columns=columns)
+    fs, p = storage.url_to_fs(path)
+    with fs.open(p, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        if pf.metadata.num_rows == 0:
+            return {}
+        t = pf.read(columns=columns)
     out = {}
     for c in columns:
         col = t[c].combine_chunks()
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             col = pc.list_flatten(col)
-        out[c] = pc.unique(pc.drop_null(col))
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        out[c] = pc.unique(col)
     return out
 
 
 def _event_distincts(files: list[str], columns: list[str], col_types: dict[str, pa.DataType]
                      ) -> dict[str, pa.Array]:
     """Distinct values of event-level columns over all ``files``: a Ray task per file
-    (:func:`_file_distincts`), merged here. Integer values come back as int64 and floats as
-    float64 (files may differ in width); a list column comes back as ONE list row holding its
-    distinct elements, of the column's type in ``col_types``. Columns null in every file give
-    no values. (A Ray Data ``unique`` per column did this before; it re-read the files per
-    column and ran Ray Data's executor in the driver.)"""
+    (:func:`_file_distincts`), merged here, nulls included. Integer values come back as int64
+    (uint64 stays uint64) and floats as float64, since files may differ in width; a list column
+    comes back as ONE list row holding its distinct elements. (A Ray Data ``unique`` per column
+    did this before; it re-read the files per column and ran Ray Data's executor in the
+    driver; the vocabularies, encoded samples and hash reports are the same.)"""
     import ray
 
     task = ray.remote(_file_distincts)
@@ -508,10 +522,12 @@ def _event_distincts(files: list[str], columns: list[str], col_types: dict[str, 
         ty = col_types.get(c, pa.null())
         is_list = pa.types.is_list(ty) or pa.types.is_large_list(ty)
         elem = ty.value_type if is_list else ty
-        target = (pa.int64() if pa.types.is_integer(elem) else
+        if pa.types.is_dictionary(elem):
+            elem = elem.value_type
+        target = (elem if pa.types.is_uint64(elem) else
+                  pa.int64() if pa.types.is_integer(elem) else
                   pa.float64() if pa.types.is_floating(elem) else elem)
-        arrays = [pc.cast(p[c], target) for p in parts
-                  if len(p[c]) and not pa.types.is_null(p[c].type)]
+        arrays = [pc.cast(p[c], target) for p in parts if c in p and len(p[c])]
         values = pc.unique(pa.concat_arrays(arrays)) if arrays else pa.array([], target)
         if is_list:
             values = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
@@ -621,17 +637,20 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     refs = [read_task.remote(p, i, spec, event_cols, side_ref, keys, event_vocabs, feats_dump,
                              num_buckets, col_types) for i, p in enumerate(event_files)]
     table_refs = [r[0] for r in refs]
-    try:
-        file_stats = ray.get([r[1] for r in refs])
-    except ray.exceptions.RayTaskError as e:
-        # surface the task's own error (file, column, row, value), not Ray's wrapper
-        # The other files' tasks are left to finish and their output is dropped: ray.cancel
-        # here (plain or force=True) raced with task completion and killed this process in
-        # Ray 2.60 ("Check failed: ... Tried to complete task that was not pending",
-        # ray-project/ray#54846) in 3 of ~12 runs of the validation tests
-        cause = e.cause if e.cause is not None else e
-        raise (DataValidationError(str(cause)) if isinstance(cause, ValueError) else cause) \
-            from None
+    # Results in file order, so a log with several bad files always names the first one in
+    # listing order. On an error the other files' tasks are left to finish and their output is
+    # dropped: ray.cancel here (plain or force=True) raced with task completion and killed this
+    # process in Ray 2.60 ("Check failed: ... Tried to complete task that was not pending",
+    # ray-project/ray#54846) in 3 of ~12 runs of the validation tests.
+    file_stats = []
+    for r in refs:
+        try:
+            file_stats.append(ray.get(r[1]))
+        except ray.exceptions.RayTaskError as e:
+            # surface the task's own error (file, column, row, value), not Ray's wrapper
+            cause = e.cause if e.cause is not None else e
+            raise (DataValidationError(str(cause)) if isinstance(cause, ValueError)
+                   else cause) from None
     rejected: Counter = Counter()
     remapped: Counter = Counter()
     for s in file_stats:
