@@ -95,9 +95,9 @@ def hash_encode(arr, buckets: int) -> pa.Array:
     Python's salted ``hash()``. Integers of any width are hashed as int64 (an id read as int32
     in one file and int64 in another gets one id; uint64 above 2**63 by its bit pattern) and
     booleans as 0/1; other types by their value (strings as UTF-8 text), so ``5`` and ``"5"``
-    differ. ``id = 1 + hash mod buckets``: distinct values may
-    share an id (a collision); :func:`hash_collisions` counts them. List columns keep their
-    offsets (``list<int64>``, null list -> empty list), as :func:`encode`.
+    differ. ``id = 1 + hash mod buckets``: distinct values may share an id (a collision);
+    :func:`hash_collisions` counts them. List columns keep their offsets (``list<int64>``,
+    null list -> empty list), as :func:`encode`.
 
     Raises:
         ValueError: ``buckets < 1``.
