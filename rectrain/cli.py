@@ -83,6 +83,31 @@ def write_synth_source(cfg: JobConfig) -> None:
           f"items in {s['files']} files -> {raw_dir} ({s['seconds']['total']:.1f} s)", flush=True)
 
 
+def synth_mismatch(cfg: JobConfig) -> dict:
+    """``{field: (on disk, in the job)}`` for each ``dataset.synth`` field that differs from the
+    spec recorded in the existing log's ``synth.json`` (empty when they agree or nothing is
+    recorded)."""
+    from rectrain.data import storage
+    from rectrain.data.sources.synth import SynthSpec
+
+    url = storage.join(posixpath.dirname(cfg.dataset.events.rstrip("/")), "synth.json")
+    if not storage.exists(url):
+        return {}
+    on_disk = storage.read_json(url).get("spec", {})
+    job = vars(SynthSpec(**(cfg.dataset.synth.model_dump() if cfg.dataset.synth else {})))
+    return {k: (on_disk[k], v) for k, v in job.items()
+            if k in on_disk and k != "files" and on_disk[k] != v}
+
+
+def _warn_if_other_synth(cfg: JobConfig) -> None:
+    diff = synth_mismatch(cfg)
+    if diff:
+        print(f"[rectrain] warning: the synthetic log in {cfg.dataset.events} was written with "
+              + ", ".join(f"{k}={a}" for k, (a, _) in diff.items()) + ", the job's dataset.synth "
+              "says " + ", ".join(f"{k}={b}" for k, (_, b) in diff.items()) + "; using the log "
+              "on disk (delete it to have the job write its own)", flush=True)
+
+
 def cmd_synth(args) -> dict:
     """``rectrain synth``: synthetic behaviour logs with Ray tasks (one per events file)."""
     import ray
@@ -112,6 +137,8 @@ def cmd_prepare(cfg: JobConfig, args) -> dict:
 
     if args.source or (cfg.dataset.source and not storage.exists(cfg.dataset.events)):
         write_source(cfg, args.source, getattr(args, "source_path", None))
+    elif cfg.dataset.source == "synth":
+        _warn_if_other_synth(cfg)
     init_ray(cfg, getattr(args, "address", None))
     m = prepare(cfg)
     print(f"[rectrain] prepared {cfg.prepared_dir}: rows per split {m['rows_per_split']}, "

@@ -148,3 +148,15 @@ def test_trainstep_and_ingest_tiny(tmp_path):
     assert row["ray_rows_per_s"] > 0 and row["pyarrow_read_rows_per_s"] > 0
     assert row["ray_over_pyarrow_to_batch"] > 0
     assert os.path.getsize(os.path.join(out, "ingest.png")) > 0
+
+
+def test_tiny_and_full_runs_never_write_into_the_committed_report():
+    from rectrain.bench.cli import result_dir
+
+    report = result_dir("quick")
+    for size in ("tiny", "full"):
+        d = result_dir(size)
+        assert d != report and os.path.dirname(d) == report  # a subfolder, git-ignored
+        with open(os.path.join(os.path.dirname(__file__), "..", ".gitignore")) as f:
+            assert f"/{d}/" in f.read().split()
+    assert result_dir("tiny", "/tmp/x") == "/tmp/x"

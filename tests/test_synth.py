@@ -149,3 +149,26 @@ def test_prepare_reads_synth_without_rejects(small, tmp_path):
     assert m["rows_per_split"]["test"] == len(per_user)
     assert m["rows_per_split"]["valid"] == int((per_user >= 2).sum())
     assert m["tables"]["item"] == SPEC["items"] + 1
+
+
+def test_job_warns_when_the_log_on_disk_has_other_sizes(small):
+    """A job with ``dataset.source: synth`` uses a log already on disk; when that log was
+    written with other sizes than the job's ``dataset.synth``, the mismatch is reported."""
+    from rectrain.cli import synth_mismatch
+
+    out, _ = small
+
+    def cfg(**sizes):
+        return config_from_dict({
+            "name": "s", "prepared_dir": f"{out}/../p", "run_dir": f"{out}/../r",
+            "dataset": {"source": "synth", "synth": sizes, "events": f"{out}/events",
+                        "users": {"path": f"{out}/users", "key": "user_id"},
+                        "items": {"path": f"{out}/items", "key": "item_id"},
+                        "label": {"column": "click"}},
+            "features": [{"name": "item_id", "kind": "sparse", "source": "item_id",
+                          "table": "item"},
+                         {"name": "hist_item_id", "kind": "sequence", "source": "item_id",
+                          "table": "item"}]})
+
+    assert synth_mismatch(cfg(**SPEC)) == {}
+    assert synth_mismatch(cfg(**{**SPEC, "users": 20000, "files": 1})) == {"users": (300, 20000)}

@@ -35,7 +35,9 @@ def add_parser(sub) -> None:
                     help="a jobs/bench_*.yaml spec (its `bench:` section sets these options)")
     sp.add_argument("--size", choices=sorted(SETTINGS), default="quick",
                     help="tiny (seconds, tests), quick (the report, ~15 min), full")
-    sp.add_argument("--out", default="benchmarks/results", help="result folder")
+    sp.add_argument("--out", default=None,
+                    help="result folder (default benchmarks/results for --size quick, the "
+                         "committed report; benchmarks/results/SIZE otherwise)")
     sp.add_argument("--data", default="data/bench", help="where workloads are written")
     sp.add_argument("--workers", type=int, default=2)
     sp.add_argument("--workloads", default=None,
@@ -88,12 +90,22 @@ def _apply_config(args) -> None:
             setattr(args, k, ",".join(v) if isinstance(v, list) else v)
 
 
+def result_dir(size: str, out: str | None = None) -> str:
+    """Where a benchmark run writes: ``out`` when given, else ``benchmarks/results`` for the
+    ``quick`` size (the committed report) and ``benchmarks/results/<size>`` (git-ignored) for
+    the others, so a tiny or full run never overwrites the report."""
+    if out is not None:
+        return out
+    return "benchmarks/results" if size == "quick" else f"benchmarks/results/{size}"
+
+
 def run(args) -> dict:
     """Run the benchmark(s) named by ``args.name``; returns {bench: result}."""
     from tqdm import tqdm
 
     _apply_config(args)
     s = SETTINGS[args.size]
+    args.out = result_dir(args.size, args.out)
     # absolute: Ray Train workers run in their own working directory, and the job dicts the
     # benches hand them carry these paths
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
