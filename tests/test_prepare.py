@@ -228,7 +228,6 @@ def test_mixed_int_widths_uint_timestamps_and_offset_dense_stats(tmp_path, ray_l
     assert m["rows_used"] == ts.num_rows and m["rows_rejected"] == 0
 
 
-
 def test_workers_import_pandas_before_any_task(ray_local):
     """Every worker of the local Ray has pandas fully imported before its first task runs (the
     ``worker_process_setup_hook``), so a task Ray interrupts with ``ray.cancel`` (as Ray Data
@@ -280,3 +279,22 @@ def test_event_distincts_merge_files_of_mixed_widths_lists_and_nulls(tmp_path, r
     assert len(d["tags"]) == 1 and values(d["tags"].values) == [1, 2, 7, 9, None]
     assert d["cat"].type == pa.string() and values(d["cat"]) == ["x", "y", "z", None]
     assert values(d["big"].values) == [1, 2, 3, big, big + 1]
+
+
+@pytest.mark.parametrize("first, second, row, value", [
+    (pa.array([1, 2], pa.int64()), pa.array([3, 2**63 + 9, 4], pa.uint64()), 1, 2**63 + 9),
+    (pa.array([1, 2**63 + 1], pa.uint64()), pa.array([5, 6, -3], pa.int64()), 2, -3)])
+def test_event_distincts_name_a_value_no_merged_type_holds(tmp_path, ray_local, first, second,
+                                                           row, value):
+    """A value that the merged integer type cannot hold (uint64 above 2**63 beside int64 files,
+    a negative id beside uint64 files) stops prepare naming file, column, row and value."""
+    from rectrain.data.prepare import _event_distincts
+
+    files = []
+    for i, arr in enumerate((first, second)):
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(pa.table({"user_id": arr}), files[-1])
+    with pytest.raises(DataValidationError) as e:
+        _event_distincts(files, ["user_id"], {"user_id": first.type})
+    msg = str(e.value)
+    assert all(s in msg for s in (files[1], "'user_id'", f"row {row}", f"value {value}")), msg

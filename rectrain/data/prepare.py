@@ -505,6 +505,27 @@ def _file_distincts(path: str, columns: list[str]) -> dict[str, pa.Array]:
     return out
 
 
+def _unfit_value_error(path: str, column: str, target: pa.DataType) -> DataValidationError:
+    """The error for an events file whose ``column`` holds a value that ``target`` (the type
+    the other files' values merge into, e.g. int64 when one file has uint64 above 2**63)
+    cannot hold, naming the file, column, first such row and its value."""
+    col = storage.read_parquet(path, columns=[column])[column].combine_chunks()
+    is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+    flat = pc.list_flatten(col) if is_list else col
+    if pa.types.is_dictionary(flat.type):
+        flat = flat.dictionary_decode()
+    i = -1
+    if pa.types.is_integer(flat.type) and pa.types.is_integer(target):
+        info = np.iinfo(target.to_pandas_dtype())
+        v = pc.fill_null(flat, 0).to_numpy()
+        bad = np.flatnonzero((v > info.max) | (v < info.min))
+        i = int(bad[0]) if bad.size else -1
+    row = (pc.list_parent_indices(col)[i].as_py() if is_list else i) if i >= 0 else None
+    where = f"row {row}: value {col[row].as_py()!r}" if row is not None else "a value"
+    return DataValidationError(f"{path}: column {column!r} {where} does not fit {target}, the "
+                               f"type the events files' values are merged into")
+
+
 def _event_distincts(files: list[str], columns: list[str], col_types: dict[str, pa.DataType]
                      ) -> dict[str, pa.Array]:
     """Distinct values of event-level columns over all ``files``: a Ray task per file
@@ -527,7 +548,13 @@ def _event_distincts(files: list[str], columns: list[str], col_types: dict[str, 
         target = (elem if pa.types.is_uint64(elem) else
                   pa.int64() if pa.types.is_integer(elem) else
                   pa.float64() if pa.types.is_floating(elem) else elem)
-        arrays = [pc.cast(p[c], target) for p in parts if c in p and len(p[c])]
+        arrays = []
+        for path, p in zip(files, parts):
+            if c in p and len(p[c]):
+                try:
+                    arrays.append(pc.cast(p[c], target))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    raise _unfit_value_error(path, c, target) from None
         values = pc.unique(pa.concat_arrays(arrays)) if arrays else pa.array([], target)
         if is_list:
             values = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
