@@ -68,7 +68,8 @@ def main(argv=None) -> dict:
     from rectrain.data import storage
     from rectrain.data.features import FeatureLayout
     from rectrain.data.loader import FileShard, rebatch
-    from rectrain.data.prepare import load_manifest, prepare
+    from rectrain.data.prepare import prepare
+    from rectrain.data.schema import load_manifest
     from rectrain.data.sources.synth import SynthSpec, synth
 
     out = os.path.abspath(args.out)

@@ -35,10 +35,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from rectrain.config import config_from_dict
 from rectrain.data import storage
 from rectrain.data.features import Batch, FeatureLayout
-from rectrain.data.prepare import load_manifest
+from rectrain.data.schema import load_manifest
 from rectrain.models import build_model
-from rectrain.models.din import main_logits
-from rectrain.train.checkpoint import is_complete, load_checkpoint
+from rectrain.models.base import main_logits
+from rectrain.checkpoint import is_complete, load_checkpoint
 
 
 class ServingModel(nn.Module):

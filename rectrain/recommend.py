@@ -21,10 +21,10 @@ from rectrain.config import config_from_dict
 from rectrain.data import storage
 from rectrain.data.encode import positions_in_lists
 from rectrain.data.features import FeatureLayout
-from rectrain.data.prepare import ITEM, LABEL, LABEL_VALUE, POS, USER, load_manifest
+from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, load_manifest
 from rectrain.models import build_model
-from rectrain.models.din import main_logits
-from rectrain.train.checkpoint import load_checkpoint
+from rectrain.models.base import main_logits
+from rectrain.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rectrain.data import storage
-from rectrain.train.checkpoint import is_complete, load_checkpoint, save_checkpoint
+from rectrain.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from rectrain.train.resume import list_checkpoints, resolve_resume
 from tests.ckpt_helpers import assemble, local_shards, spawn, write_prepared
 from tests.helpers import tiny_job
@@ -37,6 +37,7 @@ def _train(rank, world, job, dump_step):
     ``dump_step`` and those present right after a restore."""
     from rectrain.config import config_from_dict
     from rectrain.train import loop, resume
+    from rectrain.train.env import file_env
 
     dumps = {}
     save, restore = resume.Checkpointer._save, resume.Checkpointer.restore
@@ -55,7 +56,7 @@ def _train(rank, world, job, dump_step):
 
     resume.Checkpointer._save, resume.Checkpointer.restore = _save, _restore
     cfg = config_from_dict(job)
-    metrics = loop.run(cfg, loop.file_env(cfg, rank, world))
+    metrics = loop.run(cfg, file_env(cfg, rank, world))
     return {"metrics": metrics, **dumps}
 
 
@@ -156,6 +157,7 @@ def test_same_world_resume_reproduces_the_uninterrupted_run(tmp_path):
 
     from rectrain.config import config_from_dict
     from rectrain.train import loop
+    from rectrain.train.env import file_env
     from tests.ckpt_helpers import free_port
 
     tmp = str(tmp_path)
@@ -167,7 +169,7 @@ def test_same_world_resume_reproduces_the_uninterrupted_run(tmp_path):
             job = _job(tmp, run_dir, 1, resume=resume)
             job["model"] = {**job["model"], "dropout": 0.3}  # RNG state matters
             cfg = config_from_dict(job)
-            return loop.run(cfg, loop.file_env(cfg, 0, 1))
+            return loop.run(cfg, file_env(cfg, 0, 1))
 
         ref = run(f"{tmp}/ref")
         run_dir, ckpt = _resumed_copy(tmp, f"{tmp}/ref", "again")

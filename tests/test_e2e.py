@@ -13,13 +13,14 @@ import torch
 
 from rectrain.config import load_config
 from rectrain.data.features import FeatureLayout
-from rectrain.data.prepare import load_manifest, prepare
+from rectrain.data.prepare import prepare
+from rectrain.data.schema import load_manifest
 from rectrain.data.sources.movielens import load_movielens_100k, write_raw_logs
 from rectrain.launch.ray_launch import train
 from rectrain.models import build_model
-from rectrain.models.din import main_logits
+from rectrain.models.base import main_logits
 from rectrain.recommend import recommend
-from rectrain.train.checkpoint import load_checkpoint
+from rectrain.checkpoint import load_checkpoint
 from rectrain.train.metrics import auc
 
 N_USERS = 120

@@ -32,8 +32,9 @@ json.dump({"scores": scores.tolist(), "one": one.tolist(), "dtype": str(scores.d
 def _train(rank, world, job):
     from rectrain.config import config_from_dict
     from rectrain.train import loop
+    from rectrain.train.env import file_env
     cfg = config_from_dict(job)
-    return loop.run(cfg, loop.file_env(cfg, rank, world))["test_auc"]
+    return loop.run(cfg, file_env(cfg, rank, world))["test_auc"]
 
 
 def test_export_matches_sharded_scores(tmp_path):
@@ -53,7 +54,7 @@ def test_export_matches_sharded_scores(tmp_path):
     # the test rows as plain tensors, in the documented input format
     from rectrain.config import config_from_dict
     from rectrain.data.features import FeatureLayout
-    from rectrain.data.prepare import load_manifest
+    from rectrain.data.schema import load_manifest
     cfg = config_from_dict(job)
     layout = FeatureLayout(cfg, load_manifest(cfg.prepared_dir))
     test = pads.dataset(f"{tmp}/prepared/test").to_table()

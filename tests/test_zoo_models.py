@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from rectrain.config import ConfigError
 from rectrain.data.features import FeatureLayout
 from rectrain.models import MODELS, build_model
-from rectrain.models.din import main_logits
+from rectrain.models.base import main_logits
 from rectrain.train.objectives import eval_metrics, init_regression_head, main_loss
 from rectrain.train.sharding import shard_model
 from tests.helpers import tiny_cfg

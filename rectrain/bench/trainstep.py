@@ -40,7 +40,7 @@ def bench_config(job: dict):
 
 def _layout(cfg):
     from rectrain.data.features import FeatureLayout
-    from rectrain.data.prepare import load_manifest
+    from rectrain.data.schema import load_manifest
 
     return FeatureLayout(cfg, load_manifest(cfg.prepared_dir))
 
@@ -183,7 +183,7 @@ def _dmp_case(case: dict, rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from rectrain.data.features import FeatureLayout
-    from rectrain.data.prepare import load_manifest
+    from rectrain.data.schema import load_manifest
     from rectrain.models import build_model
     from rectrain.train.pipeline import Stepper
     from rectrain.train.sharding import shard_model

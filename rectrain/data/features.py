@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from rectrain.config import FeatureSpec, JobConfig
-from rectrain.data.prepare import LABEL, LABEL_VALUE
+from rectrain.data.schema import LABEL, LABEL_VALUE
 
 
 @dataclass

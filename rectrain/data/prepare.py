@@ -35,10 +35,8 @@ from rectrain.data.encode import (apply_transform, build_vocab, encode, hash_col
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
-# meta columns carried in every sample next to the features
-USER, ITEM, TS, POS, LABEL, SPLIT = "_user", "_item", "_ts", "_pos", "label", "_split"
-LABEL_VALUE = "label_value"  # the raw label column as float32 (e.g. the rating)
+from rectrain.data.schema import (ITEM, LABEL, LABEL_VALUE, POS, SPLIT, SPLITS, TS, USER,  # noqa: F401
+                                  load_manifest)
 _UID, _BUCKET, _FILE, _ROW = "_uid", "_bucket", "_file", "_row"
 
 
@@ -829,11 +827,3 @@ def _file_rows(url: str) -> dict[str, int]:
                 rows[p if storage.is_local(fs) else fs.unstrip_protocol(p)] = \
                     pq.ParquetFile(f).metadata.num_rows
     return rows
-
-
-def load_manifest(prepared_dir: str) -> dict:
-    """Read ``manifest.json`` from a prepared folder (FileNotFoundError names the folder)."""
-    url = storage.join(prepared_dir, "manifest.json")
-    if not storage.exists(url):
-        raise FileNotFoundError(f"{prepared_dir}: no manifest.json; run `rectrain prepare` first")
-    return storage.read_json(url)

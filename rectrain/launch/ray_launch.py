@@ -136,7 +136,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rectrain.data.features import FeatureLayout
-    from rectrain.data.prepare import ITEM, TS, USER, load_manifest
+    from rectrain.data.schema import ITEM, TS, USER, load_manifest
     from rectrain.train.resume import FAULT_ENV, prepare_run
 
     storage.require_shared(cfg.prepared_dir, "prepared_dir")
@@ -166,7 +166,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // tc.num_workers) if not address else None
     trainer = TorchTrainer(
-        train_loop_per_worker=placed_train_worker,
+        train_loop_per_worker=ray_train_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads,
                            "fault": os.environ.get(FAULT_ENV),
                            "env": {k: v for k, v in os.environ.items()
@@ -209,16 +209,22 @@ def worker_resources(cfg: JobConfig, use_gpu: bool) -> dict:
     return res
 
 
-def placed_train_worker(config: dict) -> None:
-    """``ray_train_worker`` after recording where this rank runs: ``RUN_DIR/workers/rank_<r>.json``
-    with rank, local/node rank, Ray node id, node IP, hostname and pid (read back into
-    ``metrics.json["workers"]`` by :func:`train`)."""
+def ray_train_worker(config: dict) -> None:
+    """Entry point for ``TorchTrainer(train_loop_per_worker=...)``: record where this rank runs
+    (``RUN_DIR/workers/rank_<r>.json`` with rank, local/node rank, Ray node id, node IP, hostname
+    and pid, read back into ``metrics.json["workers"]`` by :func:`train`), build the Ray-backed
+    :class:`~rectrain.train.env.WorkerEnv` and run :func:`rectrain.train.loop.run`."""
     import socket
 
     import ray
     import ray.train
+    import ray.train.torch
+    import torch
 
-    from rectrain.train.loop import ray_train_worker
+    from rectrain.config import config_from_dict
+    from rectrain.data.loader import RayShard
+    from rectrain.train.env import WorkerEnv
+    from rectrain.train.loop import run
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -228,7 +234,19 @@ def placed_train_worker(config: dict) -> None:
         "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
         "pid": os.getpid()}, storage.join(config["job"]["run_dir"], "workers",
                                           f"rank_{rank}.json"))
-    ray_train_worker(config)
+    # FBGEMM logs every table's constructor arguments at INFO on the root logger
+    logging.getLogger().setLevel(logging.WARNING)
+    os.environ.update(config.get("env") or {})  # RECTRAIN_* of the driver (fault injection)
+    if config.get("fault"):  # fault-injection tests only (rectrain.train.resume.FAULT_ENV)
+        os.environ["RECTRAIN_TEST_FAULT"] = config["fault"]
+    threads = config.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    env = WorkerEnv(
+        rank=rank, world=ctx.get_world_size(), device=ray.train.torch.get_device(),
+        shard=lambda split: RayShard(ray.train.get_dataset_shard(split)),
+        report=lambda m: ray.train.report(m))
+    run(config_from_dict(config["job"]), env)
 
 
 def read_placement(run_dir: str) -> list[dict]:

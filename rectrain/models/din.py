@@ -12,11 +12,6 @@ from rectrain.models.layers import MLP, TargetAttention
 from rectrain.models.zoo_layers import SequenceEncoder
 
 
-def main_logits(out: torch.Tensor) -> torch.Tensor:
-    """The label's logits ``[B]`` from a model output ``[B]`` or ``[B, 1 + K]``."""
-    return out if out.dim() == 1 else out[:, 0]
-
-
 class DIN(nn.Module):
     """Deep Interest Network (Zhou et al., KDD 2018) over TorchRec embedding collections.
 
@@ -38,7 +33,7 @@ class DIN(nn.Module):
     sharding with DistributedModelParallel); dense layers on ``dense_device``.
 
     ``forward(batch)`` returns logits float32 ``[B]``, or ``[B, 1 + K]`` with ``K`` auxiliary
-    ordinal heads (column 0 is the label; see :func:`main_logits`); ``forward_with_attention``
+    ordinal heads (column 0 is the label; see :func:`~rectrain.models.base.main_logits`); ``forward_with_attention``
     also returns the attention weights ``[B, L]``.
     """
 

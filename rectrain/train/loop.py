@@ -4,8 +4,8 @@
 shard it with DMP, then per epoch train on this rank's shard with the same number of steps on
 every rank, evaluate on ALL validation rows, keep the best epoch's checkpoint; finally reload the
 best checkpoint, score ALL test rows, and write ``metrics.json``, ``predictions/test.parquet``
-and TensorBoard events. :func:`ray_train_worker` runs it under Ray Train; tests and torchrun call
-:func:`run` with a :class:`WorkerEnv` built from :class:`~rectrain.data.loader.FileShard`.
+and TensorBoard events. :func:`rectrain.launch.ray_launch.ray_train_worker` runs it under Ray
+Train; tests and torchrun call :func:`run` with :func:`rectrain.train.env.file_env`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -22,15 +21,15 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from rectrain.config import JobConfig, config_from_dict
+from rectrain.config import JobConfig
 from rectrain.data import storage
 from rectrain.data.features import FeatureLayout
-from rectrain.data.loader import (FileShard, RayShard, collective_batches, padded_eval_tables,
-                                  prefetch, rebatch)
-from rectrain.data.prepare import ITEM, TS, USER, load_manifest
+from rectrain.data.loader import collective_batches, padded_eval_tables, prefetch, rebatch
+from rectrain.data.schema import ITEM, TS, USER, load_manifest
 from rectrain.models import build_model
-from rectrain.models.din import main_logits
-from rectrain.train.checkpoint import load_checkpoint, save_checkpoint
+from rectrain.models.base import main_logits
+from rectrain.checkpoint import load_checkpoint, save_checkpoint
+from rectrain.train.env import WorkerEnv
 from rectrain.train.metrics import gather_arrays
 from rectrain.train.resume import Checkpointer
 from rectrain.train.objectives import (eval_metrics, init_regression_head, is_regression,
@@ -39,25 +38,6 @@ from rectrain.train.pipeline import Stepper
 from rectrain.train.sharding import shard_model
 
 log = logging.getLogger("rectrain.train")
-
-
-@dataclass
-class WorkerEnv:
-    """What the loop needs from its launcher.
-
-    Attributes:
-        rank, world: this process's rank and the number of ranks (process group already up).
-        device: ``cpu`` or ``cuda:<local rank>``.
-        shard: ``shard(split) -> source`` with ``source.tables(epoch)`` yielding this rank's
-            Arrow tables of that split.
-        report: called on every rank with each epoch's metrics (``ray.train.report``).
-    """
-
-    rank: int
-    world: int
-    device: torch.device
-    shard: Callable[[str], object]
-    report: Callable[[dict], None] = field(default=lambda m: None)
 
 
 def _say(env: WorkerEnv, msg: str) -> None:
@@ -298,34 +278,3 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         writer.add_scalar("test/logloss", tm["logloss"], 0)
         writer.close()
     return metrics
-
-
-def ray_train_worker(config: dict) -> None:
-    """Entry point for ``ray.train.torch.TorchTrainer(train_loop_per_worker=...)``."""
-    import ray.train
-    import ray.train.torch
-
-    # FBGEMM logs every table's constructor arguments at INFO on the root logger
-    logging.getLogger().setLevel(logging.WARNING)
-    ctx = ray.train.get_context()
-    os.environ.update(config.get("env") or {})  # RECTRAIN_* of the driver (fault injection)
-    cfg = config_from_dict(config["job"])
-    if config.get("fault"):  # fault-injection tests only (rectrain.train.resume.FAULT_ENV)
-        os.environ["RECTRAIN_TEST_FAULT"] = config["fault"]
-    threads = config.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    env = WorkerEnv(
-        rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-        device=ray.train.torch.get_device(),
-        shard=lambda split: RayShard(ray.train.get_dataset_shard(split)),
-        report=lambda m: ray.train.report(m),
-    )
-    run(cfg, env)
-
-
-def file_env(cfg: JobConfig, rank: int, world: int, device=None) -> WorkerEnv:
-    """A :class:`WorkerEnv` reading the prepared Parquet directly (torchrun / tests)."""
-    return WorkerEnv(rank=rank, world=world, device=device or torch.device("cpu"),
-                     shard=lambda split: FileShard(storage.join(cfg.prepared_dir, split),
-                                                   rank, world))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rectrain.data.features import Batch
-from rectrain.models.din import main_logits
+from rectrain.models.base import main_logits
 
 
 def loss_of(out: torch.Tensor, batch: Batch, aux_weight: float,

@@ -15,7 +15,7 @@
   resume, so ``metrics.json``'s per-epoch ``train_rows`` counts every row of the epoch once.
 
 Checkpoint folders: ``run_dir/checkpoints/step-<8 digits>`` (atomic, see
-:mod:`rectrain.train.checkpoint`). ``meta.json`` holds ``progress``: ``epoch`` and ``rows_done``
+:mod:`rectrain.checkpoint`). ``meta.json`` holds ``progress``: ``epoch`` and ``rows_done``
 (the data position: rows of that epoch's permutation consumed), ``step``, ``samples_seen``, the
 epoch's partial loss/rows/seconds, ``best``, ``history``, totals, the world size and each rank's
 torch RNG state (restored when the world size is unchanged, so dropout continues identically).
@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from rectrain.data import storage
 from rectrain.data.order import GlobalOrder
-from rectrain.train.checkpoint import is_complete, load_checkpoint, save_checkpoint
+from rectrain.checkpoint import is_complete, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

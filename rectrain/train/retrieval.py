@@ -35,11 +35,11 @@ from rectrain.config import JobConfig
 from rectrain.data import storage
 from rectrain.data.features import FeatureLayout
 from rectrain.data.loader import collective_batches, padded_eval_tables, padding_table, rebatch
-from rectrain.data.prepare import ITEM, TS, USER, load_manifest
+from rectrain.data.schema import ITEM, TS, USER, load_manifest
 from rectrain.models import build_model
 from rectrain.models.sasrec import next_item_targets
 from rectrain.models.two_tower import in_batch_softmax_loss
-from rectrain.train.checkpoint import load_checkpoint, save_checkpoint
+from rectrain.checkpoint import load_checkpoint, save_checkpoint
 from rectrain.train.metrics import gather_arrays
 from rectrain.train.ranking_metrics import exclusion_mask, metrics_from_ranks, target_ranks
 from rectrain.train.sharding import shard_model
