@@ -12,6 +12,7 @@ import pickle
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -40,21 +41,21 @@ def _train(rank, world, job, dump_step):
     from rectrain.train.env import file_env
 
     dumps = {}
-    save, restore = resume.Checkpointer._save, resume.Checkpointer.restore
+    save, restore = resume.Checkpointer._save_periodic, resume.Checkpointer.restore
 
-    def _save(self, step, progress):
-        url = save(self, step, progress)
-        if step == dump_step:
+    def _save(self, state):
+        url = save(self, state)
+        if state.step == dump_step:
             dumps["saved"] = local_shards(self.dmp, self.optimizer)
         return url
 
-    def _restore(self):
-        out = restore(self)
-        if out[1] is not None:
+    def _restore(self, state):
+        out = restore(self, state)
+        if out:
             dumps["restored"] = local_shards(self.dmp, self.optimizer)
         return out
 
-    resume.Checkpointer._save, resume.Checkpointer.restore = _save, _restore
+    resume.Checkpointer._save_periodic, resume.Checkpointer.restore = _save, _restore
     cfg = config_from_dict(job)
     metrics = loop.run(cfg, file_env(cfg, rank, world))
     return {"metrics": metrics, **dumps}
@@ -183,3 +184,51 @@ def test_same_world_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert m["epochs"][0]["train_loss"] == pytest.approx(ref["epochs"][0]["train_loss"], rel=1e-6)
     assert m["epochs"][0]["valid_auc"] == ref["epochs"][0]["valid_auc"]
     assert m["test_auc"] == ref["test_auc"] and m["test_logloss"] == ref["test_logloss"]
+
+
+def test_mse_resume_keeps_replacing_the_best_checkpoint(tmp_path):
+    """An mse job resumed after its first epoch still selects its best epoch by -RMSE: the
+    resumed run's best epoch is the argmax of -valid_rmse over the whole history, and the best
+    checkpoint holds that epoch (a resume used to re-score the saved best by AUC, which no later
+    -RMSE could beat)."""
+    import os
+
+    import pyarrow.parquet as pq
+    import torch.distributed as dist
+
+    from rectrain.config import config_from_dict
+    from rectrain.train import loop
+    from rectrain.train.env import file_env
+    from tests.ckpt_helpers import free_port
+
+    tmp = str(tmp_path)
+    write_prepared(f"{tmp}/prepared", n_train=240)
+    for split in ("train", "valid", "test"):  # a rating that depends on the item
+        for f in sorted(os.listdir(f"{tmp}/prepared/{split}")):
+            path = f"{tmp}/prepared/{split}/{f}"
+            t = pq.read_table(path)
+            value = (1.0 + (t["item_id"].to_numpy() % 5)).astype(np.float32)
+            pq.write_table(t.append_column("label_value", pa.array(value)), path)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        def run(epochs, resume=None):
+            job = tiny_job(tmp, prepared_dir=f"{tmp}/prepared", run_dir=f"{tmp}/run",
+                           model={"loss": "mse"},
+                           train={"epochs": epochs, "batch_size": B, "eval_batch_size": 64,
+                                  "num_workers": 1, "log_every": 100},
+                           checkpoint={"resume": resume})
+            cfg = config_from_dict(job)
+            return loop.run(cfg, file_env(cfg, 0, 1))
+
+        first = run(1)
+        m = run(4, resume="latest")
+    finally:
+        dist.destroy_process_group()
+    assert first["best_epoch"] == 0
+    rmse = [e["valid_rmse"] for e in m["epochs"]]
+    assert [e["epoch"] for e in m["epochs"]] == [0, 1, 2, 3]
+    assert m["best_epoch"] == int(np.argmin(rmse)) > 0, rmse
+    best = storage.read_json(f"{tmp}/run/checkpoint/meta.json")
+    assert best["epoch"] == m["best_epoch"]
+    assert best["score"] == pytest.approx(-min(rmse))

@@ -14,7 +14,7 @@ from rectrain.data import storage
 from rectrain.data.prepare import prepare
 from rectrain.data.sources.movielens import load_movielens_100k, write_raw_logs
 from rectrain.launch.ray_launch import train
-from rectrain.train.resume import FAULT_ENV
+from rectrain.train.faults import FAULT_ENV, marker_url
 
 N_USERS, B, EVERY, FAULT_STEP = 60, 128, 4, 6
 
@@ -41,10 +41,10 @@ def test_killed_worker_restores_from_checkpoint(tmp_path, ray_local, monkeypatch
     assert n_train // (2 * B) > FAULT_STEP + 2  # the fault is mid-epoch
     ref = train(cfg("ref"))
 
-    marker = tmp_path / "fault.json"
-    monkeypatch.setenv(FAULT_ENV, f"{FAULT_STEP}:1:{marker}")
+    monkeypatch.setenv(FAULT_ENV, f"1:{FAULT_STEP}:exit")
     m = train(cfg("ft"))
-    assert storage.read_json(str(marker)) == {"step": FAULT_STEP, "rank": 1}  # it did fail
+    marker = marker_url(str(tmp_path / "ft"), 1, FAULT_STEP)
+    assert storage.read_json(marker) == {"step": FAULT_STEP, "rank": 1}  # it did fail
     ep, ep_ref = m["epochs"][0], ref["epochs"][0]
     # resumed at the last checkpoint before the fault; each row of the epoch trained once
     assert ep["resumed_at_row"] == EVERY * 2 * B

@@ -2,7 +2,7 @@
 same number of steps on both ranks, and evaluation with the sharded model scores every row exactly
 once (the short rank runs padding batches so the model's collectives stay matched). The same under
 Ray Train with 2 workers on prepared splits rewritten as awkward files, and a run where one rank
-raises (``RECTRAIN_FAULT_STEP``) and the job stops with that rank's error."""
+raises (``RECTRAIN_FAULT``) and the job stops with that rank's error."""
 
 import os
 
@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from rectrain.data.features import FeatureLayout
 from rectrain.data.loader import collective_batches, rebatch
 from rectrain.models import build_model
-from rectrain.train.loop import evaluate
+from rectrain.train.ranking import evaluate
 from rectrain.train.sharding import shard_model
 from tests.helpers import N_GENRES, N_ITEMS, N_USERS, SEQ_LEN, tiny_cfg
 from tests.test_distributed import _free_port, _manifest
@@ -171,7 +171,7 @@ def test_ray_train_one_failing_rank_stops_the_job_with_its_error(awkward_prepare
     from rectrain.launch.ray_launch import train
 
     tmp, _ = awkward_prepared
-    monkeypatch.setenv("RECTRAIN_FAULT_STEP", "1:3")  # rank 1 raises before its 4th step
+    monkeypatch.setenv("RECTRAIN_FAULT", "1:3:raise")  # rank 1 raises before its 4th step
     with pytest.raises(Exception) as e:
         train(_job(tmp, "run_fault"))
     texts, c = [], e.value

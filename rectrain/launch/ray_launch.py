@@ -137,7 +137,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
 
     from rectrain.data.features import FeatureLayout
     from rectrain.data.schema import ITEM, TS, USER, load_manifest
-    from rectrain.train.resume import FAULT_ENV, prepare_run
+    from rectrain.train.resume import prepare_run
 
     storage.require_shared(cfg.prepared_dir, "prepared_dir")
     storage.require_shared(cfg.run_dir, "run_dir")
@@ -168,7 +168,6 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker=ray_train_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads,
-                           "fault": os.environ.get(FAULT_ENV),
                            "env": {k: v for k, v in os.environ.items()
                                    if k.startswith("RECTRAIN_")}},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -236,9 +235,7 @@ def ray_train_worker(config: dict) -> None:
                                           f"rank_{rank}.json"))
     # FBGEMM logs every table's constructor arguments at INFO on the root logger
     logging.getLogger().setLevel(logging.WARNING)
-    os.environ.update(config.get("env") or {})  # RECTRAIN_* of the driver (fault injection)
-    if config.get("fault"):  # fault-injection tests only (rectrain.train.resume.FAULT_ENV)
-        os.environ["RECTRAIN_TEST_FAULT"] = config["fault"]
+    os.environ.update(config.get("env") or {})  # RECTRAIN_* of the driver (e.g. RECTRAIN_FAULT)
     threads = config.get("threads")
     if threads:
         torch.set_num_threads(int(threads))

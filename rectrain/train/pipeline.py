@@ -35,26 +35,25 @@ class Stepper:
     that (or when the consumer stops early) the model is detached from the pipeline, so
     ``dmp(batch)`` works again for evaluation.
     ``before_step(i)`` runs before step ``i`` (e.g. the learning-rate schedule).
+    ``forward_loss(model, batch) -> scalar`` runs the forward and the loss (a
+    :class:`~rectrain.train.task.Task`'s ``loss``); default: BCE on the label (+ auxiliary
+    heads) of a ranking model.
     """
 
     def __init__(self, dmp: nn.Module, optimizer, device: torch.device, aux_weight: float = 1.0,
                  mode: str = "plain",
-                 loss: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None,
-                 on_batch: Callable[[Batch], None] = lambda batch: None):
+                 forward_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None):
         if mode not in ("plain", "sparse_dist"):
             raise ValueError(f"train.pipeline: unknown mode {mode!r}; use plain or sparse_dist")
         self.dmp, self.optimizer, self.device, self.mode = dmp, optimizer, device, mode
-        self.aux_weight = aux_weight
-        # loss(model output, batch) -> scalar; default: BCE on the label (+ auxiliary heads)
-        self.loss = loss or (lambda out, batch: loss_of(out, batch, aux_weight))
-        self.on_batch = on_batch  # runs before each forward (e.g. a regression head's init)
+        self.forward_loss = forward_loss or (
+            lambda model, batch: loss_of(model(batch), batch, aux_weight))
         self._pipe = None
         if mode == "sparse_dist":
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             def fwd(batch):
-                self.on_batch(batch)
-                loss = self.loss(dmp(batch), batch)
+                loss = self.forward_loss(dmp, batch)
                 return loss, (loss.detach(), batch.batch_size)
 
             self._pipe = TrainPipelineSparseDist(dmp, optimizer, device, custom_model_fwd=fwd)
@@ -66,9 +65,7 @@ class Stepper:
             for batch in batches:
                 batch = batch.to(self.device)
                 before_step(i)
-                self.on_batch(batch)
-                out = self.dmp(batch)
-                loss = self.loss(out, batch)
+                loss = self.forward_loss(self.dmp, batch)
                 self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()

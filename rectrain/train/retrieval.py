@@ -1,5 +1,5 @@
 """Training and full-ranking evaluation of retrieval / next-item models (``task = "retrieval"``:
-two-tower, SASRec). :func:`rectrain.train.loop.run` hands such models to :func:`run_retrieval`.
+two-tower, SASRec): :class:`RetrievalTask`, run by the one loop (:func:`rectrain.train.loop.run`).
 
 **Samples.** Every prepared event is a training positive (implicit feedback: all interactions,
 whatever their rating): the row's user features and behaviour sequence (its strictly earlier
@@ -23,7 +23,7 @@ same exclusions, same rows) is computed in the same pass.
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -33,16 +33,13 @@ import torch.nn.functional as F
 
 from rectrain.config import JobConfig
 from rectrain.data import storage
-from rectrain.data.features import FeatureLayout
-from rectrain.data.loader import collective_batches, padded_eval_tables, padding_table, rebatch
-from rectrain.data.schema import ITEM, TS, USER, load_manifest
-from rectrain.models import build_model
+from rectrain.data.features import Batch, FeatureLayout
+from rectrain.data.loader import padded_eval_tables, padding_table
+from rectrain.data.schema import ITEM, TS, USER
 from rectrain.models.sasrec import next_item_targets
 from rectrain.models.two_tower import in_batch_softmax_loss
-from rectrain.checkpoint import load_checkpoint, save_checkpoint
 from rectrain.train.metrics import gather_arrays
 from rectrain.train.ranking_metrics import exclusion_mask, metrics_from_ranks, target_ranks
-from rectrain.train.sharding import shard_model
 
 KS = (10, 20)
 
@@ -163,158 +160,163 @@ def evaluate_ranking(model, layout: FeatureLayout, source, batch_size: int, devi
     return arrays
 
 
-def _say(env, msg: str) -> None:
-    if env.rank == 0:
-        print(f"[rectrain] {msg}", flush=True)
+@dataclass
+class RetrievalBatch(Batch):
+    """A training batch of a retrieval model: the ``B`` query rows (their item column is the
+    positive), followed with ``retrieval_loss: full`` by one row per corpus item (so one TorchRec
+    lookup embeds both).
+
+    Attributes (besides :class:`~rectrain.data.features.Batch`'s):
+        targets: int64 ``[B]``: the positive's encoded item id.
+        next_items: int64 ``[B, S]``: SASRec's every-step next-item targets (0 = none;
+            ``[B, 0]`` unless ``model.sasrec_all_steps``).
+    """
+
+    targets: torch.Tensor = None
+    next_items: torch.Tensor = None
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.targets.shape[0])
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "RetrievalBatch":
+        b = super().to(device, non_blocking)
+        return RetrievalBatch(b.dense, b.sparse, b.labels, b.aux_labels,
+                              self.targets.to(device, non_blocking=non_blocking),
+                              self.next_items.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream) -> None:
+        super().record_stream(stream)
+        self.targets.record_stream(stream)
+        self.next_items.record_stream(stream)
+
+    def pin_memory(self) -> "RetrievalBatch":
+        b = super().pin_memory()
+        return RetrievalBatch(b.dense, b.sparse, b.labels, b.aux_labels,
+                              self.targets.pin_memory(), self.next_items.pin_memory())
+
+    @property
+    def batch_size(self) -> int:  # rows trained on (the corpus rows are not samples)
+        return self.n_queries
 
 
 def _fmt(m: dict) -> str:
     return " ".join(f"{k} {m[k]:.4f}" for k in ("hr@10", "ndcg@10", "recall@20"))
 
 
-def run_retrieval(cfg: JobConfig, env) -> dict:
-    """Train, validate (full ranking), checkpoint and test a retrieval model on this rank
-    (collective). Writes ``metrics.json`` (keys ``test.hr@10`` ... as nested dicts, see the
-    README) and ``predictions/test.parquet``; returns the metrics (identical on every rank)."""
-    from rectrain.train.loop import _global_mean, lr_schedule
+class RetrievalTask:
+    """:class:`~rectrain.train.task.Task` for models returning ``(user, item)`` vectors.
 
-    t_start = time.perf_counter()
-    tc, ms = cfg.train, cfg.model
-    torch.manual_seed(tc.seed)
-    np_rng = np.random.default_rng(tc.seed + 1000 * env.rank)
-    manifest = load_manifest(cfg.prepared_dir)
-    layout = FeatureLayout(cfg, manifest)
-    model = build_model(layout, ms, sparse_device=torch.device("meta"), dense_device=env.device)
-    item_key = model.item_key
-    n_items = layout.num_embeddings[next(f.table_name for f in layout.sequence
-                                         if f.name == item_key)]
-    temperature = model.temperature
-    dmp, optimizer, plan = shard_model(model, cfg.sharding, cfg.optim, env.device)
-    _say(env, f"sharding plan ({env.world} ranks):\n{plan}")
-    counts = item_counts(cfg.prepared_dir, item_key, n_items)
-    log_q = torch.from_numpy(np.log(np.maximum(counts, 1) / max(counts.sum(), 1))).float()
-    items = all_items_table(cfg, layout, item_key)
-    item_ids = torch.from_numpy(items[item_key].to_numpy().astype(np.int64))
-    seen_valid = SeenIndex(cfg.prepared_dir, ("train",), item_key, n_items)
-    seen_test = SeenIndex(cfg.prepared_dir, ("train", "valid"), item_key, n_items)
-    writer = None
-    if env.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(storage.join(cfg.run_dir, "tensorboard"))
-    ckpt_url = storage.join(cfg.run_dir, "checkpoint")
-    planned = tc.epochs * max(1, manifest["rows_per_split"]["train"] // (tc.batch_size * env.world))
-    set_lr = lr_schedule(optimizer, cfg.optim, planned)
-    full = ms.retrieval_loss == "full"
-    all_steps = ms.name == "sasrec" and ms.sasrec_all_steps
-    if all_steps and not full:
-        raise ValueError("model.sasrec_all_steps needs model.retrieval_loss: full")
-    target_pos = torch.full((n_items,), -1, dtype=torch.long)
-    target_pos[item_ids] = torch.arange(len(item_ids))
-    best = {"score": -1.0, "epoch": -1, "metrics": {}}
-    history, step, train_seconds, train_samples = [], 0, 0.0, 0
-    for epoch in range(tc.epochs):
-        t_epoch = time.perf_counter()
-        t_log, n_log, loss_sum, loss_n, rows = t_epoch, 0, 0.0, 0, 0
-        for t, _ in collective_batches(rebatch(env.shard("train").tables(epoch), tc.batch_size,
-                                               True, np_rng), "train"):
-            t = t.select(layout.columns)
-            B = t.num_rows
-            if full:
-                t = pa.concat_tables([t, items.select(layout.columns).cast(t.schema)])
-            batch = layout.to_batch(t).to(env.device)
-            set_lr(step)
-            ids = torch.from_numpy(t[item_key].to_numpy()[:B].astype(np.int64))
-            if all_steps:  # SASRec's objective: every history step predicts the next item
-                h, v = dmp(batch, n_queries=B, all_steps=True)
-                nxt = torch.from_numpy(next_item_targets(
-                    t[model.hist_key].slice(0, B).combine_chunks(), ids.numpy(), h.shape[1]))
-                has = nxt > 0
-                logits = h[has.to(env.device)] @ v[B:].t() / temperature
-                loss = F.cross_entropy(logits, target_pos[nxt[has]].to(env.device))
-            elif full:
-                u, v = dmp(batch, n_queries=B)
-                logits = u @ v[B:].t() / temperature
-                loss = F.cross_entropy(logits, target_pos[ids].to(env.device))
-            else:
-                u, v = dmp(batch, n_queries=B)
-                lq = log_q[ids].to(env.device) if ms.logq_correction else None
-                loss = in_batch_softmax_loss(u, v[:B], ids.to(env.device), temperature, lq)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            rows += B
-            n_log += B * env.world
-            loss_sum += float(loss.detach())
-            loss_n += 1
-            if tc.max_train_rows and rows >= tc.max_train_rows:
-                break
-            if step % tc.log_every == 0:
-                now = time.perf_counter()
-                _say(env, f"epoch {epoch} step {step} loss {loss_sum / loss_n:.4f} "
-                          f"{n_log / (now - t_log):,.0f} samples/s")
-                if writer:
-                    writer.add_scalar("train/loss", loss_sum / loss_n, step)
-                t_log, n_log = now, 0
-        epoch_s = time.perf_counter() - t_epoch
-        train_seconds += epoch_s
-        train_samples += rows * env.world
-        va = evaluate_ranking(dmp, layout, env.shard("valid"), tc.eval_batch_size, env.device,
-                              items, item_key, n_items, seen_valid, counts)
-        vm = metrics_from_ranks(va["rank"], KS)
-        rec = {"epoch": epoch, "train_loss": _global_mean(loss_sum / max(loss_n, 1)),
-               "train_rows": rows * env.world, "train_seconds": epoch_s,
-               "train_samples_per_s": rows * env.world / max(epoch_s, 1e-9),
-               **{f"valid_{k}": float(x) for k, x in vm.items()}}
-        history.append(rec)
-        _say(env, f"epoch {epoch}: train loss {rec['train_loss']:.4f} "
-                  f"({rec['train_samples_per_s']:,.0f} samples/s) | valid {_fmt(vm)} "
-                  f"({vm['users']} users)")
-        if writer:
-            for k in ("hr@10", "ndcg@10"):
-                writer.add_scalar(f"valid/{k}", vm[k], epoch)
-        env.report({k: float(x) for k, x in rec.items()})
-        if vm["ndcg@10"] > best["score"]:
-            best = {"score": vm["ndcg@10"], "epoch": epoch, "metrics": vm,
-                    "pop": metrics_from_ranks(va["pop_rank"], KS)}
-            save_checkpoint(ckpt_url, dmp, optimizer, meta={
-                "epoch": epoch, "step": step, "valid": vm, "world_size": env.world,
-                "plan": str(plan), "config": cfg.model_dump(mode="json")})
-    load_checkpoint(ckpt_url, dmp)
-    te = evaluate_ranking(dmp, layout, env.shard("test"), tc.eval_batch_size, env.device,
-                          items, item_key, n_items, seen_test, counts, keep=(ITEM, TS))
-    tm = metrics_from_ranks(te["rank"], KS)
-    pm = metrics_from_ranks(te["pop_rank"], KS)
-    _say(env, f"test (best epoch {best['epoch']}, full ranking over {len(item_ids)} items, "
-              f"{tm['users']} users): {_fmt(tm)} | most popular: {_fmt(pm)}")
-    metrics = {
-        "task": "retrieval", "model": ms.name,
-        "test": tm, "valid": best["metrics"],
-        "baseline_most_popular": {"test": pm, "valid": best.get("pop", {})},
-        "hr@10_vs_most_popular": tm["hr@10"] / pm["hr@10"] if pm["hr@10"] else float("nan"),
-        "protocol": {"split": "leave-last-out", "items_ranked": int(len(item_ids)),
-                     "exclude": "items of the user's earlier events (train; + valid for test), "
-                                "target kept", "ties": "count against the target"},
-        "best_epoch": best["epoch"], "rows_per_split": manifest["rows_per_split"],
-        "train_samples_per_s": train_samples / max(train_seconds, 1e-9),
-        "train_seconds": train_seconds, "worker_seconds": time.perf_counter() - t_start,
-        "world_size": env.world, "epochs": history,
-    }
-    # flat keys too (benchmarks/quality.py reads top-level keys): test_hr@10, test_ndcg@10,
-    # test_recall@20, ..., valid_*, most_popular_test_*, most_popular_valid_*
-    for prefix, mm in (("test_", tm), ("valid_", best["metrics"]), ("most_popular_test_", pm),
-                       ("most_popular_valid_", best.get("pop", {}))):
-        metrics.update({prefix + k: x for k, x in mm.items()})
-    if env.rank == 0:
+    Raises:
+        ValueError: ``model.sasrec_all_steps`` without ``model.retrieval_loss: full``.
+    """
+
+    def __init__(self, cfg, layout: FeatureLayout, manifest: dict, model, env):
+        ms = cfg.model
+        self.cfg, self.layout, self.env = cfg, layout, env
+        self.item_key = model.item_key
+        self.hist_key = getattr(model, "hist_key", None)
+        self.temperature = model.temperature
+        self.n_items = layout.num_embeddings[next(f.table_name for f in layout.sequence
+                                                  if f.name == self.item_key)]
+        self.full = ms.retrieval_loss == "full"
+        self.all_steps = ms.name == "sasrec" and ms.sasrec_all_steps
+        if self.all_steps and not self.full:
+            raise ValueError("model.sasrec_all_steps needs model.retrieval_loss: full")
+        self.steps = model.steps if self.all_steps else 0  # SASRec: output steps
+        self.logq = ms.logq_correction and not self.full
+        prepared = cfg.prepared_dir
+        self.counts = item_counts(prepared, self.item_key, self.n_items)
+        self.log_q = torch.from_numpy(np.log(np.maximum(self.counts, 1)
+                                             / max(self.counts.sum(), 1))).float()
+        self.items = all_items_table(cfg, layout, self.item_key)
+        self.corpus = self.items.select(layout.columns)
+        item_ids = torch.from_numpy(self.items[self.item_key].to_numpy().astype(np.int64))
+        self.n_corpus = len(item_ids)
+        self.target_pos = torch.full((self.n_items,), -1, dtype=torch.long)
+        self.target_pos[item_ids] = torch.arange(self.n_corpus)
+        self.seen = {"valid": SeenIndex(prepared, ("train",), self.item_key, self.n_items),
+                     "test": SeenIndex(prepared, ("train", "valid"), self.item_key, self.n_items)}
+
+    def to_batch(self, table: pa.Table) -> RetrievalBatch:
+        t = table.select(self.layout.columns)
+        B = t.num_rows
+        ids = t[self.item_key].to_numpy().astype(np.int64)
+        nxt = np.zeros((B, 0), np.int64)
+        if self.all_steps:
+            nxt = next_item_targets(t[self.hist_key].combine_chunks(), ids, self.steps)
+        if self.full:
+            t = pa.concat_tables([t, self.corpus.cast(t.schema)])
+        b = self.layout.to_batch(t)
+        return RetrievalBatch(b.dense, b.sparse, b.labels, b.aux_labels,
+                              torch.from_numpy(ids), torch.from_numpy(nxt))
+
+    def start(self, step: int) -> None:
+        pass
+
+    def loss(self, model, batch: RetrievalBatch) -> torch.Tensor:
+        B, dev = batch.n_queries, batch.targets.device
+        if self.all_steps:  # SASRec's objective: every history step predicts the next item
+            h, v = model(batch, n_queries=B, all_steps=True)
+            has = batch.next_items > 0
+            logits = h[has] @ v[B:].t() / self.temperature
+            return F.cross_entropy(logits, self.target_pos.to(dev)[batch.next_items[has]])
+        u, v = model(batch, n_queries=B)
+        if self.full:
+            logits = u @ v[B:].t() / self.temperature
+            return F.cross_entropy(logits, self.target_pos.to(dev)[batch.targets])
+        lq = self.log_q.to(dev)[batch.targets] if self.logq else None
+        return in_batch_softmax_loss(u, v[:B], batch.targets, self.temperature, lq)
+
+    def _evaluate(self, model, source, split: str, keep=()) -> dict:
+        tc = self.cfg.train
+        return evaluate_ranking(model, self.layout, source, tc.eval_batch_size, self.env.device,
+                                self.items, self.item_key, self.n_items, self.seen[split],
+                                self.counts, keep=keep)
+
+    def validate(self, model, source) -> dict:
+        va = self._evaluate(model, source, "valid")
+        return {**metrics_from_ranks(va["rank"], KS),
+                "most_popular": metrics_from_ranks(va["pop_rank"], KS)}
+
+    def selection_score(self, vm: dict) -> float:
+        v = vm["ndcg@10"]
+        return v if v == v else -1e30
+
+    def epoch_record(self, vm: dict) -> dict:
+        return {f"valid_{k}": float(x) for k, x in vm.items() if k != "most_popular"}
+
+    def describe(self, vm: dict) -> str:
+        return f"valid {_fmt(vm)} ({vm['users']} users)"
+
+    def scalars(self, vm: dict) -> dict[str, float]:
+        return {f"valid/{k}": vm[k] for k in ("hr@10", "ndcg@10")}
+
+    def test(self, model, source, best_valid: dict) -> tuple[dict, pa.Table, str]:
+        te = self._evaluate(model, source, "test", keep=(ITEM, TS))
+        tm = metrics_from_ranks(te["rank"], KS)
+        pm = metrics_from_ranks(te["pop_rank"], KS)
+        valid = {k: x for k, x in best_valid.items() if k != "most_popular"}
+        pop_valid = best_valid.get("most_popular", {})
+        metrics = {
+            "task": "retrieval", "test": tm, "valid": valid,
+            "baseline_most_popular": {"test": pm, "valid": pop_valid},
+            "hr@10_vs_most_popular": tm["hr@10"] / pm["hr@10"] if pm["hr@10"] else float("nan"),
+            "protocol": {"split": "leave-last-out", "items_ranked": self.n_corpus,
+                         "exclude": "items of the user's earlier events (train; + valid for "
+                                    "test), target kept", "ties": "count against the target"},
+        }
+        # flat keys too (benchmarks/quality.py reads top-level keys): test_hr@10, ...,
+        # valid_*, most_popular_test_*, most_popular_valid_*
+        for prefix, mm in (("test_", tm), ("valid_", valid), ("most_popular_test_", pm),
+                           ("most_popular_valid_", pop_valid)):
+            metrics.update({prefix + k: x for k, x in mm.items()})
         pred = pa.table({"user_id": te[USER], "item_id": te[ITEM], "timestamp": te[TS],
                          "rank": te["rank"].astype(np.int64),
                          "most_popular_rank": te["pop_rank"].astype(np.int64)})
-        storage.write_parquet(pred, storage.join(cfg.run_dir, "predictions", "test.parquet"))
-        storage.write_json(metrics, storage.join(cfg.run_dir, "metrics.json"))
-        for k in ("hr@10", "ndcg@10", "recall@20"):
-            writer.add_scalar(f"test/{k}", tm[k], 0)
-        writer.close()
-    return metrics
+        text = (f"full ranking over {self.n_corpus} items, {tm['users']} users: {_fmt(tm)} | "
+                f"most popular: {_fmt(pm)}")
+        return metrics, pred, text
 
 
 def retrieval_top_k(model, candidates, users: pa.Table, items: pa.Table, prepared: str, k: int,
