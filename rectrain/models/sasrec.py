@@ -80,7 +80,8 @@ class SASRec(nn.Module):
         x = jt.to_padded_dense(desired_length=self.max_len)[:n_queries]  # [B, L, E]
         x, valid = right_align(x, jt.lengths()[:n_queries])
         x, valid = x[:, -self.steps:], valid[:, -self.steps:]  # the most recent steps
-        if x.shape[0] == 0:  # no queries (item vectors only): nn.MultiheadAttention needs B > 0
+        if n_queries == 0:  # item vectors only: nn.MultiheadAttention needs B > 0 (test the
+            # argument, not the tensor, so TorchRec's fx trace of the forward can follow it)
             return x
         x = self.dropout(x * math.sqrt(x.shape[-1]))
         return self.encoder(x, valid)

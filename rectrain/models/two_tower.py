@@ -123,7 +123,7 @@ class TwoTower(nn.Module):
         q = slice(None, n_queries)
         u_parts = [pooled[n][q] for n in self.user_pooled]
         u_parts.append(masked_mean(seqs[self.hist_key], self.max_len)[q])
-        if batch.dense.shape[1]:
+        if self.layout.dense_dim:  # static, so TorchRec's fx trace (sparse-dist pipeline) can follow it
             u_parts.append(batch.dense[q])
         item = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)  # [B, E]
         v_parts = [item] + [pooled[n] for n in self.item_pooled]

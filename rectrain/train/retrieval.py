@@ -23,6 +23,7 @@ same exclusions, same rows) is computed in the same pass.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,6 +199,14 @@ class RetrievalBatch(Batch):
     @property
     def batch_size(self) -> int:  # rows trained on (the corpus rows are not samples)
         return self.n_queries
+
+    def to_proxy_tuple(self, model) -> dict:
+        """Concrete arguments for TorchRec's fx trace of ``model.forward`` (the sparse-dist
+        pipeline, ``torchrec.distributed.train_pipeline.utils._rewrite_model``): the call's
+        ``n_queries`` / ``all_steps``, so the trace follows this call's control flow."""
+        params = inspect.signature(model.forward).parameters
+        args = {"n_queries": self.n_queries, "all_steps": self.next_items.shape[1] > 0}
+        return {k: v for k, v in args.items() if k in params}
 
 
 def _fmt(m: dict) -> str:
