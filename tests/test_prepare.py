@@ -11,6 +11,7 @@ import pytest
 
 from rectrain.config import config_from_dict
 from rectrain.data.prepare import DataValidationError, prepare
+from rectrain.data.schema import Manifest, load_manifest
 from tests.helpers import tiny_job, tiny_tables
 
 
@@ -76,6 +77,11 @@ def test_prepare_counts_sequences_and_manifest(tmp_path, ray_local):
     runs = int((train["_user"].to_numpy()[1:] != train["_user"].to_numpy()[:-1]).sum())
     assert runs > 0.8 * len(train)
     assert (tmp_path / "prepared" / "catalog" / "items.parquet").exists()
+    # the typed manifest reads back what prepare returned and wrote, field for field
+    typed = Manifest.load(str(tmp_path / "prepared"))
+    assert typed.rows_per_split == m["rows_per_split"] and typed.tables == manifest["tables"]
+    on_disk = load_manifest(str(tmp_path / "prepared"))
+    assert typed.to_dict() == on_disk == json.loads(json.dumps(m, default=str))
 
 
 def test_bad_row_error_names_file_column_row_value(tmp_path, ray_local):
