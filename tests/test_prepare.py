@@ -11,6 +11,7 @@ import pytest
 
 from rectrain.config import config_from_dict
 from rectrain.data.prepare import DataValidationError, prepare
+from rectrain.data.schema import Manifest, load_manifest
 from tests.helpers import tiny_job, tiny_tables
 
 
@@ -76,6 +77,11 @@ def test_prepare_counts_sequences_and_manifest(tmp_path, ray_local):
     runs = int((train["_user"].to_numpy()[1:] != train["_user"].to_numpy()[:-1]).sum())
     assert runs > 0.8 * len(train)
     assert (tmp_path / "prepared" / "catalog" / "items.parquet").exists()
+    # the typed manifest reads back what prepare returned and wrote, field for field
+    typed = Manifest.load(str(tmp_path / "prepared"))
+    assert typed.rows_per_split == m["rows_per_split"] and typed.tables == manifest["tables"]
+    on_disk = load_manifest(str(tmp_path / "prepared"))
+    assert typed.to_dict() == on_disk == json.loads(json.dumps(m, default=str))
 
 
 def test_bad_row_error_names_file_column_row_value(tmp_path, ray_local):
@@ -250,7 +256,7 @@ def test_event_distincts_merge_files_of_mixed_widths_lists_and_nulls(tmp_path, r
     one list row of their distinct elements, dictionary-encoded strings decoded, one null kept
     (a transform such as ``year`` maps it to a value of its own), an empty file without the
     columns skipped."""
-    from rectrain.data.prepare import _event_distincts
+    from rectrain.data.prepare.vocab import event_distincts
 
     big = 2**63 + 5
     a = pa.table({"item": pa.array([3, 1, 3, None], pa.int32()),
@@ -270,7 +276,7 @@ def test_event_distincts_merge_files_of_mixed_widths_lists_and_nulls(tmp_path, r
         pq.write_table(t, files[-1])
     types = {"item": pa.int32(), "tags": pa.list_(pa.int32()), "cat": a["cat"].type,
              "big": pa.list_(pa.uint64())}
-    d = _event_distincts(files, ["item", "tags", "cat", "big"], types)
+    d = event_distincts(files, ["item", "tags", "cat", "big"], types)
 
     def values(arr):
         return sorted(arr.to_pylist(), key=lambda v: (v is None, v))
@@ -288,13 +294,13 @@ def test_event_distincts_name_a_value_no_merged_type_holds(tmp_path, ray_local, 
                                                            row, value):
     """A value that the merged integer type cannot hold (uint64 above 2**63 beside int64 files,
     a negative id beside uint64 files) stops prepare naming file, column, row and value."""
-    from rectrain.data.prepare import _event_distincts
+    from rectrain.data.prepare.vocab import event_distincts
 
     files = []
     for i, arr in enumerate((first, second)):
         files.append(str(tmp_path / f"part-{i}.parquet"))
         pq.write_table(pa.table({"user_id": arr}), files[-1])
     with pytest.raises(DataValidationError) as e:
-        _event_distincts(files, ["user_id"], {"user_id": first.type})
+        event_distincts(files, ["user_id"], {"user_id": first.type})
     msg = str(e.value)
     assert all(s in msg for s in (files[1], "'user_id'", f"row {row}", f"value {value}")), msg

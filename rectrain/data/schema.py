@@ -8,6 +8,8 @@ and ``manifest.json`` (schema, table sizes, rows per split, rejected rows by rea
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 from rectrain.data import storage
 
 SPLITS = ("train", "valid", "test")
@@ -17,7 +19,8 @@ LABEL_VALUE = "label_value"  # the raw label column as float32 (e.g. the rating)
 
 
 def load_manifest(prepared_dir: str) -> dict:
-    """Read ``manifest.json`` from a prepared folder.
+    """Read ``manifest.json`` from a prepared folder as a plain dict (the trainer and serving
+    index it by key; :meth:`Manifest.load` gives the typed form).
 
     Raises:
         FileNotFoundError: the folder has no ``manifest.json`` (the message names the folder).
@@ -26,3 +29,56 @@ def load_manifest(prepared_dir: str) -> dict:
     if not storage.exists(url):
         raise FileNotFoundError(f"{prepared_dir}: no manifest.json; run `rectrain prepare` first")
     return storage.read_json(url)
+
+
+@dataclass
+class Manifest:
+    """What prepare wrote into a prepared folder (``manifest.json``), field for field.
+
+    Counts are rows (int); ``seconds`` are wall-clock seconds per prepare stage. The JSON
+    file's keys are these field names, in this order (:meth:`to_dict`).
+    """
+
+    name: str
+    schema: dict[str, str]  # sample column -> Arrow type string
+    features: list[dict]  # {name, kind, table, num_embeddings, pooling} per job feature
+    tables: dict[str, int]  # embedding table -> rows (ids 0..n-1; 0 is padding/unknown)
+    num_users: int
+    num_items: int | None  # None without an items side table
+    rows_read: int
+    rows_used: int
+    rows_rejected: int
+    rejected_by_reason: dict[str, int]
+    rows_remapped: int  # used with an unknown id / null list element mapped to 0 (oov)
+    remapped_by_reason: dict[str, int]
+    side_table_null_list_elements: dict[str, int]  # "<role>.<column>" -> rows
+    hashing: dict[str, dict]  # feature -> collision report (encode.hash_collisions)
+    empty_files: list[str]
+    rows_per_split: dict[str, int]  # train / valid / test
+    files_per_split: dict[str, dict[str, int]]  # split -> {file url: rows}
+    input_files: dict[str, dict]  # events file -> {rows_read, rows_used, rejected, remapped}
+    skipped_markers: list[str]
+    side_tables: dict[str, dict]  # role -> {files, rows}
+    dense_stats: dict[str, dict]  # feature -> {mean, std, missing_imputed} (train split)
+    text_embeddings: dict
+    seconds: dict[str, float]  # read_validate_join, sequences_split, shuffle_write_train, total
+    config: dict  # the job config, JSON mode
+
+    def to_dict(self) -> dict:
+        """The manifest as the JSON object stored on disk (a shallow dict of the fields)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def save(self, prepared_dir: str) -> None:
+        """Write ``prepared_dir/manifest.json``."""
+        storage.write_json(self.to_dict(), storage.join(prepared_dir, "manifest.json"))
+
+    @classmethod
+    def load(cls, prepared_dir: str) -> Manifest:
+        """Read ``prepared_dir/manifest.json``.
+
+        Raises:
+            FileNotFoundError: the folder has no ``manifest.json`` (the message names it).
+            TypeError: the file lacks a field or has one this class does not know (a manifest
+                from another rectrain version: run ``rectrain prepare`` again).
+        """
+        return cls(**load_manifest(prepared_dir))

@@ -1,0 +1,125 @@
+"""The closing stages of prepare: row accounting, catalog and vocabulary files, item text
+embeddings and the :class:`~rectrain.data.schema.Manifest`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rectrain.config import JobConfig
+from rectrain.data import storage
+from rectrain.data.prepare.events import EventCounts
+from rectrain.data.prepare.vocab import UID, SideTables, Vocabularies
+from rectrain.data.schema import ITEM, SPLITS, USER, Manifest
+
+
+def check_row_accounting(out: str, events: EventCounts, bucket_stats: list[dict]
+                         ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Every row read is in exactly one split or rejected, and the Parquet footers of the
+    written files add up to the counted rows of their split.
+    Returns ``(rows per split, {split: {file url: rows}})``.
+
+    Raises:
+        AssertionError: either identity fails (a bug in prepare, not in the data).
+    """
+    split_counts = {name: sum(b["rows"][name] for b in bucket_stats) for name in SPLITS}
+    rows_used, n_rejected = sum(split_counts.values()), sum(events.rejected.values())
+    if events.rows_read != rows_used + n_rejected:
+        raise AssertionError(f"row accounting broken: read {events.rows_read} != used "
+                             f"{rows_used} + rejected {n_rejected}")
+    files_per_split: dict[str, dict[str, int]] = {}
+    for name in SPLITS:
+        url = storage.join(out, name)
+        files_per_split[name] = _file_rows(url) if storage.exists(url) else {}
+        if sum(files_per_split[name].values()) != split_counts[name]:
+            raise AssertionError(f"{name}: written rows differ from the counted rows")
+    return split_counts, files_per_split
+
+
+def _file_rows(url: str) -> dict[str, int]:
+    """{file url: rows} of the Parquet files under ``url``, from their footers."""
+    fs, path = storage.url_to_fs(url)
+    rows = {}
+    for p in sorted(fs.find(path)):
+        if p.endswith(".parquet"):
+            with fs.open(p, "rb") as f:
+                rows[p if storage.is_local(fs) else fs.unstrip_protocol(p)] = \
+                    pq.ParquetFile(f).metadata.num_rows
+    return rows
+
+
+def write_catalog_and_vocabularies(out: str, side: SideTables, vocab: Vocabularies) -> None:
+    """``catalog/{users,items}.parquet`` (encoded side features per raw id, for recommendation)
+    and ``vocab/<feature>.parquet`` (raw ``value`` -> ``id``, to map ids back)."""
+    for role in side.raw:
+        cat = {**side.encoded[role], (USER if role == "users" else ITEM): side.keys[role]}
+        storage.write_parquet(pa.table(cat), storage.join(out, "catalog", f"{role}.parquet"))
+    for name, v in vocab.vocabs.items():
+        storage.write_parquet(pa.table({"value": v, "id": pa.array(np.arange(1, len(v) + 1))}),
+                              storage.join(out, "vocab", f"{name}.parquet"))
+
+
+def text_embeddings(cfg: JobConfig, side: SideTables, vocab: Vocabularies) -> dict:
+    """Item text -> sentence embeddings (Ray Data batch inference), see rectrain.data.text_embed;
+    ``{}`` for a job without a ``text_embedding`` feature."""
+    if not any(f.kind == "text_embedding" for f in cfg.features):
+        return {}
+    from rectrain.data.text_embed import prepare_text_embeddings, text_feature_item_key
+
+    key = text_feature_item_key(cfg)
+    return prepare_text_embeddings(cfg, side.raw.get("items"), side.encoded["items"].get(key),
+                                   len(vocab.vocabs[key]), cfg.prepared_dir)
+
+
+def table_sizes(cfg: JobConfig, vocab: Vocabularies) -> dict[str, int]:
+    """Rows of each embedding table: the largest vocabulary (or hash range) + 1 (id 0) over
+    the features that share it; a sequence feature uses its source feature's ids."""
+    tables: dict[str, int] = {}
+    for f in cfg.features:
+        if f.kind in ("dense", "text_embedding"):
+            continue
+        src = f.source if f.kind == "sequence" else f.name
+        size = (vocab.hashing[src]["buckets"] + 1 if src in vocab.hashing
+                else len(vocab.vocabs[src]) + 1)
+        tables[f.table_name] = max(tables.get(f.table_name, 0), size)
+    return tables
+
+
+def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: Vocabularies,
+                   events: EventCounts, bucket_stats: list[dict], split_counts: dict[str, int],
+                   files_per_split: dict, dense_stats: dict, text: dict,
+                   seconds: dict[str, float]) -> Manifest:
+    """Assemble the manifest from the stages' results (nothing is read or checked here)."""
+    tables = table_sizes(cfg, vocab)
+    fs = events.file_stats
+    return Manifest(
+        name=cfg.name,
+        schema=next(b["schema"] for b in bucket_stats if b["schema"] is not None),
+        features=[{"name": f.name, "kind": f.kind, "table": f.table_name,
+                   "num_embeddings": tables.get(f.table_name),
+                   "pooling": f.pooling} for f in cfg.features],
+        tables=tables,
+        num_users=len(side.keys["users"]) if "users" in side.keys else len(vocab.event[UID]),
+        num_items=len(side.keys["items"]) if "items" in side.keys else None,
+        rows_read=events.rows_read,
+        rows_used=sum(split_counts.values()),
+        rows_rejected=sum(events.rejected.values()),
+        rejected_by_reason=dict(events.rejected),
+        rows_remapped=sum(events.remapped.values()),
+        remapped_by_reason=dict(events.remapped),
+        side_table_null_list_elements=side.null_list_elements,
+        hashing=vocab.hashing,
+        empty_files=[s["file"] for s in fs if s["rows_read"] == 0],
+        rows_per_split=split_counts,
+        files_per_split=files_per_split,
+        input_files={s["file"]: {"rows_read": s["rows_read"], "rows_used": s["rows_used"],
+                                 "rejected": s["rejected"], "remapped": s["remapped"]}
+                     for s in fs},
+        skipped_markers=markers,
+        side_tables={r: {"files": side.files[r], "rows": side.raw[r].num_rows} for r in side.raw},
+        dense_stats=dense_stats,
+        text_embeddings=text,
+        seconds=seconds,
+        config=cfg.model_dump(mode="json"),
+    )
