@@ -38,12 +38,18 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Jo
             a cycle, or a field is invalid (message names the file and the dotted field path).
     """
     p = Path(path)
-    raw = _read_chain(p, ())
+    raw = job_dict(p)
     if overrides:
         raw = _deep_merge(raw, overrides)
     cfg = config_from_dict(raw, source=str(p))
     check_launch(cfg, source=str(p))
     return cfg
+
+
+def job_dict(path: str | os.PathLike) -> dict:
+    """The raw mapping of a job YAML with its ``extends`` chain merged in (not validated; what
+    :func:`load_config` validates). Raises :class:`ConfigError` as :func:`load_config` does."""
+    return _read_chain(Path(path), ())
 
 
 def _read_chain(p: Path, stack: tuple[Path, ...]) -> dict:
