@@ -201,3 +201,14 @@ def test_shipped_variant_is_small_and_extends_the_base():
     assert "extends: movielens/base.yaml" in text and len(text.splitlines()) <= 40
     cfg = load_config(os.path.join(ROOT, "jobs", "movielens_dlrm.yaml"))
     assert cfg.model.name == "dlrm" and cfg.dataset.label.aux_thresholds == [2, 3, 5]
+
+
+def test_config_reference_is_up_to_date():
+    """docs/config.md is what `python -m rectrain.config.reference` prints (regenerate it)."""
+    from rectrain.config.reference import reference
+
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        committed = f.read()
+    assert committed == reference(), "run: python -m rectrain.config.reference > docs/config.md"
+    for name in ("sasrec_all_steps", "attention_hidden", "tower_hidden", "cross_rank"):
+        assert f"| `{name}` |" in committed
