@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from rectrain.config import config_from_dict
+from rectrain.config import MODEL_SPECS, RETRIEVAL_MODELS, config_from_dict, model_fields
 
 N_USERS, N_ITEMS, N_GENRES, SEQ_LEN = 30, 50, 6, 8
 
@@ -37,6 +37,11 @@ def tiny_job(tmp: str, **over) -> dict:
                   "dropout": 0.0},
         "train": {"batch_size": 16, "eval_batch_size": 32, "epochs": 1, "num_workers": 2},
     }
+    name = over.get("model", {}).get("name", "din")
+    if name in MODEL_SPECS:  # the din settings above that model `name` has no field for go
+        job["model"] = {k: v for k, v in job["model"].items() if k in model_fields(name)}
+    if name in RETRIEVAL_MODELS:  # full-ranking evaluation needs leave-last-out
+        job["dataset"]["split"] = {"test": 1, "valid": 1}
     for k, v in over.items():
         job[k] = {**job[k], **v} if isinstance(v, dict) and isinstance(job.get(k), dict) else v
     return job

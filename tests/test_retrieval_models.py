@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rectrain.config import config_from_dict
+from rectrain.config import config_from_dict, model_fields
 from rectrain.data.features import FeatureLayout
 from rectrain.models import build_model
 from rectrain.models.sasrec import SASRec, right_align
@@ -19,6 +19,8 @@ TABLES = {"user_id": N_USERS + 1, "item": N_ITEMS + 1, "age_bucket": 8, "genres"
 
 
 def _layout(name: str, **model):
+    """``model`` settings of the other retrieval model are dropped (each has its own fields)."""
+    model = {k: v for k, v in model.items() if k in model_fields(name)}
     job = tiny_job("/tmp/unused", model={"name": name, "embedding_dim": 8, **model})
     cfg = config_from_dict(job)
     return cfg, FeatureLayout(cfg, {"tables": TABLES, "dense_stats": {}})
@@ -121,11 +123,12 @@ def test_right_align():
 
 
 def test_item_features_are_checked():
-    cfg, layout = _layout("two_tower", item_features=["nope"])
+    # checked when the config is validated (ConfigError is a ValueError), before any model
     with pytest.raises(ValueError, match="model.item_features.0: 'nope'"):
+        cfg, layout = _layout("two_tower", item_features=["nope"])
         TwoTower(layout, cfg.model)
-    cfg, layout = _layout("sasrec", item_feature="user_id")
     with pytest.raises(ValueError, match="model.item_feature"):
+        cfg, layout = _layout("sasrec", item_feature="user_id")
         SASRec(layout, cfg.model)
 
 

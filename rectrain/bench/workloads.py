@@ -228,9 +228,10 @@ def din_ml100k(root: str) -> Workload:
     ``root/prepared`` by rectrain's own prepare stage (Ray Data) unless already there."""
     import yaml
 
+    from rectrain.config import job_dict
+
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with open(os.path.join(repo, "jobs", "movielens_din.yaml")) as f:
-        job = yaml.safe_load(f)
+    job = job_dict(os.path.join(repo, "jobs", "movielens_din.yaml"))  # extends: merged
     prepared = os.path.join(root, "prepared")
     spec = {k: v for k, v in job["model"].items()}
     raw = os.path.join(root, "raw")

@@ -117,7 +117,8 @@ def build_entrypoint(verb: str, spec: str, working_dir: str, args: Iterable[str]
     if not isinstance(raw, dict):
         raise SubmitError(f"{spec}: top level must be a mapping, got {type(raw).__name__}")
     if verb in CONFIG_VERBS:
-        from rectrain.config import config_from_dict
+        from rectrain.config import config_from_dict, job_dict
+        raw = job_dict(p)  # with its extends: chain
         config_from_dict(raw, source=spec)  # a bad spec fails here, not minutes later
     wd = Path(working_dir)
     pieces = [python, "-m", "rectrain.cli", verb]

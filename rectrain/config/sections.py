@@ -1,18 +1,12 @@
-"""Typed job configuration (pydantic v2), loaded from a YAML file in ``jobs/``.
-
-Every section is a pydantic model with ``extra="forbid"``, so a misspelt key, a wrong type or an
-out-of-range value raises :class:`ConfigError` whose message names the file and the dotted field
-path (e.g. ``jobs/x.yaml: features.3.kind: Input should be 'sparse', 'multi_hot', ...``).
-"""
+"""The job sections other than ``model`` (dataset, features, optim, train, sharding, ray,
+checkpoint), pydantic v2 models with ``extra="forbid"``: a misspelt key, a wrong type or an
+out-of-range value is a validation error naming the dotted field."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 #: column names of prepared samples that are not features (plus every name starting with "_")
@@ -163,68 +157,6 @@ class FeatureSpec(_Model):
         return self.table or self.name
 
 
-class ModelSpec(_Model):
-    """Model choice and sizes. ``din``: Deep Interest Network (Zhou et al., KDD 2018)."""
-
-    name: Literal["din", "dlrm", "dcnv2", "bst", "autoint", "two_tower", "sasrec"] = "din"
-    embedding_dim: int = Field(16, ge=1)
-    sequence_features: list[str] = Field(
-        ["hist_item_id"],
-        description="behaviour sequences attended over; each one's source feature is the "
-                    "matching part of the query (e.g. [hist_item_id, hist_genre] attends with "
-                    "[item_id, genre], as DIN's goods + category ids). May be empty only for "
-                    "dlrm (a Criteo-style job with no behaviour sequence)")
-    # ---- retrieval / next-item models (two_tower, sasrec: rectrain/models/{two_tower,sasrec}.py,
-    # trained by rectrain/train/retrieval.py)
-    item_feature: str = Field(
-        "item_id", description="two_tower/sasrec: the target item's sparse feature; its table "
-                               "is the corpus ranked in full at evaluation")
-    user_features: Optional[list[str]] = Field(
-        None, description="two_tower: pooled features of the user tower (None: every pooled "
-                          "feature not in item_features)")
-    item_features: list[str] = Field(
-        [], description="two_tower: pooled item side features of the item tower (next to "
-                        "item_feature)")
-    tower_hidden: list[int] = Field([128, 64], min_length=1,
-                                    description="two_tower: tower MLP sizes; last = output dim")
-    temperature: float = Field(0.05, gt=0, description="two_tower: softmax temperature on the "
-                                                       "cosine similarity of the two towers")
-    retrieval_loss: Literal["in_batch", "full"] = Field(
-        "in_batch", description="in_batch: sampled softmax over the batch's items with log-Q "
-                                "correction (Yi et al. 2019); full: softmax over every item")
-    logq_correction: bool = Field(True, description="in_batch: subtract log(item frequency)")
-    seq_layers: int = Field(2, ge=1, description="sasrec: transformer blocks")
-    seq_heads: int = Field(1, ge=1, description="sasrec: attention heads")
-    seq_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="sasrec: dropout")
-    sasrec_all_steps: bool = Field(
-        False, description="sasrec: train every history step to predict the next item (the "
-                           "paper's objective; needs retrieval_loss: full), not only the last")
-    seq_max_len: Optional[int] = Field(
-        None, ge=1, description="sasrec: attend over the last N history items only (None: "
-                                "dataset.sequence_length)")
-    attention_hidden: list[int] = [64, 32]
-    mlp_hidden: list[int] = [200, 80]
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    aux_weight: float = Field(1.0, ge=0.0, description="weight of the auxiliary heads' loss")
-    # ---- ranking model zoo (rectrain/models/zoo.py)
-    loss: Literal["bce", "mse"] = Field(
-        "bce", description="bce: binary label (AUC/logloss); mse: regression on the raw label "
-                           "column `label_value`, e.g. the rating (RMSE/MAE)")
-    sequence_encoder: Optional[Literal["mean", "cnn", "gru", "lstm", "transformer"]] = Field(
-        None, description="history encoder: din adds its output next to target attention "
-                          "(None: none); bst runs it over history + target (None: transformer); "
-                          "dlrm/dcnv2/autoint pool the history with it (None: mean)")
-    encoder_kernel: int = Field(3, ge=1, description="cnn sequence encoder kernel (steps)")
-    attention_heads: int = Field(2, ge=1, description="heads of bst/autoint/transformer blocks")
-    attention_layers: int = Field(1, ge=1, description="transformer blocks (bst/autoint)")
-    bottom_mlp: list[int] = Field([64], description="dlrm: bottom MLP on dense features "
-                                                     "(a last layer of embedding_dim is added)")
-    cross_layers: int = Field(3, ge=1, description="dcnv2: cross layers")
-    cross_rank: Optional[int] = Field(None, ge=1, description="dcnv2: low-rank W = U V^T")
-    cross_structure: Literal["stacked", "parallel"] = Field(
-        "parallel", description="dcnv2: cross then deep (stacked) or side by side (parallel)")
-
-
 class OptimSpec(_Model):
     """Dense parameters: Adam/AdamW. Sparse (embedding) parameters: a fused optimiser applied in
     backward (TorchRec ``apply_optimizer_in_backward``)."""
@@ -301,127 +233,3 @@ class CheckpointSpec(_Model):
     max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures: "
                                                     "worker-group restarts from the latest "
                                                     "checkpoint (-1: unlimited)")
-
-
-class JobConfig(_Model):
-    """A whole job: data → prepared samples → training run → recommendations."""
-
-    name: str
-    prepared_dir: str = Field(description="fsspec URL where prepare writes samples + manifest")
-    run_dir: str = Field(description="where train writes metrics, checkpoints, predictions")
-    dataset: DatasetSpec
-    features: list[FeatureSpec]
-    model: ModelSpec = ModelSpec()
-    optim: OptimSpec = OptimSpec()
-    train: TrainSpec = TrainSpec()
-    sharding: ShardingSpec = ShardingSpec()
-    ray: RaySpec = RaySpec()
-    checkpoint: CheckpointSpec = CheckpointSpec()
-
-    @model_validator(mode="after")
-    def _check_features(self) -> "JobConfig":
-        names = [f.name for f in self.features]
-        for i, n in enumerate(names):
-            if n in RESERVED_COLUMNS or n.startswith("_"):
-                raise ValueError(f"features.{i}.name: {n!r} is reserved for the samples' own "
-                                 f"columns ({', '.join(RESERVED_COLUMNS)}, names starting with _)")
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"duplicate feature names {sorted(dup)}")
-        by_name = {f.name: f for f in self.features}
-        for f in self.features:
-            if f.kind == "sequence":
-                src = by_name.get(f.source)
-                if src is None or src.kind != "sparse":
-                    raise ValueError(
-                        f"feature {f.name!r}: a sequence's source must name a sparse feature, "
-                        f"got {f.source!r}"
-                    )
-                if src.table_name != f.table_name:
-                    raise ValueError(
-                        f"feature {f.name!r}: must share table {src.table_name!r} with its "
-                        f"source feature (set table: {src.table_name})"
-                    )
-            if f.kind == "text_embedding":
-                items = self.dataset.items
-                if items is None:
-                    raise ValueError(f"feature {f.name!r}: text_embedding needs dataset.items")
-                if not any(g.kind == "sparse" and g.source == items.key and g.transform is None
-                           for g in self.features):
-                    raise ValueError(f"feature {f.name!r}: text_embedding needs a sparse "
-                                     f"feature with source {items.key!r} (the item id)")
-            if f.kind == "dense" and f.transform is not None and f.transform.prefix:
-                raise ValueError(f"feature {f.name!r}: prefix transform on a dense feature")
-        if not self.model.sequence_features and self.model.name != "dlrm":
-            raise ValueError(f"model.sequence_features: {self.model.name} needs at least one "
-                             "behaviour sequence (only dlrm runs without one)")
-        for i, fname in enumerate(self.model.sequence_features):
-            if fname not in by_name:
-                raise ValueError(f"model.sequence_features.{i}: no feature named {fname!r}")
-            if by_name[fname].kind != "sequence":
-                raise ValueError(f"model.sequence_features.{i}: {fname!r} is not a sequence")
-        return self
-
-
-def _resolve(value: str, base: Path) -> str:
-    if "://" in value or os.path.isabs(value):
-        return value
-    return str((base / value).resolve())
-
-
-def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> JobConfig:
-    """Load and validate a job YAML.
-
-    Relative paths in the file (dataset, prepared_dir, run_dir) are resolved against the current
-    directory (or ``$RECTRAIN_BASE_DIR`` when set, as in the cluster image). ``overrides`` is a
-    nested dict merged over the YAML (used by the CLI and tests).
-
-    Raises:
-        ConfigError: the file is missing, is not YAML, or a field is invalid (message names the
-            file and the dotted field path).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
-    if overrides:
-        raw = _deep_merge(raw, overrides)
-    return config_from_dict(raw, source=str(p))
-
-
-def config_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
-    """Validate a config dict; raises :class:`ConfigError` naming ``source`` and the field."""
-    try:
-        cfg = JobConfig.model_validate(raw)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-            lines.append(f"{source}: {loc}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
-    # RECTRAIN_BASE_DIR: where relative paths resolve on cluster nodes whose shared storage is
-    # mounted at a fixed place (cluster/Dockerfile); default the current directory
-    base = Path(os.environ.get("RECTRAIN_BASE_DIR") or Path.cwd())
-    cfg.prepared_dir = _resolve(cfg.prepared_dir, base)
-    cfg.run_dir = _resolve(cfg.run_dir, base)
-    ds = cfg.dataset
-    ds.events = _resolve(ds.events, base)
-    for side in (ds.users, ds.items):
-        if side is not None:
-            side.path = _resolve(side.path, base)
-    return cfg
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
