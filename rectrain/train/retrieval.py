@@ -216,8 +216,7 @@ def _fmt(m: dict) -> str:
 class RetrievalTask:
     """:class:`~rectrain.train.task.Task` for models returning ``(user, item)`` vectors.
 
-    Raises:
-        ValueError: ``model.sasrec_all_steps`` without ``model.retrieval_loss: full``.
+    ``model.sasrec_all_steps`` needs ``retrieval_loss: full`` (checked when the config loads).
     """
 
     def __init__(self, cfg, layout: FeatureLayout, manifest: dict, model, env):
@@ -230,8 +229,6 @@ class RetrievalTask:
                                                   if f.name == self.item_key)]
         self.full = ms.retrieval_loss == "full"
         self.all_steps = ms.name == "sasrec" and ms.sasrec_all_steps
-        if self.all_steps and not self.full:
-            raise ValueError("model.sasrec_all_steps needs model.retrieval_loss: full")
         self.steps = model.steps if self.all_steps else 0  # SASRec: output steps
         self.logq = ms.logq_correction and not self.full
         prepared = cfg.prepared_dir
