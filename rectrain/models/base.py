@@ -26,6 +26,14 @@ def main_logits(out: torch.Tensor) -> torch.Tensor:
     return out if out.dim() == 1 else out[:, 0]
 
 
+def label_prediction(out: torch.Tensor, regression: bool) -> torch.Tensor:
+    """What a ranking model predicts for the label, float32 ``[B]`` from its output ``[B]`` or
+    ``[B, 1 + K]``: the probability (sigmoid of the label logit) for ``model.loss: bce``, the
+    predicted label value itself (e.g. the rating) for ``model.loss: mse`` (``regression``)."""
+    logits = main_logits(out)
+    return logits if regression else torch.sigmoid(logits)
+
+
 def task_of(model) -> str:
     """``"ranking"`` or ``"retrieval"`` of a model, a model class, a wrapper holding the model
     as ``.module`` (DistributedModelParallel, DDP) or a ``model.name`` of the registry.
