@@ -170,7 +170,7 @@ def _ranking_line(m: dict) -> str:
 
 
 def cmd_recommend(run_dir: str, k: int, out: str | None, explain: int = 0) -> str:
-    from rectrain.recommend import recommend
+    from rectrain.serve.recommend import recommend
 
     path, n_users = recommend(run_dir, k=k, out=out, explain=explain)
     print(f"[rectrain] top-{k} recommendations for {n_users} users -> {path}", flush=True)
@@ -280,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args)
             return 0
         if args.verb == "export":
-            from rectrain.export import export
+            from rectrain.serve.export import export
             out = export(args.checkpoint, args.out)
-            print(f"[rectrain] exported {args.checkpoint} -> {out}", flush=True)
+            print(f"[rectrain] exported {args.checkpoint} -> {', '.join(out)}", flush=True)
             return 0
         if args.verb == "recommend":
             cmd_recommend(args.checkpoint, args.k, args.out, args.explain)

@@ -62,8 +62,8 @@ def test_plain_baseline_is_the_registry_model(tmp_path, kind):
     torch.manual_seed(0)
     reg = build_model(layout, cfg.model, sparse_device=torch.device("cpu")).eval()
     plain = (PlainDIN if kind == "din" else PlainDLRM)(layout, cfg.model).eval()
-    prefix = {"din": {"ebc.embedding_bags.": "bags.", "ec.embeddings.": "embs."},
-              "dlrm": {"emb.ebc.embedding_bags.": "bags."}}[kind]
+    prefix = {"din": {"sparse.ebc.embedding_bags.": "bags.", "sparse.ec.embeddings.": "embs."},
+              "dlrm": {"sparse.ebc.embedding_bags.": "bags."}}[kind]
     sd = {}
     for k, v in reg.state_dict().items():
         for a, b in prefix.items():

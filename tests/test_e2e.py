@@ -19,7 +19,7 @@ from rectrain.data.sources.movielens import load_movielens_100k, write_raw_logs
 from rectrain.launch.ray_launch import train
 from rectrain.models import build_model
 from rectrain.models.base import main_logits
-from rectrain.recommend import recommend
+from rectrain.serve.recommend import recommend
 from rectrain.checkpoint import load_checkpoint
 from rectrain.train.metrics import auc
 

@@ -84,7 +84,7 @@ def test_first_transform_of_lists():
 
 
 def test_append_truncate_builds_next_sequence():
-    from rectrain.recommend import append_truncate
+    from rectrain.serve.recommend import append_truncate
 
     seq = pa.array([[9, 1, 2], [], [5], [7, 8]], pa.list_(pa.int64())).slice(0, 4)
     out = append_truncate(seq, np.array([3, 4, 6, 9]), max_len=3)

@@ -11,7 +11,7 @@ import pytest
 
 from rectrain.data.prepare import prepare
 from rectrain.launch.ray_launch import train
-from rectrain.recommend import recommend
+from rectrain.serve.recommend import recommend
 from tests.helpers import N_ITEMS, N_USERS, tiny_cfg, tiny_tables
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import pyarrow as pa
+
 from rectrain.data import storage
 
 SPLITS = ("train", "valid", "test")
@@ -82,3 +84,13 @@ class Manifest:
                 from another rectrain version: run ``rectrain prepare`` again).
         """
         return cls(**load_manifest(prepared_dir))
+
+
+def read_split(prepared_dir: str, split: str, columns: list[str]) -> pa.Table | None:
+    """``columns`` of a prepared split as one Arrow table (None when the split is absent or has
+    no files)."""
+    url = storage.join(prepared_dir, split)
+    if not storage.exists(url):
+        return None
+    files, _ = storage.list_parquet_files(url)
+    return pa.concat_tables([storage.read_parquet(f, columns) for f in files]) if files else None

@@ -1,5 +1,8 @@
 """Model registry: config name -> class. Models take ``(layout, spec, sparse_device,
-dense_device)`` and map a :class:`~rectrain.data.features.Batch` to logits ``[B]``."""
+dense_device)``, embed a :class:`~rectrain.data.features.Batch` with
+:class:`~rectrain.models.sparse_arch.SparseArch` and follow the output contracts of
+:mod:`rectrain.models.base` (ranking logits ``[B]`` / ``[B, 1 + K]``; retrieval ``(u, v)``);
+:func:`~rectrain.models.base.task_of` tells the two apart."""
 
 from __future__ import annotations
 

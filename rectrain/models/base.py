@@ -1,17 +1,22 @@
-"""Output contracts of rectrain models.
+"""Output contracts of rectrain models, and the base classes that hold them.
 
-- **Ranking** models (``task = "ranking"``: din, dlrm, dcnv2, bst, autoint) map a
-  :class:`~rectrain.data.features.Batch` of ``B`` rows to logits float32 ``[B]``, or
-  ``[B, 1 + K]`` with ``K`` auxiliary ordinal heads (column 0 is the label; with
-  ``model.loss: mse`` it is the predicted label value, e.g. the rating).
-- **Retrieval** models (``task = "retrieval"``: two_tower, sasrec) map a batch to
-  ``(user vectors [n_queries, d], item vectors [B, d])`` float32; the training logit of a
-  (user, item) pair is ``<u, v> / model.temperature``.
+- **Ranking** models (:class:`RankingModel`, ``task = "ranking"``: din, dlrm, dcnv2, bst,
+  autoint) map a :class:`~rectrain.data.features.Batch` of ``B`` rows to logits float32 ``[B]``,
+  or ``[B, 1 + K]`` with ``K`` auxiliary ordinal heads (column 0 is the label; with
+  ``model.loss: mse`` it is the predicted label value, e.g. the rating). Their last layer is
+  ``self.head`` (``nn.Linear``; ``init_regression_head`` sets its bias).
+- **Retrieval** models (:class:`RetrievalModel`, ``task = "retrieval"``: two_tower, sasrec) map
+  a batch to ``(user vectors [n_queries, d], item vectors [B, d])`` float32; the training logit
+  of a (user, item) pair is ``<u, v> / model.temperature``.
+
+Every model embeds its batch with :class:`~rectrain.models.sparse_arch.SparseArch`
+(``self.sparse``).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 RANKING, RETRIEVAL = "ranking", "retrieval"
 
@@ -21,7 +26,77 @@ def main_logits(out: torch.Tensor) -> torch.Tensor:
     return out if out.dim() == 1 else out[:, 0]
 
 
-def task_of(model_or_cls) -> str:
-    """``"ranking"`` or ``"retrieval"``: the model class's ``task`` attribute (default
-    ranking)."""
-    return getattr(model_or_cls, "task", RANKING)
+def label_prediction(out: torch.Tensor, regression: bool) -> torch.Tensor:
+    """What a ranking model predicts for the label, float32 ``[B]`` from its output ``[B]`` or
+    ``[B, 1 + K]``: the probability (sigmoid of the label logit) for ``model.loss: bce``, the
+    predicted label value itself (e.g. the rating) for ``model.loss: mse`` (``regression``)."""
+    logits = main_logits(out)
+    return logits if regression else torch.sigmoid(logits)
+
+
+def task_of(model) -> str:
+    """``"ranking"`` or ``"retrieval"`` of a model, a model class, a wrapper holding the model
+    as ``.module`` (DistributedModelParallel, DDP) or a ``model.name`` of the registry.
+
+    Raises:
+        KeyError: an unknown model name (lists the known ones).
+    """
+    if isinstance(model, str):
+        from rectrain.models import MODELS  # the registry imports this module
+        if model not in MODELS:
+            raise KeyError(f"model.name {model!r} unknown; known: {sorted(MODELS)}")
+        model = MODELS[model]
+    while not hasattr(model, "task") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return getattr(model, "task", RANKING)
+
+
+class RankingModel(nn.Module):
+    """Base of the ranking models: ``task``, the label head and the output shape.
+
+    Subclasses build ``self.head = self.label_head(in_dim, layout, device)`` last and return
+    ``self.logits(self.head(x))`` from ``forward``.
+    """
+
+    task = RANKING
+
+    def label_head(self, in_dim: int, layout, device=None) -> nn.Linear:
+        """``nn.Linear(in_dim, 1 + K)``: the label logit and ``K = len(aux_thresholds)``
+        auxiliary ordinal logits; also sets ``self.n_aux = K``."""
+        self.n_aux = len(layout.aux_thresholds)
+        return nn.Linear(in_dim, 1 + self.n_aux, device=device)
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The head's output ``[B, 1 + K]`` as the contract's ``[B]`` (``K = 0``) or
+        ``[B, 1 + K]``."""
+        return out.squeeze(-1) if self.n_aux == 0 else out
+
+
+class RetrievalModel(nn.Module):
+    """Base of the retrieval models: ``task``, ``item_key`` (the candidate item feature),
+    ``hist_key`` (the behaviour sequence on the same table) and ``temperature``."""
+
+    task = RETRIEVAL
+    temperature: float = 1.0
+
+    def retrieval_keys(self, layout, spec) -> None:
+        """Set ``item_key`` / ``hist_key`` from ``spec.item_feature`` and the first of
+        ``spec.sequence_features``, checked against the layout (they must share a table).
+
+        Raises:
+            ValueError: naming the offending ``model.*`` field.
+        """
+        seq_by_name = {f.name: f for f in layout.sequence}
+        item = spec.item_feature
+        if item not in seq_by_name or seq_by_name[item].kind != "sparse":
+            raise ValueError(f"model.item_feature: {item!r} must be a sparse feature on the "
+                             f"table of a behaviour sequence; sequence-table features: "
+                             f"{sorted(seq_by_name)}")
+        hist = spec.sequence_features[0] if spec.sequence_features else None
+        if hist not in seq_by_name:
+            raise ValueError(f"model.sequence_features: the first must be a behaviour sequence "
+                             f"on the table of {item!r}; got {list(spec.sequence_features)}")
+        if seq_by_name[hist].table_name != seq_by_name[item].table_name:
+            raise ValueError(f"model.sequence_features: {hist!r} must share table "
+                             f"{seq_by_name[item].table_name!r} with model.item_feature {item!r}")
+        self.item_key, self.hist_key = item, hist

@@ -8,6 +8,13 @@ import torch
 from torch import nn
 
 
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` ``[B, L, D]`` over valid steps (``valid`` bool ``[B, L]``) -> ``[B, D]``;
+    an empty row gives zeros."""
+    w = valid.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
 class MLP(nn.Sequential):
     """Multi-layer perceptron: ``[Linear -> activation -> Dropout] * len(hidden)``.
 

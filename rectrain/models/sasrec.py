@@ -1,5 +1,6 @@
-"""SASRec: self-attentive sequential recommendation (Kang & McAuley, ICDM 2018) on a TorchRec
-``EmbeddingCollection``, with the shared :class:`~rectrain.models.layers.TransformerEncoder`."""
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, ICDM 2018) on the shared
+TorchRec front end (:class:`~rectrain.models.sparse_arch.SparseArch`, item table only), with the
+shared :class:`~rectrain.models.layers.TransformerEncoder`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from rectrain.config import ModelSpec
 from rectrain.data.encode import positions_in_lists
 from rectrain.data.features import Batch, FeatureLayout
+from rectrain.models.base import RetrievalModel
 from rectrain.models.layers import TransformerEncoder
-from rectrain.models.two_tower import embed, sequence_feature_check
+from rectrain.models.sparse_arch import SparseArch, SparseFeatures
 
 
 def right_align(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +36,7 @@ def right_align(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, t
     return y * valid.unsqueeze(-1).to(x.dtype), valid
 
 
-class SASRec(nn.Module):
+class SASRec(RetrievalModel):
     """Causal transformer over the behaviour sequence predicting the next item.
 
     The history (item ids of the up-to-``L`` previous events, most recent last) is embedded with
@@ -57,28 +58,27 @@ class SASRec(nn.Module):
     gives ``u = 0``.
     """
 
-    task = "retrieval"
-
     def __init__(self, layout: FeatureLayout, spec: ModelSpec,
                  sparse_device: torch.device | None = None,
                  dense_device: torch.device | None = None):
         super().__init__()
         E = layout.embedding_dim
         self.layout = layout
-        self.item_key, self.hist_key = sequence_feature_check(layout, spec)
+        self.retrieval_keys(layout, spec)
         self.max_len = layout.max_sequence_length
         self.steps = min(spec.seq_max_len or self.max_len, self.max_len)
         self.temperature = 1.0
-        self.ec = EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
+        # the paper's model uses item ids only: no EBC for the pooled features
+        self.sparse = SparseArch(layout, [self.hist_key], sparse_device,
+                                 queries=[self.item_key], pooled=False)
         self.encoder = TransformerEncoder(E, heads=spec.seq_heads, layers=spec.seq_layers,
                                           dropout=spec.seq_dropout, causal=True,
                                           max_len=self.steps, device=dense_device)
         self.dropout = nn.Dropout(spec.seq_dropout)
 
-    def _outputs(self, seqs, n_queries: int | None = None) -> torch.Tensor:
-        jt = seqs[self.hist_key]
-        x = jt.to_padded_dense(desired_length=self.max_len)[:n_queries]  # [B, L, E]
-        x, valid = right_align(x, jt.lengths()[:n_queries])
+    def _outputs(self, f: SparseFeatures, n_queries: int | None = None) -> torch.Tensor:
+        x = f.history[:n_queries]  # [B, L, E]
+        x, valid = right_align(x, f.valid[:n_queries].sum(1))
         x, valid = x[:, -self.steps:], valid[:, -self.steps:]  # the most recent steps
         if n_queries == 0:  # item vectors only: nn.MultiheadAttention needs B > 0 (test the
             # argument, not the tensor, so TorchRec's fx trace of the forward can follow it)
@@ -88,19 +88,15 @@ class SASRec(nn.Module):
 
     def sequence_outputs(self, batch: Batch) -> torch.Tensor:
         """Per-step outputs ``[B, L, E]`` (right-aligned; padded steps are 0)."""
-        _, seqs = embed(batch, self.layout, None, self.ec)
-        return self._outputs(seqs)
+        return self._outputs(self.sparse(batch))
 
     def forward(self, batch: Batch, n_queries: int | None = None, all_steps: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        _, seqs = embed(batch, self.layout, None, self.ec)
-        h = self._outputs(seqs, n_queries)
-        v = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)
+        f = self.sparse(batch)
+        h = self._outputs(f, n_queries)
         if all_steps:  # the paper's objective: every step predicts the next item
-            return h, v
-        u = h[:, -1]
-        v = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)
-        return u, v
+            return h, f.query
+        return h[:, -1], f.query
 
 
 def next_item_targets(hist: "pa.ListArray", items: np.ndarray, steps: int) -> np.ndarray:

@@ -2,9 +2,9 @@
 Corpus Item Recommendations", RecSys 2019) on TorchRec embedding collections, and the
 log-Q-corrected in-batch sampled softmax it is trained with.
 
-Retrieval models (this one and :class:`rectrain.models.sasrec.SASRec`) declare
-``task = "retrieval"`` and map a :class:`~rectrain.data.features.Batch` to
-``(user_vectors [B, d], item_vectors [B, d])``: the query side of each row and the embedding of
+Retrieval models (this one and :class:`rectrain.models.sasrec.SASRec`, both
+:class:`~rectrain.models.base.RetrievalModel`, ``task = "retrieval"``) map a
+:class:`~rectrain.data.features.Batch` to ``(user_vectors [B, d], item_vectors [B, d])``: the query side of each row and the embedding of
 the row's own item. Scores are ``<u, v> / temperature``. The training loop
 (:mod:`rectrain.train.retrieval`) evaluates them by ranking every item of the corpus.
 """
@@ -14,53 +14,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from rectrain.config import ModelSpec
 from rectrain.data.features import Batch, FeatureLayout
-from rectrain.models.layers import MLP
+from rectrain.models.base import RetrievalModel
+from rectrain.models.layers import MLP, masked_mean
+from rectrain.models.sparse_arch import SparseArch
 
 
-def sequence_feature_check(layout: FeatureLayout, spec: ModelSpec) -> tuple[str, str]:
-    """``(item_feature, history_feature)`` of a retrieval model, checked against the layout:
-    the item feature and the first of ``spec.sequence_features`` must share the item table.
-
-    Raises:
-        ValueError: naming the offending ``model.*`` field.
-    """
-    seq_by_name = {f.name: f for f in layout.sequence}
-    item = spec.item_feature
-    if item not in seq_by_name or seq_by_name[item].kind != "sparse":
-        raise ValueError(f"model.item_feature: {item!r} must be a sparse feature on the table of "
-                         f"a behaviour sequence; sequence-table features: {sorted(seq_by_name)}")
-    hist = spec.sequence_features[0]
-    if seq_by_name[hist].table_name != seq_by_name[item].table_name:
-        raise ValueError(f"model.sequence_features: {hist!r} must share table "
-                         f"{seq_by_name[item].table_name!r} with model.item_feature {item!r}")
-    return item, hist
-
-
-def embed(batch: Batch, layout: FeatureLayout, ebc, ec) -> tuple[dict, dict]:
-    """Look up a batch: ``(pooled {name: [B, E]}, sequences {name: JaggedTensor})`` (pooled is
-    empty when ``ebc`` is None; its keys are then ignored)."""
-    kjt = batch.sparse
-    n_pooled = len(layout.pooled)
-    if n_pooled:
-        pooled_kjt, seq_kjt = kjt.split([n_pooled, len(layout.sequence)])
-        pooled = ebc(pooled_kjt).to_dict() if ebc is not None else {}
-    else:
-        seq_kjt, pooled = kjt, {}
-    return pooled, ec(seq_kjt)
-
-
-def masked_mean(jt, max_len: int) -> torch.Tensor:
-    """Mean of a JaggedTensor's rows ``[B, E]`` (an empty row gives zeros)."""
-    x = jt.to_padded_dense(desired_length=max_len)  # [B, L, E], zero padded
-    n = jt.lengths().clamp(min=1).unsqueeze(1).to(x.dtype)
-    return x.sum(1) / n
-
-
-class TwoTower(nn.Module):
+class TwoTower(RetrievalModel):
     """Two-tower retrieval model.
 
     - **User tower**: ``[pooled user features (user id, demographics...; EmbeddingBagCollection),
@@ -81,15 +43,13 @@ class TwoTower(nn.Module):
             layout (names the ``model.*`` field).
     """
 
-    task = "retrieval"
-
     def __init__(self, layout: FeatureLayout, spec: ModelSpec,
                  sparse_device: torch.device | None = None,
                  dense_device: torch.device | None = None):
         super().__init__()
         E = layout.embedding_dim
         self.layout = layout
-        self.item_key, self.hist_key = sequence_feature_check(layout, spec)
+        self.retrieval_keys(layout, spec)
         pooled = [f.name for f in layout.pooled]
         for i, n in enumerate(spec.item_features):
             if n not in pooled:
@@ -102,11 +62,8 @@ class TwoTower(nn.Module):
             if n not in pooled:
                 raise ValueError(f"model.user_features.{i}: {n!r} is not a pooled feature "
                                  f"(pooled: {pooled})")
-        self.max_len = layout.max_sequence_length
         self.temperature = spec.temperature
-        self.ebc = (EmbeddingBagCollection(tables=layout.ebc_tables(), device=sparse_device)
-                    if layout.pooled else None)
-        self.ec = EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
+        self.sparse = SparseArch(layout, [self.hist_key], sparse_device, queries=[self.item_key])
         *hidden, d = spec.tower_hidden
         u_in = E * (len(self.user_pooled) + 1) + layout.dense_dim
         v_in = E * (len(self.item_pooled) + 1)
@@ -119,14 +76,13 @@ class TwoTower(nn.Module):
 
     def forward(self, batch: Batch, n_queries: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, seqs = embed(batch, self.layout, self.ebc, self.ec)
+        f = self.sparse(batch)
         q = slice(None, n_queries)
-        u_parts = [pooled[n][q] for n in self.user_pooled]
-        u_parts.append(masked_mean(seqs[self.hist_key], self.max_len)[q])
-        if self.layout.dense_dim:  # static, so TorchRec's fx trace (sparse-dist pipeline) can follow it
-            u_parts.append(batch.dense[q])
-        item = seqs[self.item_key].to_padded_dense(desired_length=1).squeeze(1)  # [B, E]
-        v_parts = [item] + [pooled[n] for n in self.item_pooled]
+        u_parts = [f.pooled[n][q] for n in self.user_pooled]
+        u_parts.append(masked_mean(f.history[q], f.valid[q]))
+        if self.layout.dense_dim:  # static, so TorchRec's fx trace (sparse-dist) can follow it
+            u_parts.append(f.dense[q])
+        v_parts = [f.query] + [f.pooled[n] for n in self.item_pooled]  # item id [B, E] first
         u = self.user_out(self.user_mlp(torch.cat(u_parts, dim=1)))
         v = self.item_out(self.item_mlp(torch.cat(v_parts, dim=1)))
         return F.normalize(u, dim=1), F.normalize(v, dim=1)

@@ -15,17 +15,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from rectrain.models.layers import TransformerEncoder
+from rectrain.models.layers import TransformerEncoder, masked_mean
 
 #: names accepted by ``model.sequence_encoder`` (see :class:`SequenceEncoder`)
 SEQUENCE_ENCODERS = ("mean", "cnn", "gru", "lstm", "transformer")
-
-
-def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` ``[B, L, D]`` over valid steps (``valid`` bool ``[B, L]``) -> ``[B, D]``;
-    an empty row gives zeros."""
-    w = valid.unsqueeze(-1).to(x.dtype)
-    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
 
 
 def masked_max(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

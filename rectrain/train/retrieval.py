@@ -36,7 +36,7 @@ from rectrain.config import JobConfig
 from rectrain.data import storage
 from rectrain.data.features import Batch, FeatureLayout
 from rectrain.data.loader import padded_eval_tables, padding_table
-from rectrain.data.schema import ITEM, TS, USER
+from rectrain.data.schema import ITEM, TS, USER, read_split
 from rectrain.models.sasrec import next_item_targets
 from rectrain.models.two_tower import in_batch_softmax_loss
 from rectrain.train.metrics import gather_arrays
@@ -45,17 +45,9 @@ from rectrain.train.ranking_metrics import exclusion_mask, metrics_from_ranks, t
 KS = (10, 20)
 
 
-def _read_split(prepared: str, split: str, columns: list[str]) -> pa.Table | None:
-    url = storage.join(prepared, split)
-    if not storage.exists(url):
-        return None
-    files, _ = storage.list_parquet_files(url)
-    return pa.concat_tables([storage.read_parquet(f, columns) for f in files]) if files else None
-
-
 def item_counts(prepared: str, item_key: str, n_items: int) -> np.ndarray:
     """int64 ``[n_items]``: how often each encoded item id is the item of a train-split event."""
-    t = _read_split(prepared, "train", [item_key])
+    t = read_split(prepared, "train", [item_key])
     ids = t[item_key].to_numpy() if t is not None else np.zeros(0, np.int64)
     return np.bincount(ids, minlength=n_items).astype(np.int64)
 
@@ -69,7 +61,7 @@ class SeenIndex:
     """
 
     def __init__(self, prepared: str, splits: tuple[str, ...], item_key: str, n_items: int):
-        parts = [t for t in (_read_split(prepared, s, [USER, item_key]) for s in splits) if t]
+        parts = [t for t in (read_split(prepared, s, [USER, item_key]) for s in splits) if t]
         t = pa.concat_tables(parts)
         self.users = pc.unique(t[USER].combine_chunks())
         row = pc.index_in(t[USER], value_set=self.users).to_numpy(zero_copy_only=False)
@@ -323,38 +315,3 @@ class RetrievalTask:
         text = (f"full ranking over {self.n_corpus} items, {tm['users']} users: {_fmt(tm)} | "
                 f"most popular: {_fmt(pm)}")
         return metrics, pred, text
-
-
-def retrieval_top_k(model, candidates, users: pa.Table, items: pa.Table, prepared: str, k: int,
-                    users_per_chunk: int = 1024) -> pa.Table:
-    """Top-``k`` items per user of a retrieval model (one process, unsharded model).
-
-    ``candidates(user_rows, item_rows)`` builds a :class:`Batch` of (users-catalog row,
-    items-catalog row) pairs with each user's latest behaviour sequence (see
-    :mod:`rectrain.recommend`). Every item of the catalog is scored by ``<u, v> / temperature``
-    (the model's training logit, not a probability); the items of every event the user has in
-    the prepared data (train, valid and test) are excluded. Returns
-    ``(user_id, rank, item_id, score)``, rank 1 = best, ``k`` rows per user.
-    """
-    n_users, n_items = users.num_rows, items.num_rows
-    with torch.no_grad():
-        _, v = model(candidates(np.zeros(n_items, np.int64), np.arange(n_items)), n_queries=0)
-        us = [model(candidates(np.arange(lo, min(lo + users_per_chunk, n_users)),
-                               np.zeros(min(users_per_chunk, n_users - lo), np.int64)))[0]
-              for lo in range(0, n_users, users_per_chunk)]
-    scores = torch.cat(us) @ v.t() / model.temperature  # [n_users, n_items]
-    parts = [t for t in (_read_split(prepared, s, [USER, ITEM]) for s in
-                         ("train", "valid", "test")) if t]
-    events = pa.concat_tables(parts)
-    u_rows = pc.index_in(events[USER], value_set=users[USER]).to_numpy(zero_copy_only=False)
-    i_rows = pc.index_in(events[ITEM], value_set=items[ITEM]).to_numpy(zero_copy_only=False)
-    ok = ~(np.isnan(u_rows.astype(np.float64)) | np.isnan(i_rows.astype(np.float64)))
-    scores[torch.from_numpy(u_rows[ok].astype(np.int64)),
-           torch.from_numpy(i_rows[ok].astype(np.int64))] = float("-inf")
-    top = torch.topk(scores, k=min(k, n_items), dim=1)
-    kk = top.indices.shape[1]
-    u_idx = np.repeat(np.arange(n_users), kk)
-    return pa.table({"user_id": users[USER].take(pa.array(u_idx)),
-                     "rank": pa.array(np.tile(np.arange(1, kk + 1), n_users).astype(np.int32)),
-                     "item_id": items[ITEM].take(pa.array(top.indices.reshape(-1).numpy())),
-                     "score": pa.array(top.values.reshape(-1).numpy().astype(np.float32))})

@@ -4,7 +4,9 @@ For every user in the users catalog, every item in the items catalog is scored w
 *latest* behaviour sequence (the sequence of their last event with that event's item appended,
 truncated to ``sequence_length``), items the user interacted with in the train split are
 excluded, and the ``k`` highest-scoring items are written as Parquet
-``(user_id, rank, item_id, score)`` with rank 1 = best and score = predicted probability.
+``(user_id, rank, item_id, score)`` with rank 1 = best and score = the predicted probability
+(``model.loss: bce``) or the predicted label value (``model.loss: mse``, e.g. the rating).
+Retrieval models (two_tower, sasrec) score ``<u, v> / temperature`` (:func:`retrieval_top_k`).
 Candidate rows are built with Arrow ``take`` (no per-row Python); users are scored in chunks.
 """
 
@@ -17,24 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from rectrain.config import config_from_dict
 from rectrain.data import storage
 from rectrain.data.encode import positions_in_lists
-from rectrain.data.features import FeatureLayout
-from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, load_manifest
-from rectrain.models import build_model
-from rectrain.models.base import main_logits
-from rectrain.checkpoint import load_checkpoint
+from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, read_split
+from rectrain.models.base import RETRIEVAL, label_prediction, task_of
+from rectrain.serve.loading import load_model
 
 log = logging.getLogger(__name__)
-
-
-def _read_split(prepared: str, split: str, columns: list[str]) -> pa.Table:
-    url = storage.join(prepared, split)
-    if not storage.exists(url):
-        return None
-    files, _ = storage.list_parquet_files(url)
-    return pa.concat_tables([storage.read_parquet(f, columns) for f in files])
 
 
 def append_truncate(seq: pa.ListArray, last: np.ndarray, max_len: int) -> pa.ListArray:
@@ -63,7 +54,7 @@ def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, 
     last event with that event's ``source`` id appended (truncated to ``max_len``), plus the
     last event's ``extra`` columns. Users without events get empty sequences and zeros."""
     cols = list(dict.fromkeys([USER, POS] + [c for pair in sequences for c in pair] + extra))
-    parts = [t for t in (_read_split(prepared, s, cols) for s in ("train", "valid", "test")) if t]
+    parts = [t for t in (read_split(prepared, s, cols) for s in ("train", "valid", "test")) if t]
     events = pa.concat_tables(parts)
     order = pc.sort_indices(events, [(USER, "ascending"), (POS, "ascending")])
     ev = events.take(order)
@@ -131,19 +122,13 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     (``explain_item_ids``, ``explain_weights``; unnormalised activation weights as in the DIN
     paper, larger = more influence on this score).
 
+    ``run_dir`` is a run directory (its best ``checkpoint/``) or a checkpoint folder.
+
     Raises:
         FileNotFoundError: ``run_dir`` has no complete checkpoint, or its prepared data is gone.
     """
-    ckpt = storage.join(run_dir, "checkpoint")
-    meta_url = storage.join(ckpt, "meta.json")
-    if not storage.exists(meta_url):
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint (expected {meta_url})")
-    cfg = config_from_dict(storage.read_json(meta_url)["config"])
-    manifest = load_manifest(cfg.prepared_dir)
-    layout = FeatureLayout(cfg, manifest)
-    model = build_model(layout, cfg.model)
-    load_checkpoint(ckpt, model)
-    model.eval()
+    loaded = load_model(run_dir)
+    model, layout, cfg = loaded.model, loaded.layout, loaded.cfg
 
     prepared = cfg.prepared_dir
     users = storage.read_parquet(storage.join(prepared, "catalog", "users.parquet"))
@@ -159,7 +144,7 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     n_users, n_items = users.num_rows, items.num_rows
 
     # train interactions to exclude, as (user row, item row) pairs
-    train = _read_split(prepared, "train", [USER, ITEM])
+    train = read_split(prepared, "train", [USER, ITEM])
     u_rows = pc.index_in(train[USER], value_set=users[USER]).to_numpy(zero_copy_only=False)
     i_rows = pc.index_in(train[ITEM], value_set=items[ITEM]).to_numpy(zero_copy_only=False)
     seen = np.zeros((n_users, n_items), dtype=bool)
@@ -175,8 +160,7 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
             cols[LABEL_VALUE] = cols[LABEL]
         return layout.to_batch(pa.table(cols))
 
-    if getattr(model, "task", "ranking") == "retrieval":  # two-tower, SASRec: <u, v> scores
-        from rectrain.train.retrieval import retrieval_top_k
+    if task_of(model) == RETRIEVAL:  # two-tower, SASRec: <u, v> scores
         table = retrieval_top_k(model, candidates, users, items, prepared, k)
         path = out or storage.join(run_dir, "recommendations", "top_k.parquet")
         storage.write_parquet(table, path)
@@ -188,8 +172,9 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
             hi = min(lo + users_per_chunk, n_users)
             batch = candidates(np.repeat(np.arange(lo, hi), n_items),
                                np.tile(np.arange(n_items), hi - lo))
-            scores = torch.sigmoid(main_logits(model(batch))).view(hi - lo, n_items)
-            scores[torch.from_numpy(seen[lo:hi])] = -1.0
+            scores = label_prediction(model(batch), layout.regression).view(hi - lo, n_items)
+            # seen items go last: below any probability; a predicted value has no lower bound
+            scores[torch.from_numpy(seen[lo:hi])] = float("-inf") if layout.regression else -1.0
             top = torch.topk(scores, k=min(k, n_items), dim=1)
             out_u.append(np.repeat(np.arange(lo, hi), top.indices.shape[1]))
             out_r.append(np.tile(np.arange(1, top.indices.shape[1] + 1), hi - lo))
@@ -205,3 +190,38 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     path = out or storage.join(run_dir, "recommendations", "top_k.parquet")
     storage.write_parquet(table, path)
     return path, n_users
+
+
+def retrieval_top_k(model, candidates, users: pa.Table, items: pa.Table, prepared: str, k: int,
+                    users_per_chunk: int = 1024) -> pa.Table:
+    """Top-``k`` items per user of a retrieval model (one process, unsharded model).
+
+    ``candidates(user_rows, item_rows)`` builds a :class:`Batch` of (users-catalog row,
+    items-catalog row) pairs with each user's latest behaviour sequence (see :func:`recommend`).
+    Every item of the catalog is scored by ``<u, v> / temperature`` (the model's training
+    logit, not a probability); the items of every event the user has in the prepared data
+    (train, valid and test) are excluded. Returns ``(user_id, rank, item_id, score)``, rank 1 =
+    best, ``k`` rows per user.
+    """
+    n_users, n_items = users.num_rows, items.num_rows
+    with torch.no_grad():
+        _, v = model(candidates(np.zeros(n_items, np.int64), np.arange(n_items)), n_queries=0)
+        us = [model(candidates(np.arange(lo, min(lo + users_per_chunk, n_users)),
+                               np.zeros(min(users_per_chunk, n_users - lo), np.int64)))[0]
+              for lo in range(0, n_users, users_per_chunk)]
+    scores = torch.cat(us) @ v.t() / model.temperature  # [n_users, n_items]
+    parts = [t for t in (read_split(prepared, s, [USER, ITEM]) for s in
+                         ("train", "valid", "test")) if t]
+    events = pa.concat_tables(parts)
+    u_rows = pc.index_in(events[USER], value_set=users[USER]).to_numpy(zero_copy_only=False)
+    i_rows = pc.index_in(events[ITEM], value_set=items[ITEM]).to_numpy(zero_copy_only=False)
+    ok = ~(np.isnan(u_rows.astype(np.float64)) | np.isnan(i_rows.astype(np.float64)))
+    scores[torch.from_numpy(u_rows[ok].astype(np.int64)),
+           torch.from_numpy(i_rows[ok].astype(np.int64))] = float("-inf")
+    top = torch.topk(scores, k=min(k, n_items), dim=1)
+    kk = top.indices.shape[1]
+    u_idx = np.repeat(np.arange(n_users), kk)
+    return pa.table({"user_id": users[USER].take(pa.array(u_idx)),
+                     "rank": pa.array(np.tile(np.arange(1, kk + 1), n_users).astype(np.int32)),
+                     "item_id": items[ITEM].take(pa.array(top.indices.reshape(-1).numpy())),
+                     "score": pa.array(top.values.reshape(-1).numpy().astype(np.float32))})

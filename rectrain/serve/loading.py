@@ -1,0 +1,64 @@
+"""Load a training run's model for serving: one process, unsharded (DCP gathers the table
+shards of a sharded checkpoint), eval mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from rectrain.checkpoint import is_complete, load_checkpoint
+from rectrain.config import JobConfig, config_from_dict
+from rectrain.data import storage
+from rectrain.data.features import FeatureLayout
+from rectrain.data.schema import load_manifest
+from rectrain.models import build_model
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model with what serving needs around it.
+
+    Attributes:
+        model: the unsharded model in eval mode (tables on CPU).
+        layout: the job's feature layout (from the prepared data's manifest).
+        cfg: the job config stored in the checkpoint's ``meta.json``.
+        meta: the checkpoint's metadata (``epoch``, ``config``, ...) plus ``url``, the
+            checkpoint folder it was read from.
+    """
+
+    model: nn.Module
+    layout: FeatureLayout
+    cfg: JobConfig
+    meta: dict
+
+
+def checkpoint_url(path: str) -> str:
+    """``path`` itself when it is a complete checkpoint folder (e.g. ``RUN_DIR/checkpoints/
+    step-N``), else the run directory's best checkpoint ``path/checkpoint``.
+
+    Raises:
+        FileNotFoundError: neither holds a complete checkpoint (``meta.json``).
+    """
+    if is_complete(path):
+        return path
+    url = storage.join(path, "checkpoint")
+    if is_complete(url):
+        return url
+    raise FileNotFoundError(f"{path}: no complete checkpoint, neither a checkpoint folder nor a "
+                            f"run directory with one (expected {url}/meta.json)")
+
+
+def load_model(path: str) -> LoadedModel:
+    """The model of the checkpoint at ``path`` (see :func:`checkpoint_url`), unsharded.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there, or the run's prepared data is gone.
+    """
+    url = checkpoint_url(path)
+    cfg = config_from_dict(storage.read_json(storage.join(url, "meta.json"))["config"])
+    layout = FeatureLayout(cfg, load_manifest(cfg.prepared_dir))
+    model = build_model(layout, cfg.model)
+    meta = load_checkpoint(url, model)
+    model.eval()
+    return LoadedModel(model=model, layout=layout, cfg=cfg, meta={**meta, "url": url})
