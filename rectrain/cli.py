@@ -113,9 +113,10 @@ def _submit_args(sub) -> None:
                     help="directory uploaded as the job's working dir (default: current)")
     sp.add_argument("--env", action="append", metavar="KEY=VALUE",
                     help="environment variable for the job (repeatable)")
-    sp.add_argument("--pip", choices=["cpu", "gpu"], default=None,
-                    help="install the project's pinned requirements in the job's runtime_env "
-                         "(default: the nodes already run the rectrain image)")
+    sp.add_argument("--pip", default=None, metavar="cpu|gpu[,text,...]",
+                    help="install the project's pinned requirements (core + these extras) in "
+                         "the job's runtime_env (default: the nodes already run the rectrain "
+                         "image)")
     sp.add_argument("--submission-id", default=None, help="job id to use")
     sp.add_argument("--follow", action="store_true",
                     help="stream the logs until the job ends; exit 1 unless it SUCCEEDED")

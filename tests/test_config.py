@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from rectrain.config import ConfigError, load_config
-from tests.helpers import tiny_job
+from tests.support.tiny import tiny_job
 
 
 def _write(tmp_path, job) -> str:

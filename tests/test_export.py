@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import torch
 
 from rectrain.cli import main as cli_main
-from tests.ckpt_helpers import spawn, write_prepared
-from tests.helpers import tiny_job
+from tests.support.dist import spawn
+from tests.support.prepared import write_prepared
+from tests.support.tiny import tiny_job
 
 SERVE = r"""
 import json, sys, torch

@@ -10,8 +10,8 @@ import yaml
 from rectrain.config import config_from_dict
 from rectrain.launch.ray_launch import worker_resources
 from rectrain.launch.submit import client, submit, wait
-from tests.helpers import tiny_job
-from tests.ray_cluster import ROOT
+from tests.support.tiny import tiny_job
+from tests.support.ray_cluster import ROOT
 
 
 def test_worker_resources_from_config(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from rectrain.config import config_from_dict
 from rectrain.data.prepare import DataValidationError, prepare
-from tests.helpers import tiny_job, tiny_tables
+from tests.support.tiny import tiny_job, tiny_tables
 
 
 def _write_raw(tmp, tables, event_parts=(103, 97, 0, 55, 9, 1)):
