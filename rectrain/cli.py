@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, sub)
     except KeyboardInterrupt:
-        print("\n[rectrain] interrupted (Ctrl-C): stopped", file=sys.stderr, flush=True)
+        # a terminal has echoed "^C" with no newline after it
+        print(("\n" if sys.stderr.isatty() else "") + "[rectrain] interrupted (Ctrl-C): stopped",
+              file=sys.stderr, flush=True)
         return INTERRUPTED
 
 

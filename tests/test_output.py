@@ -31,6 +31,17 @@ def test_filter_keeps_rectrain_lines_and_tracebacks_only():
     assert quiet.filter_batch(["ValueError: bad value"]) == ([], ["ValueError: bad value"])
 
 
+def test_filter_keeps_the_body_of_a_multi_line_rectrain_print():
+    plan = ["[rectrain] sharding plan (2 ranks):", "module: ec", "", "param | sharding type",
+            "item  | table_wise"]
+    own, other = quiet.filter_batch(NOISE[:2] + plan + ["[rectrain] epoch 0 step 20"])
+    assert own == plan + ["[rectrain] epoch 0 step 20"] and other == []
+    # a line ending in ":" on stderr (a log record) opens no block
+    own, _ = quiet.filter_batch(["[rectrain] WARNING x: note:", "Successfully loaded: 'a.so'"],
+                                is_err=True)
+    assert own == ["[rectrain] WARNING x: note:"]
+
+
 def test_filtered_printer_drops_ray_actor_tracebacks(capsys):
     forwarded = []
 

@@ -12,8 +12,9 @@ the flag sets, so Ray workers see it too):
   driver (:func:`quiet_driver`) and in every Ray worker (:func:`quiet_worker`, run by the
   worker set-up hook);
 - worker output forwarded to the driver (Ray's ``log_to_driver``) goes through
-  :func:`keep_line`: rectrain's own lines (``[rectrain] ...``, printed without Ray's
-  ``(RayTrainWorker pid=...)`` prefix) and tracebacks pass, the rest (fbgemm's library-load lines,
+  :func:`filter_batch`: rectrain's own lines (``[rectrain] ...`` and the body of a multi-line
+  print such as the sharding plan, printed without Ray's ``(RayTrainWorker pid=...)`` prefix)
+  and tracebacks pass, the rest (fbgemm's library-load lines,
   Ray Train's start-up lines, Ray Data's execution summaries) is dropped.
 """
 
@@ -119,19 +120,25 @@ def keep_line(line: str, in_traceback: bool) -> tuple[bool, bool]:
     return False, False
 
 
-def filter_batch(lines: list[str]) -> tuple[list[str], list[str]]:
+def filter_batch(lines: list[str], is_err: bool = False) -> tuple[list[str], list[str]]:
     """Split one batch of a worker's forwarded lines into ``(own, other_kept)``: rectrain's
-    ``[rectrain]`` lines, and the traceback lines that are kept with Ray's prefix."""
-    own, other, tb = [], [], False
+    lines (``[rectrain] ...``, and on stdout the body of a multi-line print whose first line
+    ends with ":", such as the sharding plan, up to the next ``[rectrain]`` line), and the
+    traceback lines that are kept with Ray's prefix."""
+    own, other, tb, block = [], [], False, False
     for line in lines:
+        if block and not line.startswith(PREFIX):
+            own.append(line)
+            continue
         keep, tb = keep_line(line, tb)
+        block = not is_err and not tb and line.startswith(PREFIX) and line.endswith(":")
         if keep:
             (own if line.startswith(PREFIX) and not tb else other).append(line)
     return own, other
 
 
 def _print_filtered(data: dict, print_to_stdstream, ignore_prefix: bool) -> None:
-    own, other = filter_batch(data.get("lines") or [])
+    own, other = filter_batch(data.get("lines") or [], bool(data.get("is_err")))
     if (data.get("actor_name") or "").startswith(RAY_ACTORS):
         other = []
     sink = sys.stderr if data.get("is_err") else sys.stdout
