@@ -9,17 +9,22 @@ examples:
   rectrain train --config JOB.yaml --resume [latest|CHECKPOINT_URL]
   rectrain export --checkpoint runs/movielens_din --out model_dir
   rectrain synth --events 10000000 --out data/synth/raw [--seed S --users U --items I]
+
+Every verb takes --verbose (show the output of Ray, Ray Train, TorchRec and torch too).
+Ctrl-C stops a run with exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import posixpath
 import sys
 import time
 
 from rectrain.config import ConfigError, JobConfig, load_config
+
+#: exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
+INTERRUPTED = 130
 
 
 def _overrides(args) -> dict:
@@ -47,104 +52,21 @@ def _positive(text: str) -> int:
     return v
 
 
-def write_source(cfg: JobConfig, source_name: str | None, source_path: str | None) -> None:
-    """Run the dataset adapter: write raw behaviour logs where ``cfg.dataset`` expects them."""
-    name = source_name or cfg.dataset.source
-    if name not in ("movielens-100k", "synth"):
-        raise ConfigError(f"unknown dataset source {name!r}; known: movielens-100k, synth")
-    from rectrain.data.sources.movielens import load_movielens_100k, write_raw_logs
-
-    raw_dir = posixpath.dirname(cfg.dataset.events.rstrip("/"))
-    expected = {"events": cfg.dataset.events,
-                "users": cfg.dataset.users.path if cfg.dataset.users else None,
-                "items": cfg.dataset.items.path if cfg.dataset.items else None}
-    for role, path in expected.items():
-        if path is not None and path.rstrip("/") != posixpath.join(raw_dir, role):
-            raise ConfigError(f"dataset.{role}: the {name} adapter writes {raw_dir}/{role}, "
-                              f"but the config reads {path}")
-    if name == "synth":
-        return write_synth_source(cfg)
-    tables = load_movielens_100k(source_path)
-    write_raw_logs(tables, raw_dir)
-    print(f"[rectrain] {name}: raw logs written to {raw_dir} "
-          f"({', '.join(f'{k} {v.num_rows}' for k, v in tables.items())} rows)", flush=True)
-
-
-def write_synth_source(cfg: JobConfig) -> None:
-    """``dataset.source: synth``: write a synthetic log where ``cfg.dataset`` expects it."""
-    from rectrain.data.sources.synth import SynthSpec, synth
-    from rectrain.launch.ray_launch import init_ray
-
-    raw_dir = posixpath.dirname(cfg.dataset.events.rstrip("/"))
-    sizes = (cfg.dataset.synth.model_dump() if cfg.dataset.synth is not None else {})
-    init_ray(cfg)
-    s = synth(SynthSpec(**sizes), raw_dir)
-    print(f"[rectrain] synth: {s['events']:,} events, {s['users']:,} users, {s['items']:,} "
-          f"items in {s['files']} files -> {raw_dir} ({s['seconds']['total']:.1f} s)", flush=True)
-
-
-def synth_mismatch(cfg: JobConfig) -> dict:
-    """``{field: (on disk, in the job)}`` for each ``dataset.synth`` field that differs from the
-    spec recorded in the existing log's ``synth.json`` (empty when they agree or nothing is
-    recorded)."""
-    from rectrain.data import storage
-    from rectrain.data.sources.synth import SynthSpec
-
-    url = storage.join(posixpath.dirname(cfg.dataset.events.rstrip("/")), "synth.json")
-    if not storage.exists(url):
-        return {}
-    on_disk = storage.read_json(url).get("spec", {})
-    job = vars(SynthSpec(**(cfg.dataset.synth.model_dump() if cfg.dataset.synth else {})))
-    return {k: (on_disk[k], v) for k, v in job.items()
-            if k in on_disk and k != "files" and on_disk[k] != v}
-
-
-def _warn_if_other_synth(cfg: JobConfig) -> None:
-    diff = synth_mismatch(cfg)
-    if diff:
-        print(f"[rectrain] warning: the synthetic log in {cfg.dataset.events} was written with "
-              + ", ".join(f"{k}={a}" for k, (a, _) in diff.items()) + ", the job's dataset.synth "
-              "says " + ", ".join(f"{k}={b}" for k, (_, b) in diff.items()) + "; using the log "
-              "on disk (delete it to have the job write its own)", flush=True)
-
-
 def cmd_synth(args) -> dict:
     """``rectrain synth``: synthetic behaviour logs with Ray tasks (one per events file)."""
-    import ray
-
-    from rectrain.data.sources.synth import SynthSpec, synth
+    from rectrain.data.sources.synth import SynthSpec
+    from rectrain.launch.jobs import synth_job
 
     spec = SynthSpec(events=args.events, users=args.users, items=args.items, files=args.files,
                      categories=args.categories, seed=args.seed)
-    if ray.is_initialized():
-        pass
-    elif args.address:
-        ray.init(address=args.address)
-    else:
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
-    s = synth(spec, args.out)
-    print(f"[rectrain] synth: {s['events']:,} events, {s['users']:,} users, {s['items']:,} "
-          f"items in {s['files']} files -> {args.out} in {s['seconds']['total']:.1f} s "
-          f"({s['events_per_s']:,.0f} events/s)", flush=True)
-    return s
+    return synth_job(spec, args.out, args.address, num_cpus=args.cpus)
 
 
 def cmd_prepare(cfg: JobConfig, args) -> dict:
-    from rectrain.data import storage
-    from rectrain.data.prepare import prepare
-    from rectrain.launch.ray_launch import init_ray
+    from rectrain.launch.jobs import prepare_job
 
-    if args.source or (cfg.dataset.source and not storage.exists(cfg.dataset.events)):
-        write_source(cfg, args.source, getattr(args, "source_path", None))
-    elif cfg.dataset.source == "synth":
-        _warn_if_other_synth(cfg)
-    init_ray(cfg, getattr(args, "address", None))
-    m = prepare(cfg)
-    print(f"[rectrain] prepared {cfg.prepared_dir}: rows per split {m['rows_per_split']}, "
-          f"rejected {m['rows_rejected']} {m['rejected_by_reason']}, tables {m['tables']} "
-          f"({m['seconds']['total']:.1f} s)", flush=True)
-    return m
+    return prepare_job(cfg, args.source, getattr(args, "source_path", None),
+                       getattr(args, "address", None))
 
 
 def cmd_train(cfg: JobConfig, args) -> dict:
@@ -191,9 +113,10 @@ def _submit_args(sub) -> None:
                     help="directory uploaded as the job's working dir (default: current)")
     sp.add_argument("--env", action="append", metavar="KEY=VALUE",
                     help="environment variable for the job (repeatable)")
-    sp.add_argument("--pip", choices=["cpu", "gpu"], default=None,
-                    help="install the project's pinned requirements in the job's runtime_env "
-                         "(default: the nodes already run the rectrain image)")
+    sp.add_argument("--pip", default=None, metavar="cpu|gpu[,text,...]",
+                    help="install the project's pinned requirements (core + these extras) in "
+                         "the job's runtime_env (default: the nodes already run the rectrain "
+                         "image)")
     sp.add_argument("--submission-id", default=None, help="job id to use")
     sp.add_argument("--follow", action="store_true",
                     help="stream the logs until the job ends; exit 1 unless it SUCCEEDED")
@@ -268,8 +191,35 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--address", default=None, help="Ray cluster address")
     from rectrain.bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
+    _add_verbose(p, sub)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from rectrain.launch import quiet
+    if args.verbose:
+        quiet.set_verbose(True)
+    quiet.quiet_driver()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args, sub)
+    except KeyboardInterrupt:
+        # a terminal has echoed "^C" with no newline after it
+        print(("\n" if sys.stderr.isatty() else "") + "[rectrain] interrupted (Ctrl-C): stopped",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
+def _add_verbose(p: argparse.ArgumentParser, sub) -> None:
+    """``--verbose`` before or after the verb (``rectrain --verbose run ...``, ``rectrain run
+    ... --verbose``)."""
+    text = "show everything Ray, Ray Train, TorchRec and torch print (default: rectrain's own " \
+           "progress and results; rectrain.launch.quiet)"
+    p.add_argument("-v", "--verbose", action="store_true", help=text)
+    for sp in sub.choices.values():
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=text)
+
+
+def _dispatch(args, sub) -> int:
     try:
         if args.verb in ("submit", "status", "logs", "stop"):
             from rectrain.launch.submit import main as submit_main

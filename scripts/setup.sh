@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv in the repo and install rectrain with its pinned stack. Idempotent: a second run
 # with unchanged pyproject.toml/setup.sh returns at once.
-#   bash scripts/setup.sh          # runtime (CPU: fbgemm-gpu-cpu; GPU node: fbgemm-gpu, CUDA)
-#   bash scripts/setup.sh --test   # + test tools (pytest, scikit-learn)
+#   bash scripts/setup.sh          # runtime (CPU: fbgemm-gpu-cpu; GPU node: fbgemm-gpu, CUDA):
+#                                  # what the main job (scripts/main.sh) needs
+#   bash scripts/setup.sh --test   # + test tools (pytest, scikit-learn) and the optional extras
+#                                  # the suite exercises: [text] (text_embedding features),
+#                                  # [bench] (benchmark plots)
 # torchrec's metadata pulls the multi-GB CUDA fbgemm-gpu, so torchrec is installed with --no-deps
 # and its runtime needs are listed in pyproject.toml instead.
 set -euo pipefail
@@ -11,7 +14,7 @@ extras="cpu"
 if [ "${RECTRAIN_VARIANT:-}" = "gpu" ] || { [ -z "${RECTRAIN_VARIANT:-}" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
   extras="gpu"
 fi
-[ "${1:-}" = "--test" ] && extras="$extras,test"
+[ "${1:-}" = "--test" ] && extras="$extras,test,text,bench"
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   for c in python3.11 python3; do command -v "$c" >/dev/null 2>&1 && { PY="$c"; break; }; done

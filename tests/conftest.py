@@ -14,7 +14,7 @@ def ray_local(tmp_path_factory):
     import ray
 
     from rectrain.launch.ray_launch import init_ray
-    from tests.helpers import tiny_cfg
+    from tests.support.tiny import tiny_cfg
 
     init_ray(tiny_cfg(str(tmp_path_factory.mktemp("ray"))))
     yield ray
@@ -22,4 +22,4 @@ def ray_local(tmp_path_factory):
 
 
 # one two-node loopback Ray cluster per session, shared by test_submit.py and test_multinode.py
-from tests.ray_cluster import cluster_prepared, ray_cluster  # noqa: E402,F401
+from tests.support.ray_cluster import cluster_prepared, ray_cluster  # noqa: E402,F401

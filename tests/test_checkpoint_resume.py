@@ -19,8 +19,9 @@ import torch
 from rectrain.data import storage
 from rectrain.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from rectrain.train.resume import list_checkpoints, resolve_resume
-from tests.ckpt_helpers import assemble, local_shards, spawn, write_prepared
-from tests.helpers import tiny_job
+from tests.support.dist import assemble, local_shards, spawn
+from tests.support.prepared import write_prepared
+from tests.support.tiny import tiny_job
 
 N_TRAIN, B, EVERY, RESUME_STEP = 400, 16, 5, 10
 
@@ -159,7 +160,7 @@ def test_same_world_resume_reproduces_the_uninterrupted_run(tmp_path):
     from rectrain.config import config_from_dict
     from rectrain.train import loop
     from rectrain.train.env import file_env
-    from tests.ckpt_helpers import free_port
+    from tests.support.ports import free_port
 
     tmp = str(tmp_path)
     write_prepared(f"{tmp}/prepared", n_train=240)
@@ -199,7 +200,7 @@ def test_mse_resume_keeps_replacing_the_best_checkpoint(tmp_path):
     from rectrain.config import config_from_dict
     from rectrain.train import loop
     from rectrain.train.env import file_env
-    from tests.ckpt_helpers import free_port
+    from tests.support.ports import free_port
 
     tmp = str(tmp_path)
     write_prepared(f"{tmp}/prepared", n_train=240)

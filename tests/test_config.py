@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from rectrain.config import ConfigError, load_config
-from tests.helpers import tiny_job
+from tests.support.tiny import tiny_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,11 +2,8 @@
 
 import os
 import queue
-import socket
 import time
 
-import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,34 +12,13 @@ import torch.multiprocessing as mp
 from rectrain.data.features import FeatureLayout
 from rectrain.models import build_model
 from rectrain.train.sharding import shard_model
-from tests.helpers import N_GENRES, N_ITEMS, N_USERS, SEQ_LEN, tiny_cfg
+from tests.support.ports import free_port as _free_port
+from tests.support.prepared import batch_table as _batch_table
+from tests.support.prepared import tiny_manifest as _manifest
+from tests.support.tiny import tiny_cfg
 
 LR = 0.5
 B = 12
-
-
-def _manifest():
-    return {"tables": {"user_id": N_USERS + 1, "item": N_ITEMS + 1, "age_bucket": 8,
-                       "genres": N_GENRES + 1},
-            "dense_stats": {"age": {"mean": 40.0, "std": 10.0}}}
-
-
-def _batch_table(rank: int) -> pa.Table:
-    rng = np.random.default_rng(100 + rank)
-    seq_lens = rng.integers(0, SEQ_LEN + 1, B)
-    seq_lens[0] = 0  # an empty history on every rank
-    gen_lens = rng.integers(0, 3, B)
-    return pa.table({
-        "user_id": rng.integers(0, N_USERS + 1, B),
-        "item_id": rng.integers(1, N_ITEMS + 1, B),
-        "hist_item_id": pa.array([list(rng.integers(1, N_ITEMS + 1, n)) for n in seq_lens],
-                                 pa.list_(pa.int64())),
-        "age_bucket": rng.integers(0, 8, B),
-        "genres": pa.array([list(rng.integers(1, N_GENRES + 1, n)) for n in gen_lens],
-                           pa.list_(pa.int64())),
-        "age": rng.uniform(15, 70, B),
-        "label": rng.integers(0, 2, B).astype(np.float32),
-    })
 
 
 def _worker(rank, world, port, sharding, tmp, q):
@@ -107,12 +83,6 @@ def _worker(rank, world, port, sharding, tmp, q):
         q.put((rank, out))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])

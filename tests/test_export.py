@@ -15,8 +15,9 @@ import torch
 
 from rectrain.cli import main as cli_main
 from rectrain.serve.export import export, load_serving_model
-from tests.ckpt_helpers import spawn, write_prepared
-from tests.helpers import tiny_job
+from tests.support.dist import spawn
+from tests.support.prepared import write_prepared
+from tests.support.tiny import tiny_job
 
 SERVE = r"""
 import json, sys, torch

@@ -9,7 +9,7 @@ from rectrain.data.features import FeatureLayout
 from rectrain.data.loader import padding_table, rebatch
 from rectrain.models import build_model
 from rectrain.models.layers import TargetAttention
-from tests.helpers import N_GENRES, N_ITEMS, N_USERS, tiny_cfg
+from tests.support.tiny import N_GENRES, N_ITEMS, N_USERS, tiny_cfg
 
 MANIFEST = {"tables": {"user_id": N_USERS + 1, "item": N_ITEMS + 1, "age_bucket": 8,
                        "genres": N_GENRES + 1},

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from rectrain.config import config_from_dict
 from rectrain.data.encode import hash_collisions, hash_encode
 from rectrain.data.prepare import prepare
-from tests.helpers import N_ITEMS, tiny_job, tiny_tables
+from tests.support.tiny import N_ITEMS, tiny_job, tiny_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SNIPPET = ("import pyarrow as pa; from rectrain.data.encode import hash_encode; "

@@ -16,8 +16,9 @@ import yaml
 
 from rectrain.config import RETRIEVAL_MODELS, load_config
 from rectrain.data import storage
-from tests.ckpt_helpers import free_port, write_prepared
-from tests.helpers import N_USERS
+from tests.support.ports import free_port
+from tests.support.prepared import write_prepared
+from tests.support.tiny import N_USERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "jobs", "*.yaml")))
@@ -71,7 +72,7 @@ def _fill(col: str, kind: str, n: int, rng) -> pa.Array:
 
 
 def _prepared_for(cfg, prepared: str) -> None:
-    """``tests.ckpt_helpers.write_prepared`` plus the job's other features (random ids / values),
+    """``tests.support.prepared.write_prepared`` plus the job's other features (random ids / values),
     ``label_value`` and, for retrieval jobs, one valid and one test row per user (leave-last-out)."""
     manifest = write_prepared(prepared, n_train=192, n_valid=N_USERS, n_test=N_USERS)
     rng = np.random.default_rng(0)

@@ -1,5 +1,5 @@
 """A training run whose two Ray Train workers sit on two different Ray nodes (a head and a
-worker node on loopback, tests/ray_cluster.py), and the per-worker resources of the job config."""
+worker node on loopback, tests/support/ray_cluster.py), and the per-worker resources of the job config."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import yaml
 from rectrain.config import config_from_dict
 from rectrain.launch.ray_launch import worker_resources
 from rectrain.launch.submit import client, submit, wait
-from tests.helpers import tiny_job
-from tests.ray_cluster import ROOT
+from tests.support.tiny import tiny_job
+from tests.support.ray_cluster import ROOT
 
 
 def test_worker_resources_from_config(tmp_path):

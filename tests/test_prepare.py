@@ -12,7 +12,7 @@ import pytest
 from rectrain.config import config_from_dict
 from rectrain.data.prepare import DataValidationError, prepare
 from rectrain.data.schema import Manifest, load_manifest
-from tests.helpers import tiny_job, tiny_tables
+from tests.support.tiny import tiny_job, tiny_tables
 
 
 def _write_raw(tmp, tables, event_parts=(103, 97, 0, 55, 9, 1)):

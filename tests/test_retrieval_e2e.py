@@ -12,7 +12,7 @@ import pytest
 from rectrain.data.prepare import prepare
 from rectrain.launch.ray_launch import train
 from rectrain.serve.recommend import recommend
-from tests.helpers import N_ITEMS, N_USERS, tiny_cfg, tiny_tables
+from tests.support.tiny import N_ITEMS, N_USERS, tiny_cfg, tiny_tables
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from rectrain.data.features import FeatureLayout
 from rectrain.models import build_model
 from rectrain.models.sasrec import SASRec, right_align
 from rectrain.models.two_tower import TwoTower, in_batch_softmax_loss
-from tests.helpers import N_ITEMS, N_USERS, SEQ_LEN, tiny_job
+from tests.support.tiny import N_ITEMS, N_USERS, SEQ_LEN, tiny_job
 
 TABLES = {"user_id": N_USERS + 1, "item": N_ITEMS + 1, "age_bucket": 8, "genres": 7}
 

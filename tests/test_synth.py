@@ -154,7 +154,7 @@ def test_prepare_reads_synth_without_rejects(small, tmp_path):
 def test_job_warns_when_the_log_on_disk_has_other_sizes(small):
     """A job with ``dataset.source: synth`` uses a log already on disk; when that log was
     written with other sizes than the job's ``dataset.synth``, the mismatch is reported."""
-    from rectrain.cli import synth_mismatch
+    from rectrain.launch.jobs import synth_mismatch
 
     out, _ = small
 

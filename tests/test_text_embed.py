@@ -13,7 +13,7 @@ from rectrain.data.features import FeatureLayout
 from rectrain.data.prepare import prepare
 from rectrain.data.text_embed import DIM, embed_texts, encode_texts, item_text, load_encoder
 from rectrain.models.din import DIN
-from tests.helpers import N_ITEMS, tiny_job, tiny_tables
+from tests.support.tiny import N_ITEMS, tiny_job, tiny_tables
 
 TITLES = ["Toy Story (1995)", "GoldenEye (1995)", "", "Four Rooms (1995)", "Get Shorty (1995)"]
 

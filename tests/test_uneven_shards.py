@@ -18,8 +18,9 @@ from rectrain.data.loader import collective_batches, rebatch
 from rectrain.models import build_model
 from rectrain.train.ranking import evaluate
 from rectrain.train.sharding import shard_model
-from tests.helpers import N_GENRES, N_ITEMS, N_USERS, SEQ_LEN, tiny_cfg
-from tests.test_distributed import _free_port, _manifest
+from tests.support.tiny import N_GENRES, N_ITEMS, N_USERS, SEQ_LEN, tiny_cfg
+from tests.support.ports import free_port as _free_port
+from tests.support.prepared import tiny_manifest as _manifest
 
 FILES = {0: [103, 97], 1: [55, 9, 1]}
 
@@ -122,7 +123,7 @@ def awkward_prepared(tmp_path_factory, ray_local):
 
     from rectrain.config import config_from_dict
     from rectrain.data.prepare import prepare
-    from tests.helpers import tiny_job, tiny_tables
+    from tests.support.tiny import tiny_job, tiny_tables
 
     tmp = tmp_path_factory.mktemp("awkward")
     tables = tiny_tables(n_events=385)
@@ -139,7 +140,7 @@ def awkward_prepared(tmp_path_factory, ray_local):
 
 def _job(tmp, run):
     from rectrain.config import config_from_dict
-    from tests.helpers import tiny_job
+    from tests.support.tiny import tiny_job
 
     job = tiny_job(str(tmp), run_dir=str(tmp / run))
     job["train"] = {**job["train"], "epochs": 2, "num_workers": 2}

@@ -13,7 +13,7 @@ import pytest
 
 from rectrain.config import config_from_dict
 from rectrain.data.prepare import DataValidationError, prepare
-from tests.helpers import tiny_job, tiny_tables
+from tests.support.tiny import tiny_job, tiny_tables
 
 N = 60  # events rows, written as part-0 (rows 0..29) and part-1 (rows 30..59)
 

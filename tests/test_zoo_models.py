@@ -18,8 +18,10 @@ from rectrain.models import MODELS, build_model
 from rectrain.models.base import main_logits
 from rectrain.train.objectives import eval_metrics, init_regression_head, main_loss
 from rectrain.train.sharding import shard_model
-from tests.helpers import tiny_cfg
-from tests.test_distributed import _batch_table, _free_port, _manifest
+from tests.support.tiny import tiny_cfg
+from tests.support.ports import free_port as _free_port
+from tests.support.prepared import batch_table as _batch_table
+from tests.support.prepared import tiny_manifest as _manifest
 
 ZOO = ["din", "dlrm", "dcnv2", "bst", "autoint"]
 VARIANTS = [  # (model, extra model settings)

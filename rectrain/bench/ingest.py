@@ -73,11 +73,9 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     """rectrain's Ray Data path in ``world`` Ray Train workers; per-epoch figures."""
     import ray.data
     from ray.data import FileShuffleConfig
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from rectrain.bench.trainstep import _layout, bench_config
-    from rectrain.launch.ray_launch import _exact_split_config, init_ray
+    from rectrain.launch.ray_launch import fit, init_ray
 
     job = wl.job("/tmp/rectrain-bench-ingest", batch_size=batch, num_workers=world)
     # rank 0 writes its per-epoch figures here (local mode: the driver's file system)
@@ -87,17 +85,12 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     layout = _layout(cfg)
     ds = ray.data.read_parquet(os.path.join(wl.prepared_dir, "train"), columns=layout.columns,
                                shuffle=FileShuffleConfig(seed=cfg.train.seed))
-    trainer = TorchTrainer(
-        train_loop_per_worker=_ingest_worker,
-        train_loop_config={"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch,
-                           "threads": max(1, (os.cpu_count() or 1) // world),
-                           "result_path": result_path},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=world,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        datasets={"train": ds}, dataset_config=_exact_split_config(),
-        run_config=RunConfig(name="bench_ingest", storage_path="/tmp/rectrain-bench-ingest/ray"))
-    trainer.fit()
+    fit(_ingest_worker,
+        {"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch,
+         "threads": max(1, (os.cpu_count() or 1) // world), "result_path": result_path},
+        num_workers=world, datasets={"train": ds}, name="bench_ingest",
+        storage_path="/tmp/rectrain-bench-ingest/ray",
+        resources_per_worker={"CPU": cfg.train.cpus_per_worker})
     with open(result_path) as f:
         history = json.load(f)["epochs"]
     return [{k: h[k] for k in ("epoch", "seconds", "steady_seconds", "first_batch_seconds",

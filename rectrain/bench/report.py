@@ -80,13 +80,27 @@ def write(out_dir: str, name: str, result: dict, markdown: str) -> str:
     return path
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display).
+
+    Raises:
+        ImportError: matplotlib is missing; it comes with the ``bench`` extra.
+    """
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("benchmark plots need matplotlib, which comes with the bench extra: "
+                          "pip install -e '.[bench]' (or bash scripts/setup.sh --test)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_bars(path: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
               title: str) -> str:
     """A bar chart (PNG) of ``values``; returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -106,10 +120,7 @@ def plot_bars(path: str, labels: Sequence[str], values: Sequence[float], ylabel:
 def plot_lines(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]],
                xlabel: str, ylabel: str, title: str, logx: bool = False) -> str:
     """One line per ``series[name] = (xs, ys)``; returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -244,13 +244,12 @@ def din_ml100k(root: str) -> Workload:
                   optim=job.get("optim"))
     if os.path.exists(os.path.join(prepared, "manifest.json")):
         return wl
-    from rectrain.cli import main as cli_main
+    from rectrain.config import load_config
+    from rectrain.launch.jobs import prepare_job
 
     os.makedirs(root, exist_ok=True)
     cfg_path = os.path.join(root, "job.yaml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(job, f)
-    rc = cli_main(["prepare", "movielens-100k", "--config", cfg_path])
-    if rc != 0:
-        raise RuntimeError(f"rectrain prepare movielens-100k failed (rc {rc}); see above")
+    prepare_job(load_config(cfg_path), source="movielens-100k")
     return wl

@@ -1,108 +1,23 @@
-"""The only place that knows Ray's cluster and Train APIs: local mode vs cluster, TorchTrainer."""
+"""Ray Train for rectrain: :func:`train` runs a job's training with ``TorchTrainer`` (built by
+:func:`fit`, which the benchmarks use too) and :func:`ray_train_worker` is its per-worker entry
+point. Connecting to Ray is :mod:`rectrain.launch.cluster`."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from rectrain.config import JobConfig
 from rectrain.data import storage
-from rectrain.launch import worker_setup
+from rectrain.launch import quiet
+from rectrain.launch.cluster import cluster_address, init_ray
 
-log = logging.getLogger(__name__)
-
-
-def _cluster_address(cfg: JobConfig, address: Optional[str]) -> Optional[str]:
-    addr = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    # Ray 2.60 clusters started by `ray start` use token auth, but a client joining by address
-    # does not switch to token mode by itself, and Ray reads the mode when it is first imported:
-    # set it before that, when a token is at hand
-    if addr and "RAY_AUTH_MODE" not in os.environ and (
-            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-            or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
-        os.environ["RAY_AUTH_MODE"] = "token"
-    return addr
+__all__ = ["fit", "init_ray", "ray_train_worker", "read_placement", "train", "worker_resources"]
 
 
-@contextlib.contextmanager
-def _loopback_only():
-    """While starting a local Ray, make its node IP 127.0.0.1 so that every Ray server binds
-    loopback only.
-
-    Ray 2.60's ``ray.init`` turns ``_node_ip_address="127.0.0.1"`` into the machine's routable IP
-    (``services.resolve_ip_for_localhost``) and its GCS, raylet, object manager, core workers and
-    agents then listen on all interfaces (``::``). Ray keeps loopback only where it disables
-    clusters (``ray_constants.ENABLE_RAY_CLUSTER``, the ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
-    switch, off on macOS/Windows): this flips it for the ``ray.init`` call only, so a later
-    connection to a real cluster from the same process is unaffected. Checked with psutil in
-    ``tests/test_submit.py::test_local_mode_listens_on_loopback_only``.
-    """
-    from ray._private import ray_constants
-
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
-
-
-def init_ray(cfg: JobConfig, address: Optional[str] = None) -> dict:
-    """Connect to Ray; returns the cluster's resources.
-
-    With an address (argument, ``cfg.ray.address`` or ``RAY_ADDRESS``) connect to that cluster.
-    Otherwise start an embedded local Ray whose logical CPU count is
-    ``num_workers * cpus_per_worker + data_cpus``: training workers reserve their CPUs and Ray
-    Data keeps ``data_cpus`` for reading (with only as many CPUs as workers, Ray Data's read
-    stays backpressured forever; DESIGN.md). The dashboard is off and nothing listens beyond
-    127.0.0.1 in local mode, and every worker runs :func:`rectrain.launch.worker_setup.preload`
-    at start (Ray's ``worker_process_setup_hook``).
-    """
-    addr = _cluster_address(cfg, address)
-    import ray
-
-    _configure_data_context()  # also when Ray was started by someone else
-    if ray.is_initialized():
-        return ray.cluster_resources()
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each print shows twice
-    # prepare re-raises the first failed task's own error; Ray's "unhandled error" echo of the
-    # sibling tasks' errors would only repeat it as tracebacks
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    if addr:
-        ray.init(address=addr, log_to_driver=True)
-    else:
-        tc = cfg.train
-        num_cpus = tc.num_workers * tc.cpus_per_worker + cfg.ray.data_cpus
-        # address="local": always a fresh embedded instance, never a cluster some earlier
-        # `ray start` left running (ray.init() with no address would join that one)
-        with _loopback_only():
-            ray.init(address="local", num_cpus=int(max(num_cpus, 1) + 0.999),
-                     runtime_env={"worker_process_setup_hook": worker_setup.HOOK},
-                     include_dashboard=True, dashboard_host="127.0.0.1",
-                     log_to_driver=True, _node_ip_address="127.0.0.1",
-                     configure_logging=True, logging_level=logging.WARNING)
-    return ray.cluster_resources()
-
-
-def _configure_data_context() -> None:
-    """This process's Ray Data settings for every dataset rectrain creates."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # Ray 2.60's Parquet DataSourceV2 starts every execution (every epoch) with a ListFiles
-    # step that took 7-10 s of wall time (0.16 s CPU) for 125 local files on 2 cores, before
-    # the first block; the V1 datasource gave its first block in 0.1-0.6 s on the same files
-    # (first batch of epoch 1 of a 2M-row Criteo run: 11.9 s -> 0.3 s; README "Benchmarks")
-    ctx.use_datasource_v2 = False
-
-
-def _exact_split_config():
+def exact_split_config():
     """A Ray Train ``DataConfig`` that splits ``train`` with ``equal=True`` (rows balanced across
     workers; at most ``world - 1`` rows of an epoch left out, and every rank still agrees on the
     step count in ``collective_batches``) and every other split with ``equal=False``, which
@@ -128,12 +43,9 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     Each split of the prepared samples is a Ray Dataset streamed to the workers
     (``streaming_split``, exact). gloo on CPU, nccl when every worker gets a GPU.
     """
-    _cluster_address(cfg, address)
-    import ray
+    cluster_address(address, cfg)
     import ray.data
     from ray.data import FileShuffleConfig
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from rectrain.data.features import FeatureLayout
     from rectrain.data.schema import ITEM, TS, USER, load_manifest
@@ -156,7 +68,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         # train: files in a seeded order that changes every epoch (FileShuffleConfig reseeds
         # per execution), streamed, in place of randomize_block_order() (an all-to-all
         # operator; replacing it did not change the first-batch wait, which was Ray Data's
-        # file listing, see _configure_data_context). Rows are already globally shuffled by
+        # file listing, see cluster._configure_data_context). Rows are already globally shuffled by
         # prepare and each block is permuted again by the loader (loader.rebatch).
         shuffle = FileShuffleConfig(seed=tc.seed) if split == "train" else None
         datasets[split] = ray.data.read_parquet(path, columns=cols, filesystem=fs,
@@ -165,23 +77,15 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     storage.remove(storage.join(cfg.run_dir, "workers"))
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // tc.num_workers) if not address else None
-    trainer = TorchTrainer(
-        train_loop_per_worker=ray_train_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "threads": threads,
-                           "env": {k: v for k, v in os.environ.items()
-                                   if k.startswith("RECTRAIN_")}},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=worker_resources(cfg, use_gpu),
-                                     placement_strategy=tc.placement_strategy),
-        datasets=datasets,
-        dataset_config=_exact_split_config(),
-        run_config=RunConfig(name=cfg.name, storage_path=os.path.abspath(
-            storage.join(cfg.run_dir, "ray")) if "://" not in cfg.run_dir else None,
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
-    )
     t0 = time.perf_counter()
-    trainer.fit()
+    fit(ray_train_worker,
+        {"job": cfg.model_dump(mode="json"), "threads": threads,
+         "env": {k: v for k, v in os.environ.items() if k.startswith("RECTRAIN_")}},
+        num_workers=tc.num_workers, datasets=datasets, name=cfg.name,
+        storage_path=os.path.abspath(storage.join(cfg.run_dir, "ray"))
+        if "://" not in cfg.run_dir else None,
+        resources_per_worker=worker_resources(cfg, use_gpu), use_gpu=use_gpu,
+        placement_strategy=tc.placement_strategy, max_failures=cfg.checkpoint.max_failures)
     url = storage.join(cfg.run_dir, "metrics.json")
     if not storage.exists(url):
         raise RuntimeError(f"training finished without writing {url}; see the worker logs above")
@@ -191,6 +95,33 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     metrics["num_nodes"] = len({w["node_id"] for w in metrics["workers"]})
     storage.write_json(metrics, url)
     return metrics
+
+
+def fit(worker: Callable[[dict], None], config: dict, *, num_workers: int, datasets: dict,
+        name: str, storage_path: Optional[str], resources_per_worker: Optional[dict] = None,
+        use_gpu: bool = False, placement_strategy: str = "PACK", max_failures: int = 0):
+    """Run ``worker(config)`` in ``num_workers`` Ray Train workers (``TorchTrainer.fit``) and
+    return Ray Train's ``Result``. ``datasets`` (name -> Ray Dataset) reach the workers through
+    :func:`exact_split_config` (``ray.train.get_dataset_shard(name)``); the process group is
+    gloo on CPU, nccl with GPUs. Needs a connected Ray (:func:`init_ray`).
+
+    Raises:
+        ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources_per_worker,
+                                     placement_strategy=placement_strategy),
+        datasets=datasets, dataset_config=exact_split_config(),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             logging_config=quiet.train_logging_config()))
+    return trainer.fit()
 
 
 def worker_resources(cfg: JobConfig, use_gpu: bool) -> dict:

@@ -131,20 +131,28 @@ def build_entrypoint(verb: str, spec: str, working_dir: str, args: Iterable[str]
 
 
 def project_requirements(variant: str = "gpu", root: Optional[str] = None) -> list[str]:
-    """Pinned pip requirements from ``pyproject.toml``: core dependencies, the ``variant``
-    extra (``cpu``: fbgemm-gpu-cpu, ``gpu``: fbgemm-gpu) and ``torchrec==1.8.0`` (what
-    ``scripts/setup.sh`` installs)."""
+    """Pinned pip requirements from ``pyproject.toml``: core dependencies, the extras named in
+    ``variant`` (comma-separated: ``cpu`` fbgemm-gpu-cpu or ``gpu`` fbgemm-gpu, plus e.g.
+    ``text`` for text_embedding features) and ``torchrec==1.8.0`` (what ``scripts/setup.sh``
+    installs).
+
+    Raises:
+        SubmitError: an extra that pyproject.toml does not define.
+    """
     import tomllib
 
     root_dir = Path(root) if root else Path(__file__).resolve().parents[2]
     proj = tomllib.loads((root_dir / "pyproject.toml").read_text())["project"]
     extra = proj.get("optional-dependencies", {})
-    if variant not in extra:
-        raise SubmitError(f"--pip {variant!r}: pyproject.toml has no such extra; "
-                          f"known: {', '.join(sorted(extra))}")
+    reqs = list(proj["dependencies"])
+    for name in variant.split(","):
+        if name not in extra:
+            raise SubmitError(f"--pip {name!r}: pyproject.toml has no such extra; "
+                              f"known: {', '.join(sorted(extra))}")
+        reqs += extra[name]
     setup = (root_dir / "scripts" / "setup.sh").read_text()
     m = re.search(r"torchrec==[0-9][0-9.]*", setup)
-    return list(proj["dependencies"]) + list(extra[variant]) + ([m.group(0)] if m else [])
+    return reqs + ([m.group(0)] if m else [])
 
 
 def build_runtime_env(working_dir: str, env: Iterable[str] = (), pip: Optional[str] = None

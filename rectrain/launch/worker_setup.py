@@ -11,7 +11,10 @@ HOOK = "rectrain.launch.worker_setup.preload"
 
 
 def preload() -> None:
-    """Import pandas (about 0.2 s once pyarrow is loaded) before the worker runs any task.
+    """Quiet the stack's output in this worker (:func:`rectrain.launch.quiet.quiet_worker`) and
+    import pandas before any task runs.
+
+    Import pandas (about 0.2 s once pyarrow is loaded) before the worker runs any task.
 
     Ray Data and pyarrow import pandas lazily, inside whichever task first needs it. A task
     stopped by ``ray.cancel(force=False)`` (Ray Data stops the running tasks of a failed or
@@ -23,3 +26,7 @@ def preload() -> None:
     interrupt it.
     """
     import pandas  # noqa: F401
+
+    from rectrain.launch.quiet import quiet_worker
+
+    quiet_worker()

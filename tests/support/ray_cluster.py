@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,14 +26,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.ports import free_port
+
+#: the repository root (uploaded as the jobs' working dir)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -159,8 +155,9 @@ def start_cluster(tmp: str, worker_node: bool = True, timeout_s: float = 600) ->
 
 
 def write_tiny_job(tmp: str, name: str = "tiny", **over) -> str:
-    """Raw logs (tests.helpers.tiny_tables) and a job YAML under ``tmp``; returns the YAML path."""
-    from tests.helpers import tiny_job, tiny_tables
+    """Raw logs (tests.support.tiny.tiny_tables) and a job YAML under ``tmp``; returns the YAML
+    path."""
+    from tests.support.tiny import tiny_job, tiny_tables
 
     for table_name, table in tiny_tables(n_events=900).items():
         os.makedirs(os.path.join(tmp, "raw", table_name), exist_ok=True)
