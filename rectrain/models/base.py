@@ -34,23 +34,6 @@ def label_prediction(out: torch.Tensor, regression: bool) -> torch.Tensor:
     return logits if regression else torch.sigmoid(logits)
 
 
-def task_of(model) -> str:
-    """``"ranking"`` or ``"retrieval"`` of a model, a model class, a wrapper holding the model
-    as ``.module`` (DistributedModelParallel, DDP) or a ``model.name`` of the registry.
-
-    Raises:
-        KeyError: an unknown model name (lists the known ones).
-    """
-    if isinstance(model, str):
-        from rectrain.models import MODELS  # the registry imports this module
-        if model not in MODELS:
-            raise KeyError(f"model.name {model!r} unknown; known: {sorted(MODELS)}")
-        model = MODELS[model]
-    while not hasattr(model, "task") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return getattr(model, "task", RANKING)
-
-
 class RankingModel(nn.Module):
     """Base of the ranking models: ``task``, the label head and the output shape.
 

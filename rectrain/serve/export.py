@@ -52,7 +52,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from rectrain.data import storage
 from rectrain.data.features import Batch, FeatureLayout
-from rectrain.models.base import RETRIEVAL, label_prediction, task_of
+from rectrain.models import task_of
+from rectrain.models.base import RETRIEVAL, label_prediction
 from rectrain.serve.loading import load_model
 
 

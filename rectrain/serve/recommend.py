@@ -22,7 +22,8 @@ import torch
 from rectrain.data import storage
 from rectrain.data.encode import positions_in_lists
 from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, read_split
-from rectrain.models.base import RETRIEVAL, label_prediction, task_of
+from rectrain.models import task_of
+from rectrain.models.base import RETRIEVAL, label_prediction
 from rectrain.serve.loading import load_model
 
 log = logging.getLogger(__name__)

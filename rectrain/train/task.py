@@ -55,7 +55,8 @@ class Task(Protocol):
 
 def make_task(cfg, layout, manifest: dict, model, env) -> Task:
     """The task of ``model`` (``task_of(model)``: ``ranking`` or ``retrieval``)."""
-    from rectrain.models.base import RETRIEVAL, task_of
+    from rectrain.models import task_of
+    from rectrain.models.base import RETRIEVAL
 
     if task_of(model) == RETRIEVAL:
         from rectrain.train.retrieval import RetrievalTask
