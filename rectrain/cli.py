@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -38,7 +39,12 @@ def _overrides(args) -> dict:
     if getattr(args, "run_dir", None) is not None:
         o["run_dir"] = args.run_dir
     if getattr(args, "resume", None) is not None:
-        o.setdefault("checkpoint", {})["resume"] = args.resume
+        r = args.resume
+        if r not in ("latest", "auto") and "://" not in r:  # resolved here, not in a worker's cwd
+            r = os.path.abspath(r)
+        o.setdefault("checkpoint", {})["resume"] = r
+    if getattr(args, "address", None) is not None:  # the config's CPU/GPU rules see the cluster
+        o.setdefault("ray", {})["address"] = args.address
     return o
 
 

@@ -22,6 +22,22 @@ class ConfigError(ValueError):
 CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
+def read_yaml_mapping(path: Path, error: type[Exception] = ConfigError) -> dict:
+    """The YAML file ``path`` as a dict.
+
+    Raises:
+        ``error`` (default :class:`ConfigError`): not valid YAML, or its top level is not a
+            mapping (the message names the file).
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> JobConfig:
     """Load and validate a job YAML.
 
@@ -61,12 +77,7 @@ def _read_chain(p: Path, stack: tuple[Path, ...]) -> dict:
     if real in {s.resolve() for s in stack}:
         chain = " -> ".join(str(s) for s in (*stack, p))
         raise ConfigError(f"{stack[0]}: extends: cycle {chain}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(p)
     bases = raw.pop("extends", None)
     if bases is None:
         return raw

@@ -68,19 +68,28 @@ def build_vocab(arr) -> pa.Array:
     return pc.take(values, pc.sort_indices(values))
 
 
+def _per_element(arr, fn):
+    """``(arr, lists)``: ``arr`` as one Arrow array, and for a list column ``fn`` applied to its
+    flattened elements under its own offsets as ``list<...>`` (a null list becomes an empty
+    list), else ``lists = None``."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        return arr, None
+    arr = pc.fill_null(arr, pa.scalar([], arr.type))
+    offsets = pc.subtract(arr.offsets, arr.offsets[0])
+    return arr, pa.ListArray.from_arrays(pc.cast(offsets, pa.int32()), fn(arr.flatten()))
+
+
 def encode(arr, vocab: pa.Array) -> pa.Array:
     """Map values to ids ``1..len(vocab)``; null or out-of-vocabulary -> 0.
 
     List columns keep their offsets: the result is a ``list<int64>`` column with the same
     lengths (null list -> empty list).
     """
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        arr = pc.fill_null(arr, pa.scalar([], arr.type))
-        offsets = pc.subtract(arr.offsets, arr.offsets[0])
-        inner = encode(arr.flatten(), vocab)
-        return pa.ListArray.from_arrays(pc.cast(offsets, pa.int32()), inner)
+    arr, lists = _per_element(arr, lambda values: encode(values, vocab))
+    if lists is not None:
+        return lists
     if len(vocab) and arr.type != vocab.type:
         arr = pc.cast(arr, vocab.type)
     idx = pc.index_in(arr, value_set=vocab)
@@ -106,13 +115,9 @@ def hash_encode(arr, buckets: int) -> pa.Array:
 
     if buckets < 1:
         raise ValueError(f"hash_buckets must be >= 1, got {buckets}")
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        arr = pc.fill_null(arr, pa.scalar([], arr.type))
-        offsets = pc.subtract(arr.offsets, arr.offsets[0])
-        inner = hash_encode(arr.flatten(), buckets)
-        return pa.ListArray.from_arrays(pc.cast(offsets, pa.int32()), inner)
+    arr, lists = _per_element(arr, lambda values: hash_encode(values, buckets))
+    if lists is not None:
+        return lists
     if pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
         # uint64 above 2**63 by its bit pattern (a bijection onto int64: no added collisions)
         values = pc.fill_null(pc.cast(arr, pa.int64(), safe=not pa.types.is_uint64(arr.type)),

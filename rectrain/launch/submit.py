@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-import yaml
-
-from rectrain.config import ConfigError
+from rectrain.config import ConfigError, read_yaml_mapping
 from rectrain.launch import worker_setup
 
 #: verbs whose job spec is a rectrain :class:`~rectrain.config.JobConfig` (validated before
@@ -110,12 +108,7 @@ def build_entrypoint(verb: str, spec: str, working_dir: str, args: Iterable[str]
     p = Path(spec)
     if not p.is_file():
         raise SubmitError(f"{spec}: job spec not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SubmitError(f"{spec}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SubmitError(f"{spec}: top level must be a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(p, SubmitError)
     if verb in CONFIG_VERBS:
         from rectrain.config import config_from_dict, job_dict
         raw = job_dict(p)  # with its extends: chain

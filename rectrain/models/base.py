@@ -34,7 +34,17 @@ def label_prediction(out: torch.Tensor, regression: bool) -> torch.Tensor:
     return logits if regression else torch.sigmoid(logits)
 
 
-class RankingModel(nn.Module):
+class RecModel(nn.Module):
+    """Base of every model: keeps the :class:`~rectrain.data.features.FeatureLayout` it was
+    built for (``self.layout``) and its embedding dim ``self.E``."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.E = layout.embedding_dim
+
+
+class RankingModel(RecModel):
     """Base of the ranking models: ``task``, the label head and the output shape.
 
     Subclasses build ``self.head = self.label_head(in_dim, layout, device)`` last and return
@@ -55,12 +65,20 @@ class RankingModel(nn.Module):
         return out.squeeze(-1) if self.n_aux == 0 else out
 
 
-class RetrievalModel(nn.Module):
+class RetrievalModel(RecModel):
     """Base of the retrieval models: ``task``, ``item_key`` (the candidate item feature),
-    ``hist_key`` (the behaviour sequence on the same table) and ``temperature``."""
+    ``hist_key`` (the behaviour sequence on the same table) and ``temperature``.
+
+    Raises:
+        ValueError: see :meth:`retrieval_keys`.
+    """
 
     task = RETRIEVAL
     temperature: float = 1.0
+
+    def __init__(self, layout, spec):
+        super().__init__(layout)
+        self.retrieval_keys(layout, spec)
 
     def retrieval_keys(self, layout, spec) -> None:
         """Set ``item_key`` / ``hist_key`` from ``spec.item_feature`` and the first of

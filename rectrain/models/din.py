@@ -41,9 +41,8 @@ class DIN(RankingModel):
     def __init__(self, layout: FeatureLayout, spec: ModelSpec,
                  sparse_device: torch.device | None = None,
                  dense_device: torch.device | None = None):
-        super().__init__()
-        E = layout.embedding_dim
-        self.layout = layout
+        super().__init__(layout)
+        E = self.E
         self.sparse = SparseArch(layout, spec.sequence_features, sparse_device)
         D = self.sparse.query_dim
         self.attention = TargetAttention(D, spec.attention_hidden, device=dense_device)

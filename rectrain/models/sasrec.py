@@ -61,10 +61,8 @@ class SASRec(RetrievalModel):
     def __init__(self, layout: FeatureLayout, spec: ModelSpec,
                  sparse_device: torch.device | None = None,
                  dense_device: torch.device | None = None):
-        super().__init__()
-        E = layout.embedding_dim
-        self.layout = layout
-        self.retrieval_keys(layout, spec)
+        super().__init__(layout, spec)
+        E = self.E
         self.max_len = layout.max_sequence_length
         self.steps = min(spec.seq_max_len or self.max_len, self.max_len)
         self.temperature = 1.0

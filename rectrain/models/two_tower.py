@@ -46,10 +46,8 @@ class TwoTower(RetrievalModel):
     def __init__(self, layout: FeatureLayout, spec: ModelSpec,
                  sparse_device: torch.device | None = None,
                  dense_device: torch.device | None = None):
-        super().__init__()
-        E = layout.embedding_dim
-        self.layout = layout
-        self.retrieval_keys(layout, spec)
+        super().__init__(layout, spec)
+        E = self.E
         pooled = [f.name for f in layout.pooled]
         for i, n in enumerate(spec.item_features):
             if n not in pooled:

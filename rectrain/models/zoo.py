@@ -38,7 +38,20 @@ def _history_encoder(layout: FeatureLayout, spec: ModelSpec, k: int, dense_devic
                            device=dense_device)
 
 
-class DLRM(RankingModel):
+class _PooledHistoryRanker(RankingModel):
+    """The front of DLRM, DCNv2 and AutoInt: ``self.sparse`` (:class:`SparseArch` over
+    ``model.sequence_features``), ``self.k`` behaviour sequences and ``self.history``, their
+    pooled encoder (:func:`_history_encoder`; None without a sequence)."""
+
+    def __init__(self, layout: FeatureLayout, spec: ModelSpec, sparse_device=None,
+                 dense_device=None):
+        super().__init__(layout)
+        self.sparse = SparseArch(layout, spec.sequence_features, sparse_device)
+        self.k = len(self.sparse.seqs)
+        self.history = _history_encoder(layout, spec, self.k, dense_device)
+
+
+class DLRM(_PooledHistoryRanker):
     """DLRM (Naumov et al. 2019): bottom MLP on the dense features (to ``embedding_dim``), the
     feature vectors (pooled features, candidate, the history pooled by
     ``model.sequence_encoder``, default ``mean``), pairwise dot interaction (upper triangle),
@@ -53,11 +66,8 @@ class DLRM(RankingModel):
 
     def __init__(self, layout: FeatureLayout, spec: ModelSpec, sparse_device=None,
                  dense_device=None):
-        super().__init__()
-        E = layout.embedding_dim
-        self.sparse = SparseArch(layout, spec.sequence_features, sparse_device)
-        k = len(self.sparse.seqs)
-        self.history = _history_encoder(layout, spec, k, dense_device)
+        super().__init__(layout, spec, sparse_device, dense_device)
+        E, k = self.E, self.k
         self.bottom = (MLP(layout.dense_dim, [*spec.bottom_mlp, E], "relu", device=dense_device)
                        if layout.dense_dim else None)
         n_vec = self.sparse.n_fields + k + (1 if self.bottom is not None else 0)
@@ -78,7 +88,7 @@ class DLRM(RankingModel):
         return self.logits(self.head(self.top(z)))
 
 
-class DCNv2(RankingModel):
+class DCNv2(_PooledHistoryRanker):
     """DCN-V2 (Wang et al. 2021): ``x0 = [feature vectors, pooled history, dense]``, a cross
     network (:class:`~rectrain.models.zoo_layers.CrossNetV2`, full or low-rank
     ``model.cross_rank``) and a deep MLP, ``stacked`` (deep on the cross output) or ``parallel``
@@ -87,11 +97,8 @@ class DCNv2(RankingModel):
 
     def __init__(self, layout: FeatureLayout, spec: ModelSpec, sparse_device=None,
                  dense_device=None):
-        super().__init__()
-        E = layout.embedding_dim
-        self.sparse = SparseArch(layout, spec.sequence_features, sparse_device)
-        k = len(self.sparse.seqs)
-        self.history = _history_encoder(layout, spec, k, dense_device)
+        super().__init__(layout, spec, sparse_device, dense_device)
+        E, k = self.E, self.k
         d0 = (self.sparse.n_fields + k) * E + layout.dense_dim
         self.cross = CrossNetV2(d0, spec.cross_layers, spec.cross_rank, device=dense_device)
         self.stacked = spec.cross_structure == "stacked"
@@ -109,7 +116,7 @@ class DCNv2(RankingModel):
         return self.logits(self.head(z))
 
 
-class AutoInt(RankingModel):
+class AutoInt(_PooledHistoryRanker):
     """AutoInt (Song et al., "AutoInt: Automatic Feature Interaction Learning via Self-Attentive
     Neural Networks", CIKM 2019): every field is one ``embedding_dim`` vector (sparse features,
     the candidate, the pooled history, and each dense feature ``j`` as ``x_j * v_j``), multi-head
@@ -120,11 +127,8 @@ class AutoInt(RankingModel):
 
     def __init__(self, layout: FeatureLayout, spec: ModelSpec, sparse_device=None,
                  dense_device=None):
-        super().__init__()
-        E = layout.embedding_dim
-        self.sparse = SparseArch(layout, spec.sequence_features, sparse_device)
-        k = len(self.sparse.seqs)
-        self.history = _history_encoder(layout, spec, k, dense_device)
+        super().__init__(layout, spec, sparse_device, dense_device)
+        E, k = self.E, self.k
         self.dense_vectors = (nn.Parameter(torch.randn(layout.dense_dim, E, device=dense_device)
                                            * 0.01) if layout.dense_dim else None)
         n = self.sparse.n_fields + k + layout.dense_dim
@@ -161,8 +165,8 @@ class BST(RankingModel):
 
     def __init__(self, layout: FeatureLayout, spec: ModelSpec, sparse_device=None,
                  dense_device=None):
-        super().__init__()
-        E = layout.embedding_dim
+        super().__init__(layout)
+        E = self.E
         self.sparse = SparseArch(layout, spec.sequence_features, sparse_device)
         D = self.sparse.query_dim
         L = layout.max_sequence_length + 1
