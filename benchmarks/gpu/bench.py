@@ -48,8 +48,8 @@ PLANS = {
                   scaling_steps=2),
 }
 #: part -> seconds it may take (full run; smoke: the same, mostly unused)
-BUDGETS = {"env": 45, "data": 60, "dlrm_b": 80, "dlrm_a": 60, "din_b": 60, "din_a": 45,
-           "ingest": 40, "scaling": 110}
+BUDGETS = {"env": 40, "data": 60, "dlrm_b": 80, "dlrm_a": 60, "din_b": 60, "din_a": 45,
+           "ingest": 50, "scaling": 110}
 #: MLPerf Training DLRM-DCNv2 (Criteo 1TB multi-hot), per-GPU rate of H100/H200-class closed-
 #: division submissions with HugeCTR: about 2M samples/s per GPU (about 2.9M on B200)
 MLPERF_PER_GPU = 2.0e6

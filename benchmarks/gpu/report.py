@@ -23,13 +23,14 @@ def markdown(res: dict) -> str:
            "| workload | model | path | batch | samples/s | vs MLPerf per GPU |",
            "|---|---|---|---|---|---|"]
     mlperf = res["mlperf_per_gpu_samples_per_s"]
-    for k, lab in (("dlrm_b", "(b) TorchRec DMP, nccl, TBE, fused row-wise Adagrad"),
-                   ("dlrm_a", "(a) plain PyTorch nn.EmbeddingBag"),
-                   ("din_b", "(b) TorchRec DMP, nccl, TBE, fused row-wise Adagrad"),
-                   ("din_a", "(a) plain PyTorch nn.EmbeddingBag")):
+    for k in ("dlrm_b", "dlrm_a", "din_b", "din_a"):
         r = P.get(k)
         if r is None:
             continue
+        cuda = r.get("device", plan["device"]) == "cuda"
+        lab = (("(b) TorchRec DMP, " + ("nccl, CUDA TBE" if cuda else "gloo, CPU TBE")
+                + ", fused row-wise Adagrad") if k.endswith("_b")
+               else "(a) plain PyTorch nn.EmbeddingBag" + (" on CUDA" if cuda else ""))
         sps = r.get("samples_per_s")
         ratio = _f(sps / mlperf, "{:.3f}") if (sps and k.startswith("dlrm")) else "-"
         out.append(f"| {r.get('workload', k)} | {r.get('model', '-')} | {lab}"
