@@ -2,7 +2,7 @@
 
 Supported triples (torch / torchrec / fbgemm-gpu), on Python 3.11 and 3.12:
 
-- 2.13 / 1.8 / 1.8: the pins of ``scripts/setup.sh`` (CPU ``fbgemm-gpu-cpu`` or CUDA ``fbgemm-gpu``);
+- 2.13 / 1.8 / 1.8: the pins of ``scripts/setup.sh`` (``fbgemm-gpu-cpu`` or CUDA ``fbgemm-gpu``);
 - 2.11 / 1.6 / 1.6: an air-gapped GPU node's preinstalled torch 2.11.0+cu130 with
   ``torchrec==1.6.1`` and ``fbgemm-gpu==1.6.0`` carried as wheels (``benchmarks/gpu/``).
 

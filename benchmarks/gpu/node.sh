@@ -19,7 +19,8 @@ if [ -d benchmarks/gpu/kit/parts ]; then
     | tee "$OUT/receive.txt"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "node.sh: receive failed (exit $rc)"; exit "$rc"; }
-  grep -q COMPLETE "$OUT/receive.txt" || { echo "node.sh: part stored; send the next one NOW"; exit 0; }
+  grep -q COMPLETE "$OUT/receive.txt" \
+    || { echo "node.sh: part stored; send the next one NOW"; exit 0; }
 fi
 site="$DEST/site"
 if [ ! -f "$site/.installed" ]; then
@@ -28,7 +29,8 @@ if [ ! -f "$site/.installed" ]; then
 fi
 echo "node.sh: kit ready in $(( $(date +%s) - start )) s"
 export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
-"$PY" -m rectrain.compat || echo "node.sh: rectrain.compat found missing names (above); benchmarking anyway"
+"$PY" -m rectrain.compat \
+  || echo "node.sh: rectrain.compat found missing names (above); benchmarking anyway"
 timeout -k 10 "${BENCH_LIMIT:-450}" "$PY" -m benchmarks.gpu.bench --out "$OUT" \
   --data /tmp/rectrain-bench-data ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
