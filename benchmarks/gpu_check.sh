@@ -4,6 +4,9 @@
 #   RECTRAIN_VARIANT=gpu bash benchmarks/gpu_check.sh        # CUDA fbgemm-gpu, nccl, bf16 dense
 #   bash benchmarks/gpu_check.sh --cpu                        # the CPU fallback (dry run)
 #   RECTRAIN_PY=/work/main/.venv/bin/python bash benchmarks/gpu_check.sh --cpu   # no set-up
+#   RECTRAIN_PY=python3 GPU_CHECK_PATHS=a,b bash benchmarks/gpu_check.sh   # a source checkout on a
+#       node whose python3 already has the stack (no Ray: paths a,b). An air-gapped node with no
+#       torchrec/fbgemm at all: benchmarks/gpu/README.md (offline wheel kit in parts).
 # Runs (a) plain PyTorch, (b) TorchRec DMP (one process per GPU, nccl, CUDA TBE kernels with
 # fused row-wise Adagrad) and (c) rectrain's Ray Train path on DIN (synthetic logs) and the
 # Criteo-shaped DLRM workload, then prints the table. Results: benchmarks/results/gpu/.
@@ -19,6 +22,8 @@ start=$(date +%s)
 # RECTRAIN_PY=/path/to/python skips the set-up (an environment that already has rectrain's stack)
 PY="${RECTRAIN_PY:-.venv/bin/python}"
 [ -n "${RECTRAIN_PY:-}" ] || timeout 420 bash scripts/setup.sh
+# run from this source checkout, installed or not
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ngpu=1
 if [ "$device" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -34,6 +39,7 @@ out="benchmarks/results/gpu"
 left=$(( 570 - ($(date +%s) - start) ))
 [ "$left" -gt 60 ] || { echo "gpu_check: setup took too long, no time left" >&2; exit 1; }
 timeout "$left" "$PY" -m rectrain.cli bench trainstep --size "$size" \
-  --device "$device" --workers "$ngpu" --out "$out" "${extra[@]}"
+  --device "$device" --workers "$ngpu" --paths "${GPU_CHECK_PATHS:-a,b,c}" --out "$out" \
+  "${extra[@]}"
 cat "$out/trainstep.md"
 echo "gpu_check: done in $(( $(date +%s) - start )) s"

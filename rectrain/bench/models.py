@@ -70,7 +70,9 @@ class PlainDIN(nn.Module):
         q = torch.cat([self.embs[self.table_of[n]](x[n]) for n in self.queries], dim=1)
         keys = torch.cat([self.embs[self.table_of[n]](x[n][0]) for n in self.seqs], dim=2)
         L = keys.shape[1]
-        mask = torch.arange(L).unsqueeze(0) < x[self.seqs[0]][1].unsqueeze(1)
+        # on the keys' device: a CPU arange against CUDA lengths fails on a GPU
+        steps = torch.arange(L, device=keys.device)
+        mask = steps.unsqueeze(0) < x[self.seqs[0]][1].unsqueeze(1)
         att, _ = self.attention(q, keys, mask)
         parts += [q, att]
         if x["dense"].shape[1]:
