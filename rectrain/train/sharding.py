@@ -57,7 +57,8 @@ def apply_sparse_optimizer(model: nn.Module, spec: OptimSpec,
         if spec.sparse not in ("rowwise_adagrad", "adagrad", "adam"):
             raise ValueError(f"optim.sparse_weight_decay is not supported by the fused "
                              f"{spec.sparse!r} kernel; use rowwise_adagrad, adagrad or adam")
-        from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+        from rectrain.compat import weight_decay_mode
+        WeightDecayMode = weight_decay_mode()
         # FBGEMM's TBE ignores weight_decay unless a mode is set; L2 adds wd * w to the gradient
         # of the rows looked up in the batch (in the spirit of DIN's mini-batch aware
         # regularisation: untouched rows are not decayed)
