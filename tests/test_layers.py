@@ -13,8 +13,9 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: bottom to top. ``serve`` holds inference (rectrain/serve/: recommend, export)
-LAYERS = ["rectrain", "config", "data.storage", "data", "models", "checkpoint", "train", "serve",
+#: bottom to top. ``compat``: the one place for torch/torchrec/fbgemm version differences;
+#: ``serve``: inference (rectrain/serve/: recommend, export)
+LAYERS = ["rectrain", "compat", "config", "data.storage", "data", "models", "checkpoint", "train", "serve",
           "launch", "bench", "cli"]
 #: layers that may import ray: data (Ray Data / Ray task stages of prepare and synth, the text
 #: embedding stage), launch (the only place that starts Ray and runs Ray Train), bench, cli
@@ -45,8 +46,6 @@ def layer(module: str) -> str:
         return "rectrain"
     if parts[1] == "data" and len(parts) > 2 and parts[2] == "storage":
         return "data.storage"
-    if parts[1] in ("recommend", "export"):
-        return "serve"
     return parts[1]
 
 
