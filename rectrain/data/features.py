@@ -23,7 +23,7 @@ from rectrain.data.schema import LABEL, LABEL_VALUE
 
 @dataclass
 class Batch(Pipelineable):
-    """One training/eval batch (the Batch contract of DESIGN.md).
+    """One training/eval batch (stop 5 of the sample's path in docs/architecture.md).
 
     Attributes:
         dense: float32 ``[B, D]`` z-normalised dense features (``D`` may be 0), then the

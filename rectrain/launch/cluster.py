@@ -114,6 +114,6 @@ def _configure_data_context() -> None:
     # Ray 2.60's Parquet DataSourceV2 starts every execution (every epoch) with a ListFiles
     # step that took 7-10 s of wall time (0.16 s CPU) for 125 local files on 2 cores, before
     # the first block; the V1 datasource gave its first block in 0.1-0.6 s on the same files
-    # (first batch of epoch 1 of a 2M-row Criteo run: 11.9 s -> 0.3 s; README "Benchmarks")
+    # (first batch of epoch 1 of a 2M-row Criteo run: 11.9 s -> 0.3 s; docs/benchmarks.md)
     ctx.use_datasource_v2 = False
 
