@@ -225,6 +225,18 @@ def _add_verbose(p: argparse.ArgumentParser, sub) -> None:
                         help=text)
 
 
+def _require_checkpoint(path: str) -> None:
+    """Raises FileNotFoundError unless ``path`` is a checkpoint folder or a run directory with
+    one (the committed marker ``meta.json``, see :mod:`rectrain.checkpoint`)."""
+    from rectrain.data import storage
+
+    for url in (path, storage.join(path, "checkpoint")):
+        if storage.exists(storage.join(url, "meta.json")):
+            return
+    raise FileNotFoundError(f"{path}: no complete checkpoint, neither a checkpoint folder nor a "
+                            f"run directory with one (expected {path}/checkpoint/meta.json)")
+
+
 def _dispatch(args, sub) -> int:
     try:
         if args.verb in ("submit", "status", "logs", "stop"):
@@ -235,6 +247,8 @@ def _dispatch(args, sub) -> int:
             from rectrain.bench.cli import run as run_bench
             run_bench(args)
             return 0
+        if args.verb in ("export", "recommend"):
+            _require_checkpoint(args.checkpoint)  # before importing torch (seconds)
         if args.verb == "export":
             from rectrain.serve.export import export
             out = export(args.checkpoint, args.out)

@@ -35,6 +35,9 @@ def test_shipped_job_loads():
     (lambda j: j["features"][3].update(transform={"floor_div": 10, "prefix": 1}),
      "features.3.transform"),
     (lambda j: j["sharding"].update(types=["diagonal"]), "sharding.types.0"),
+    (lambda j: j["sharding"].update(types=[]), "sharding.types"),
+    (lambda j: j["model"].update(mlp_hidden=[0, 4]), "model.mlp_hidden.0"),
+    (lambda j: j["model"].update(attention_hidden=[-1]), "model.attention_hidden.0"),
 ])
 def test_bad_field_is_named(tmp_path, mutate, field):
     job = tiny_job(str(tmp_path))
@@ -104,6 +107,9 @@ def test_model_fields_and_rules_are_named(tmp_path, mutate, field, says):
     ({"name": "two_tower", "item_features": ["hist_item_id"]}, "model.item_features.0"),
     ({"name": "two_tower", "user_features": ["age"]}, "model.user_features.0"),
     ({"name": "sasrec", "item_feature": "user_id"}, "model.item_feature"),
+    ({"name": "two_tower", "item_features": ["genres", "genres"]}, "model.item_features.1"),
+    ({"name": "two_tower", "item_features": ["genres"], "user_features": ["genres"]},
+     "model.user_features"),
 ])
 def test_retrieval_feature_lists_checked_at_load(tmp_path, model, field):
     job = tiny_job(str(tmp_path), model=model)
@@ -212,3 +218,33 @@ def test_config_reference_is_up_to_date():
     assert committed == reference(), "run: python -m rectrain.config.reference > docs/config.md"
     for name in ("sasrec_all_steps", "attention_hidden", "tower_hidden", "cross_rank"):
         assert f"| `{name}` |" in committed
+
+
+def test_unreadable_config_files_are_named(tmp_path):
+    """A folder, a binary file or a folder named by ``extends:`` fail with the path, not a
+    traceback."""
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {tmp_path}\n")
+    for path, says in ((str(tmp_path), "not a file"), (str(binary), "cannot read"),
+                       (str(child), "not a file")):
+        with pytest.raises(ConfigError, match="not a file|cannot read") as e:
+            load_config(path)
+        assert says in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_cli_rejects_a_missing_checkpoint_without_loading_torch(tmp_path):
+    """``recommend`` / ``export`` of a path with no checkpoint stop with the path before the
+    serving code (torch, torchrec) is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rectrain import cli; rc = cli.main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    for argv in (["recommend", "--checkpoint", str(tmp_path / "nope")],
+                 ["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]):
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert f"{tmp_path / 'nope'}: no complete checkpoint" in r.stderr

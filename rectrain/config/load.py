@@ -33,6 +33,8 @@ def read_yaml_mapping(path: Path, error: type[Exception] = ConfigError) -> dict:
         raw = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable or binary file
+        raise error(f"{path}: cannot read as a YAML text file: {e}") from None
     if not isinstance(raw, dict):
         raise error(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     return raw
@@ -73,6 +75,8 @@ def _read_chain(p: Path, stack: tuple[Path, ...]) -> dict:
     where = f"{stack[0]}: " if stack else ""
     if not p.exists():
         raise ConfigError(f"{where}{p}: config file not found")
+    if not p.is_file():
+        raise ConfigError(f"{where}{p}: not a file (a job config is one YAML file)")
     real = p.resolve()
     if real in {s.resolve() for s in stack}:
         chain = " -> ".join(str(s) for s in (*stack, p))
@@ -147,12 +151,11 @@ def check_launch(cfg: JobConfig, source: str = "<dict>") -> None:
     if tc.use_gpu is None:
         if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
             return  # a cluster: its GPUs are known only once connected
-        import torch  # only for this rare case: importing torch costs about a second
-
-        if torch.cuda.device_count() >= tc.num_workers:
+        gpus = _local_gpus()
+        if gpus >= tc.num_workers:
             return
         why = (f"train.use_gpu is unset, no ray.address is set and this machine has "
-               f"{torch.cuda.device_count()} CUDA device(s) for {tc.num_workers} workers")
+               f"{gpus} CUDA device(s) for {tc.num_workers} workers")
     elif tc.use_gpu:
         return
     else:
@@ -160,6 +163,19 @@ def check_launch(cfg: JobConfig, source: str = "<dict>") -> None:
     raise ConfigError(f"{source}: optim.sparse: {cfg.optim.sparse!r} has no fused CPU kernel in "
                       f"FBGEMM and this run would be on CPU ({why}); use one of "
                       f"{', '.join(CPU_SPARSE_OPTIMIZERS)} on CPU (adam needs GPUs)")
+
+
+def _local_gpus() -> int:
+    """NVIDIA GPUs visible on this machine, without importing torch (seconds to import): the
+    driver's ``/proc/driver/nvidia/gpus`` entries, limited by ``CUDA_VISIBLE_DEVICES``."""
+    try:
+        n = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        n = min(n, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    return n
 
 
 def _resolve(value: str, base: Path) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Discriminator, Field, Tag
+from pydantic import Discriminator, Field, PositiveInt, Tag
 
 from rectrain.config.sections import _Model
 
@@ -41,7 +41,7 @@ class RankingBase(ModelBase):
     """Ranking models: logits ``[B]`` (``[B, 1+K]`` with K auxiliary heads) from an MLP over the
     embeddings and a pooled or encoded behaviour history."""
 
-    mlp_hidden: list[int] = [200, 80]
+    mlp_hidden: list[PositiveInt] = [200, 80]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     sequence_encoder: Optional[Literal["mean", "cnn", "gru", "lstm", "transformer"]] = Field(
         None, description="history encoder: din adds its output next to target attention "
@@ -56,14 +56,14 @@ class DinSpec(RankingBase):
     """Deep Interest Network (Zhou et al., KDD 2018): target attention over the history."""
 
     name: Literal["din"] = "din"
-    attention_hidden: list[int] = Field([64, 32], description="target-attention MLP sizes")
+    attention_hidden: list[PositiveInt] = Field([64, 32], description="target-attention MLP sizes")
 
 
 class DlrmSpec(RankingBase):
     """DLRM (Naumov et al. 2019): bottom MLP on dense inputs, dot interaction, top MLP."""
 
     name: Literal["dlrm"] = "dlrm"
-    bottom_mlp: list[int] = Field([64], description="bottom MLP on dense features "
+    bottom_mlp: list[PositiveInt] = Field([64], description="bottom MLP on dense features "
                                                      "(a last layer of embedding_dim is added)")
 
 
@@ -113,7 +113,7 @@ class TwoTowerSpec(RetrievalBase):
                           "in item_features)")
     item_features: list[str] = Field(
         [], description="pooled item side features of the item tower (next to item_feature)")
-    tower_hidden: list[int] = Field([128, 64], min_length=1,
+    tower_hidden: list[PositiveInt] = Field([128, 64], min_length=1,
                                     description="tower MLP sizes; last = output dim")
     temperature: float = Field(0.05, gt=0, description="softmax temperature on the cosine "
                                                        "similarity of the two towers")
@@ -202,6 +202,12 @@ def check_model(job) -> None:
                 if n not in pooled:
                     raise ValueError(f"model.{field}.{i}: {n!r} is not a pooled feature "
                                      f"(pooled: {pooled})")
+                if n in (getattr(m, field) or [])[:i]:
+                    raise ValueError(f"model.{field}.{i}: {n!r} is listed twice")
+        both = set(m.item_features) & set(m.user_features or [])
+        if both:
+            raise ValueError(f"model.user_features: {sorted(both)} also in model.item_features "
+                             f"(a feature belongs to one tower)")
     if isinstance(m, SasrecSpec) and m.sasrec_all_steps and m.retrieval_loss != "full":
         raise ValueError(f"model.sasrec_all_steps: true needs model.retrieval_loss: full "
                          f"(got {m.retrieval_loss})")

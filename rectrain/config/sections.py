@@ -13,10 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 RESERVED_COLUMNS = ("label", "label_value")
 
 
-class ConfigError(ValueError):
-    """A job configuration is malformed; the message names the file and the field."""
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -206,7 +202,8 @@ class TrainSpec(_Model):
 class ShardingSpec(_Model):
     """Sharding types offered to TorchRec's planner (table_wise, row_wise, column_wise)."""
 
-    types: list[Literal["table_wise", "row_wise", "column_wise"]] = ["table_wise"]
+    types: list[Literal["table_wise", "row_wise", "column_wise"]] = Field(["table_wise"],
+                                                                         min_length=1)
 
 
 class RaySpec(_Model):

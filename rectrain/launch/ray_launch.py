@@ -49,15 +49,18 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
 
     from rectrain.data.features import FeatureLayout
     from rectrain.data.schema import ITEM, TS, USER, load_manifest
-    from rectrain.train.resume import prepare_run
+    from rectrain.train.resume import prepare_run, resolve_resume
 
     storage.require_shared(cfg.prepared_dir, "prepared_dir")
     storage.require_shared(cfg.run_dir, "run_dir")
+    # what can fail without Ray fails before its start-up (tens of seconds)
+    manifest = load_manifest(cfg.prepared_dir)
+    if cfg.checkpoint.resume not in (None, "auto"):
+        resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
     resources = init_ray(cfg, address)
     cfg = prepare_run(cfg)  # fresh run: clear old checkpoints; retries resume from the latest
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
-    manifest = load_manifest(cfg.prepared_dir)
     layout = FeatureLayout(cfg, manifest)
     datasets = {}
     # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
