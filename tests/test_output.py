@@ -116,3 +116,22 @@ def test_ctrl_c_stops_with_one_line_and_status_130(clean_env, capsys):
     assert cli.main(["synth", "--events", "5", "--out", "unused"]) == cli.INTERRUPTED == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["[rectrain] interrupted (Ctrl-C): stopped"]
+
+
+def test_ctrl_c_under_ray_train_is_reported_as_an_interrupt():
+    """Ray Train's ``fit`` installs its own SIGINT handler (graceful abort, then SystemExit /
+    exit status 1); within ``_noting_sigint`` that handler is wrapped so the signal is noted,
+    and the previous handler is back afterwards."""
+    import os
+    import signal
+
+    from rectrain.launch.ray_launch import _noting_sigint
+
+    before = signal.getsignal(signal.SIGINT)
+    calls = []
+    with _noting_sigint() as seen:
+        signal.signal(signal.SIGINT, lambda s, f: calls.append(s))  # as Ray Train does
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.getsignal(signal.SIGINT)  # let the handler run
+    assert seen == [signal.SIGINT] and calls == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before

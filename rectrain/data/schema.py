@@ -29,7 +29,7 @@ def load_manifest(prepared_dir: str) -> dict:
     """
     url = storage.join(prepared_dir, "manifest.json")
     if not storage.exists(url):
-        raise FileNotFoundError(f"{prepared_dir}: no manifest.json; run `rectrain prepare` first")
+        raise FileNotFoundError(f"{prepared_dir}: no manifest.json; run `rectrain prepare --config JOB.yaml` first")
     return storage.read_json(url)
 
 

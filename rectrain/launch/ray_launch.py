@@ -4,8 +4,10 @@ point. Connecting to Ray is :mod:`rectrain.launch.cluster`."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from typing import Callable, Optional
 
@@ -124,7 +126,42 @@ def fit(worker: Callable[[dict], None], config: dict, *, num_workers: int, datas
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
                              logging_config=quiet.train_logging_config()))
-    return trainer.fit()
+    with _noting_sigint() as interrupted:
+        try:
+            return trainer.fit()
+        finally:
+            if interrupted:  # Ray Train's handler aborted the run: report it as a Ctrl-C
+                raise KeyboardInterrupt  # noqa: B012 - replaces Ray's SystemExit/error
+
+
+@contextlib.contextmanager
+def _noting_sigint():
+    """Within the block, a SIGINT handler that Ray Train's ``fit`` installs (it aborts the run
+    gracefully, then ends with ``SystemExit`` or an error, exit status 1) is wrapped so that the
+    signal is noted first: the yielded list is non-empty after a Ctrl-C, and :func:`fit` raises
+    ``KeyboardInterrupt`` (the CLI prints one line, exit status 130)."""
+    import signal
+
+    seen: list[int] = []
+    install = signal.signal
+
+    def chained(sig, handler):
+        if sig == signal.SIGINT and callable(handler):
+            inner = handler
+
+            def handler(signum, frame):
+                seen.append(signum)
+                return inner(signum, frame)
+        return install(sig, handler)
+
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal = chained
+    try:
+        yield seen
+    finally:
+        signal.signal = install
+        if threading.current_thread() is threading.main_thread():
+            install(signal.SIGINT, before)
 
 
 def worker_resources(cfg: JobConfig, use_gpu: bool) -> dict:
