@@ -87,6 +87,8 @@ def cmd_train(cfg: JobConfig, args) -> dict:
     print(f"[rectrain] test AUC {m['test_auc']:.4f}  logloss {m['test_logloss']:.4f}  "
           f"(best epoch {m['best_epoch']}, {m['train_samples_per_s']:,.0f} train samples/s); "
           f"run dir {cfg.run_dir}", flush=True)
+    if "test_undefined" in m:
+        print(f"[rectrain] {m['test_undefined']}", flush=True)
     return m
 
 
