@@ -304,3 +304,15 @@ def test_event_distincts_name_a_value_no_merged_type_holds(tmp_path, ray_local, 
         event_distincts(files, ["user_id"], {"user_id": first.type})
     msg = str(e.value)
     assert all(s in msg for s in (files[1], "'user_id'", f"row {row}", f"value {value}")), msg
+
+
+def test_an_empty_split_stops_prepare_with_the_reason(tmp_path, ray_local):
+    """``dataset.split.valid: 0`` prepares no valid rows: prepare stops at its end naming the
+    field (before, it succeeded and train failed later on a bare path); the manifest with the
+    counts is still written."""
+    _write_raw(tmp_path, tiny_tables(n_events=265))
+    cfg = config_from_dict(tiny_job(str(tmp_path), dataset={
+        **tiny_job(str(tmp_path))["dataset"], "split": {"test": 2, "valid": 0}}))
+    with pytest.raises(ValueError, match=r"valid split is empty.*dataset\.split\.valid is 0"):
+        prepare(cfg)
+    assert load_manifest(str(tmp_path / "prepared"))["rows_per_split"]["valid"] == 0

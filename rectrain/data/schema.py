@@ -33,6 +33,34 @@ def load_manifest(prepared_dir: str) -> dict:
     return storage.read_json(url)
 
 
+def empty_split_reason(rows_per_split: dict[str, int], split_cfg: dict, rows_used: int,
+                       source: str) -> str | None:
+    """Why a prepared folder cannot be trained on, or None when every split has rows.
+
+    ``rows_per_split`` (split -> rows) and ``split_cfg`` (``dataset.split`` as a dict:
+    ``test``, ``valid`` events per user) come from the manifest; ``source`` names the prepared
+    folder in the message. Training needs train rows to fit, valid rows to select the best
+    epoch and test rows to score it.
+    """
+    empty = [s for s in SPLITS if not rows_per_split.get(s)]
+    if not empty:
+        return None
+    n_test, n_valid = int(split_cfg.get("test", 0)), int(split_cfg.get("valid", 0))
+    if rows_used == 0:
+        why = "no event passed validation (see rejected_by_reason in manifest.json)"
+    elif "test" in empty and n_test == 0:
+        why = "dataset.split.test is 0: set it to at least 1"
+    elif "valid" in empty and n_valid == 0:
+        why = "dataset.split.valid is 0: set it to at least 1"
+    else:
+        why = (f"every user has at most {n_test + n_valid if 'train' in empty else n_test} "
+               f"events, so dataset.split (test: {n_test}, valid: {n_valid} per user) leaves "
+               f"the {' and '.join(empty)} split empty: lower dataset.split.test / "
+               f"dataset.split.valid or add events")
+    return (f"{source}: the {', '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+            f"empty; training needs rows in train, valid and test: {why}")
+
+
 @dataclass
 class Manifest:
     """What prepare wrote into a prepared folder (``manifest.json``), field for field.

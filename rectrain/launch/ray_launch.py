@@ -48,16 +48,22 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     from ray.data import FileShuffleConfig
 
     from rectrain.data.features import FeatureLayout
-    from rectrain.data.schema import ITEM, TS, USER, load_manifest
+    from rectrain.data.schema import ITEM, TS, USER, empty_split_reason, load_manifest
     from rectrain.train.resume import prepare_run
 
     storage.require_shared(cfg.prepared_dir, "prepared_dir")
     storage.require_shared(cfg.run_dir, "run_dir")
+    # before Ray starts and before prepare_run touches run_dir: an unusable prepared folder
+    manifest = load_manifest(cfg.prepared_dir)
+    reason = empty_split_reason(manifest["rows_per_split"], cfg.dataset.split.model_dump(),
+                                manifest.get("rows_used", sum(manifest["rows_per_split"].values())),
+                                cfg.prepared_dir)
+    if reason:
+        raise ValueError(reason)
     resources = init_ray(cfg, address)
     cfg = prepare_run(cfg)  # fresh run: clear old checkpoints; retries resume from the latest
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
-    manifest = load_manifest(cfg.prepared_dir)
     layout = FeatureLayout(cfg, manifest)
     datasets = {}
     # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
