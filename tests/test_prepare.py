@@ -69,6 +69,7 @@ def test_prepare_counts_sequences_and_manifest(tmp_path, ray_local):
     manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert manifest["tables"]["item"] == 51 and manifest["tables"]["user_id"] == 31
     assert manifest["dense_stats"]["age"]["std"] > 0
+    assert len(manifest["fingerprint"]) == 64  # schema + tables + vocabularies (issue 12)
     # dense stats over the train split (sample std, as Ray Data's std), summed over buckets
     train = _read(tmp_path / "prepared", "train").to_pandas()
     assert manifest["dense_stats"]["age"]["mean"] == pytest.approx(train["age"].mean())

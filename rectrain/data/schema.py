@@ -8,6 +8,8 @@ and ``manifest.json`` (schema, table sizes, rows per split, rejected rows by rea
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, fields
 
 import pyarrow as pa
@@ -61,6 +63,66 @@ def empty_split_reason(rows_per_split: dict[str, int], split_cfg: dict, rows_use
             f"empty; training needs rows in train, valid and test: {why}")
 
 
+def vocab_digest(values: pa.Array) -> str:
+    """sha256 (hex) of one vocabulary (raw values in id order), over its Arrow IPC bytes."""
+    sink = pa.BufferOutputStream()
+    table = pa.table({"value": values}).combine_chunks()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def fingerprint(schema: dict, tables: dict, features: list, hashing: dict,
+                vocab_digests: dict[str, str]) -> str:
+    """sha256 (hex) of what fixes the meaning of every id: the sample schema, the table sizes,
+    the features, the hashing settings and each vocabulary's digest (:func:`vocab_digest`)."""
+    spec = {"schema": schema, "tables": tables, "features": features,
+            "hashing": {k: v.get("buckets") for k, v in hashing.items()},
+            "vocab": vocab_digests}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_identity(manifest: dict) -> dict:
+    """``{"fingerprint", "tables"}`` of a manifest dict, stored in every checkpoint's meta.
+
+    ``fingerprint`` is the one prepare wrote (vocabularies included); a manifest without one
+    (written by hand or by an older rectrain) gets a fingerprint of its schema, tables and
+    features only."""
+    fp = manifest.get("fingerprint") or fingerprint(
+        manifest.get("schema", {}), manifest.get("tables", {}), manifest.get("features", []),
+        manifest.get("hashing", {}), {})
+    return {"fingerprint": fp, "tables": dict(manifest.get("tables", {}))}
+
+
+def check_same_data(saved: dict | None, manifest: dict, checkpoint: str,
+                    prepared_dir: str) -> None:
+    """Stop when the prepared data changed since the checkpoint was written.
+
+    ``saved``: the checkpoint meta's ``data`` (:func:`data_identity` at save time; None for a
+    checkpoint written before fingerprints, which is not checked); ``manifest``: the prepared
+    folder's manifest now.
+
+    Raises:
+        ValueError: the fingerprints differ; names the checkpoint, the prepared folder and each
+            table whose size changed.
+    """
+    if not saved:
+        return
+    now = data_identity(manifest)
+    if saved["fingerprint"] == now["fingerprint"]:
+        return
+    old_t, new_t = saved.get("tables", {}), now["tables"]
+    diff = [f"table {t}: {old_t.get(t)} rows at the checkpoint, {new_t.get(t)} now"
+            for t in sorted(set(old_t) | set(new_t)) if old_t.get(t) != new_t.get(t)]
+    raise ValueError(
+        f"{checkpoint}: the prepared data in {prepared_dir} changed since this checkpoint was "
+        f"written (manifest fingerprint {saved['fingerprint'][:12]} then, "
+        f"{now['fingerprint'][:12]} now: " + ("; ".join(diff) if diff else
+                                              "same table sizes, other vocabularies or schema")
+        + "), so its ids would mean other things; prepare into another prepared_dir for the "
+          "new data, or train afresh (no --resume)")
+
+
 @dataclass
 class Manifest:
     """What prepare wrote into a prepared folder (``manifest.json``), field for field.
@@ -93,6 +155,7 @@ class Manifest:
     text_embeddings: dict
     seconds: dict[str, float]  # read_validate_join, sequences_split, shuffle_write_train, total
     config: dict  # the job config, JSON mode
+    fingerprint: str = ""  # schema + tables + features + vocabularies (see fingerprint())
 
     def to_dict(self) -> dict:
         """The manifest as the JSON object stored on disk (a shallow dict of the fields)."""

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from rectrain.data import storage
 from rectrain.data.order import GlobalOrder
+from rectrain.data.schema import check_same_data, data_identity, load_manifest
 from rectrain.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from rectrain.train.state import Best, EpochCarry, TrainState
 
@@ -141,6 +142,7 @@ class Checkpointer:
         self.order = (GlobalOrder(storage.join(cfg.prepared_dir, "train"), cfg.train.seed,
                                   columns) if self.deterministic else None)
         self._t_epoch = 0.0
+        self.manifest = load_manifest(cfg.prepared_dir)
 
     # ---------------------------------------------------------------- restore
     def restore(self, state: TrainState) -> bool:
@@ -149,7 +151,8 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: ``resume`` names no complete checkpoint.
-            ValueError: a mid-epoch checkpoint without ``checkpoint.every_n_steps``.
+            ValueError: a mid-epoch checkpoint without ``checkpoint.every_n_steps``, or the
+                prepared data changed since the checkpoint (its manifest fingerprint differs).
         """
         if self.spec.resume is None:  # fresh run (torchrun / tests): old checkpoints go
             if self.env.rank == 0:
@@ -160,6 +163,9 @@ class Checkpointer:
         url = resolve_resume(self.cfg.run_dir, self.spec.resume)
         if url is None:
             return False
+        # before DCP: other table sizes would fail deep inside it, equal ones load silently
+        check_same_data(storage.read_json(storage.join(url, "meta.json")).get("data"),
+                        self.manifest, url, self.cfg.prepared_dir)
         meta = load_checkpoint(url, self.dmp, self.optimizer)
         p = meta["progress"]
         saved = TrainState.from_dict(p)
@@ -216,7 +222,8 @@ class Checkpointer:
         save_checkpoint(url, self.dmp, self.optimizer, meta={
             "epoch": state.epoch, "step": state.step, "progress": progress,
             "world_size": self.env.world, "plan": str(self.plan),
-            "config": self.cfg.model_dump(mode="json"), **(extra or {})})
+            "config": self.cfg.model_dump(mode="json"), "data": data_identity(self.manifest),
+            **(extra or {})})
         return url
 
     def _save_periodic(self, state: TrainState) -> str:
