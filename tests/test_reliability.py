@@ -154,3 +154,126 @@ def test_fingerprint_covers_vocabularies_and_is_stable():
         fingerprint(*base, {"item_id": vocab_digest(a)})
     assert fingerprint(*base, {"item_id": vocab_digest(a)}) != \
         fingerprint(*base, {"item_id": vocab_digest(pa.array(["a", "c", "b"]))})
+
+
+# --- kind 2: prepared data checked at the trainer's door -----------------------------------
+
+def _layout(tmp):
+    from rectrain.data.features import FeatureLayout
+    from tests.support.prepared import tiny_manifest
+    from tests.support.tiny import tiny_cfg
+
+    return FeatureLayout(tiny_cfg(tmp), tiny_manifest())
+
+
+def _with(table, name, arr):
+    return table.set_column(table.column_names.index(name), name, arr)
+
+
+def _bad_batches():
+    import numpy as np
+    import pyarrow as pa
+
+    from tests.support.prepared import batch_table
+    from tests.support.tiny import N_ITEMS
+
+    t = batch_table(0)
+    item = t["item_id"].to_numpy().copy()
+    over = item.copy()
+    over[5] = N_ITEMS + 1  # == the item table's size (N_ITEMS + 1 rows)
+    neg = item.copy()
+    neg[3] = -1
+    hist = t["hist_item_id"].to_pylist()
+    hist[4] = [1, None, 2]
+    lab = t["label"].to_numpy().copy()
+    lab[7] = np.nan
+    return {
+        "beyond": (_with(t, "item_id", pa.array(over)),
+                   rf"column 'item_id' row 5: id at or beyond.*value {N_ITEMS + 1}.*'item' has "
+                   rf"{N_ITEMS + 1} rows"),
+        "negative": (_with(t, "item_id", pa.array(neg)), r"column 'item_id' row 3: negative id "
+                                                         r"\(value -1\)"),
+        "null_element": (_with(t, "hist_item_id", pa.array(hist, pa.list_(pa.int64()))),
+                         r"column 'hist_item_id' row 4: null element.*\[1, None, 2\]"),
+        "float_ids": (_with(t, "item_id", pa.array(item.astype(np.float64))),
+                      r"column 'item_id' has type double; a sparse feature needs an integer id"),
+        "nan_label": (_with(t, "label", pa.array(lab)), r"column 'label' row 7: NaN label"),
+    }
+
+
+@pytest.mark.parametrize("case", ["beyond", "negative", "null_element", "float_ids",
+                                  "nan_label"])
+def test_to_batch_stops_at_the_door_with_column_row_value(tmp_path, case):
+    """Before: ids beyond a table were zeroed by FBGEMM in sharded training, a negative id gave
+    a bare IndexError, a null list element became int64 min, float ids were truncated."""
+    from rectrain.data.door import PreparedDataError
+
+    table, says = _bad_batches()[case]
+    with pytest.raises(PreparedDataError, match=rf"^batch: {says}.*rectrain prepare"):
+        _layout(str(tmp_path)).to_batch(table)
+
+
+def _prepared_with_bad_file(tmp):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tests.support.prepared import tiny_manifest
+
+    write_prepared(f"{tmp}/prepared", n_train=60, n_valid=20, n_test=20)
+    m = json.load(open(f"{tmp}/prepared/manifest.json"))
+    tables = tiny_manifest()["tables"]
+    m["features"] = [{"name": n, "kind": k, "table": t, "num_embeddings": tables[t]}
+                     for n, k, t in [("user_id", "sparse", "user_id"), ("item_id", "sparse", "item"),
+                                     ("hist_item_id", "sequence", "item"),
+                                     ("age_bucket", "sparse", "age_bucket"),
+                                     ("genres", "multi_hot", "genres")]]
+    json.dump(m, open(f"{tmp}/prepared/manifest.json", "w"))
+    bad, says = _bad_batches()["negative"]
+    path = f"{tmp}/prepared/train/part-1.parquet"
+    good = pq.read_table(path)
+    pq.write_table(_with(good.slice(0, len(bad)), "item_id", bad["item_id"]), path)
+    return path
+
+
+def test_file_reading_paths_name_the_file_and_the_sharded_and_unsharded_paths_agree(tmp_path):
+    """FileShard (torchrun / tests), the deterministic order and read_split (recommend,
+    export's callers) give one error naming the file, column, row within the file and value."""
+    from rectrain.data.door import PreparedDataError
+    from rectrain.data.loader import FileShard
+    from rectrain.data.order import GlobalOrder
+    from rectrain.data.schema import read_split
+
+    tmp = str(tmp_path)
+    path = _prepared_with_bad_file(tmp)
+    msgs = []
+    for read in (lambda: list(FileShard(f"{tmp}/prepared/train", 0, 1).tables()),
+                 lambda: GlobalOrder(f"{tmp}/prepared/train", 0).table,
+                 lambda: read_split(f"{tmp}/prepared", "train", ["item_id"])):
+        with pytest.raises(PreparedDataError) as e:
+            read()
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1] == msgs[2]
+    assert msgs[0].startswith(f"{path}: column 'item_id' row 3: negative id (value -1)")
+
+
+def test_a_schema_mismatch_between_prepared_files_names_the_file(tmp_path):
+    """Before: a bare ArrowInvalid from concat_tables / Ray Data, without a file name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rectrain.data.door import PreparedDataError, check_footers, prepared_bounds
+    from rectrain.data.loader import FileShard
+
+    tmp = str(tmp_path)
+    _prepared_with_bad_file(tmp)
+    path = f"{tmp}/prepared/train/part-2.parquet"
+    t = pq.read_table(path)
+    pq.write_table(_with(t, "user_id", t["user_id"].cast(pa.int32())), path)
+    pq.write_table(pq.read_table(f"{tmp}/prepared/train/part-0.parquet"),
+                   f"{tmp}/prepared/train/part-1.parquet")  # the negative id out of the way
+    says = rf"^{path}: column 'user_id' has type int32, but .*part-0.parquet has int64"
+    with pytest.raises(PreparedDataError, match=says):
+        list(FileShard(f"{tmp}/prepared/train", 0, 1).tables())
+    with pytest.raises(PreparedDataError, match=says):  # the driver, before Ray Data reads
+        check_footers(f"{tmp}/prepared", prepared_bounds(f"{tmp}/prepared"), ("train",))

@@ -179,9 +179,15 @@ class Manifest:
 
 def read_split(prepared_dir: str, split: str, columns: list[str]) -> pa.Table | None:
     """``columns`` of a prepared split as one Arrow table (None when the split is absent or has
-    no files)."""
+    no files), each file checked at the door (:func:`rectrain.data.door.read_checked`).
+
+    Raises:
+        rectrain.data.door.PreparedDataError: a bad id or schema, naming file, column, row.
+    """
     url = storage.join(prepared_dir, split)
     if not storage.exists(url):
         return None
+    from rectrain.data.door import prepared_bounds, read_checked
+
     files, _ = storage.list_parquet_files(url)
-    return pa.concat_tables([storage.read_parquet(f, columns) for f in files]) if files else None
+    return read_checked(files, columns, prepared_bounds(prepared_dir)) if files else None
