@@ -317,3 +317,28 @@ def test_an_empty_split_stops_prepare_with_the_reason(tmp_path, ray_local):
     with pytest.raises(ValueError, match=r"valid split is empty.*dataset\.split\.valid is 0"):
         prepare(cfg)
     assert load_manifest(str(tmp_path / "prepared"))["rows_per_split"]["valid"] == 0
+
+
+def test_sentinel_timestamps_rejected_and_nulls_counted(tmp_path, ray_local):
+    """A 9999-12-31 "unknown" timestamp is rejected by default (before: it passed and became a
+    test row), naming dataset.max_timestamp; null side-table scalars (id 0) and null lists
+    (empty) are counted in the manifest (before: silently encoded, uncounted)."""
+    tables = tiny_tables(n_events=200)
+    ev = tables["events"].to_pandas()
+    ev.loc[[7], "timestamp"] = 253_402_214_400  # 9999-12-31T00:00:00Z
+    tables["events"] = pa.Table.from_pandas(ev, preserve_index=False)
+    users, items = tables["users"].to_pylist(), tables["items"].to_pylist()
+    users[0]["age"] = users[3]["age"] = None
+    items[2]["genres"] = None
+    tables["users"] = pa.Table.from_pylist(users, tables["users"].schema)
+    tables["items"] = pa.Table.from_pylist(items, tables["items"].schema)
+    _write_raw(tmp_path, tables, event_parts=(100, 100))
+    with pytest.raises(DataValidationError, match=r"part-0.parquet: column 'timestamp' row 7: "
+                                                  r"timestamp outside \[0, 4102444800\].*"
+                                                  r"dataset\.max_timestamp.*253402214400"):
+        prepare(config_from_dict(tiny_job(str(tmp_path))))
+    job = tiny_job(str(tmp_path))
+    job["dataset"]["on_invalid"] = "skip"
+    m = prepare(config_from_dict(job))
+    assert m["rejected_by_reason"] == {"bad_timestamp": 1}
+    assert m["null_values"] == {"users.age_bucket": 2, "items.genres": 1}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import pyarrow as pa
 
@@ -156,6 +156,9 @@ class Manifest:
     seconds: dict[str, float]  # read_validate_join, sequences_split, shuffle_write_train, total
     config: dict  # the job config, JSON mode
     fingerprint: str = ""  # schema + tables + features + vocabularies (see fingerprint())
+    #: "<users|items|events>.<feature>" -> rows whose value was null and is encoded as id 0
+    #: (a scalar) or an empty list (a list); dense nulls are in dense_stats (missing_imputed)
+    null_values: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The manifest as the JSON object stored on disk (a shallow dict of the fields)."""

@@ -112,6 +112,7 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
         rows_remapped=sum(events.remapped.values()),
         remapped_by_reason=dict(events.remapped),
         side_table_null_list_elements=side.null_list_elements,
+        null_values={**side.null_values, **dict(events.null_values)},
         hashing=vocab.hashing,
         empty_files=[s["file"] for s in fs if s["rows_read"] == 0],
         rows_per_split=split_counts,
