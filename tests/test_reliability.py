@@ -277,3 +277,122 @@ def test_a_schema_mismatch_between_prepared_files_names_the_file(tmp_path):
         list(FileShard(f"{tmp}/prepared/train", 0, 1).tables())
     with pytest.raises(PreparedDataError, match=says):  # the driver, before Ray Data reads
         check_footers(f"{tmp}/prepared", prepared_bounds(f"{tmp}/prepared"), ("train",))
+
+
+# --- kind 1: a failed run keeps the last good run -------------------------------------------
+
+def _old_run(run):
+    """The outputs of a finished earlier run, plus a file of the user's."""
+    for rel, text in {"metrics.json": '{"old": 1}', "checkpoint/meta.json": '{"step": 9}',
+                      "checkpoints/step-00000009/meta.json": '{"step": 9}',
+                      "predictions/test.parquet": "old", "recommendations/top_k.parquet": "old",
+                      "notes.txt": "mine"}.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(text)
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_a_failed_run_keeps_the_last_good_one_and_success_leaves_no_stale_file(tmp_path):
+    """Before: a new run deleted checkpoint/ and metrics.json up front and left the old
+    predictions beside its own outputs."""
+    from rectrain.train.attempt import promote, start_attempt
+
+    run = tmp_path / "run"
+    _old_run(run)
+    before = {p: (run / p).read_text() for p in _tree(run)}
+    cfg = config_from_dict(tiny_job(str(tmp_path)))
+    wcfg, attempt = start_attempt(cfg)
+    assert wcfg.run_dir == attempt and wcfg.checkpoint.resume == "auto"
+    (tmp_path / attempt / "checkpoints").mkdir(parents=True)  # the run fails after this
+    assert {p: (run / p).read_text() for p in _tree(run) if not p.startswith(".attempts")} \
+        == before
+    # the next run succeeds: it wrote a checkpoint and metrics, no predictions
+    wcfg, attempt2 = start_attempt(cfg)
+    assert not os.path.exists(attempt)  # the failed attempt is gone
+    for rel in ("metrics.json", "checkpoint/meta.json"):
+        os.makedirs(os.path.dirname(f"{attempt2}/{rel}"), exist_ok=True)
+        open(f"{attempt2}/{rel}", "w").write("new")
+    promote(attempt2, str(run))
+    assert _tree(run) == ["checkpoint/meta.json", "metrics.json", "notes.txt"]
+    assert (run / "metrics.json").read_text() == "new"
+    assert not (run / ".attempts").exists() or not any((run / ".attempts").iterdir())
+
+
+def test_resume_copies_the_checkpoint_and_the_best_into_the_attempt(tmp_path):
+    from rectrain.train.attempt import start_attempt
+
+    run = tmp_path / "run"
+    _old_run(run)
+    cfg = config_from_dict(tiny_job(str(tmp_path), checkpoint={
+        "resume": str(run / "checkpoints" / "step-00000009")}))
+    wcfg, attempt = start_attempt(cfg)
+    assert wcfg.checkpoint.resume == "auto"  # a restarted worker group finds the attempt's own
+    assert os.path.exists(f"{attempt}/checkpoints/step-00000009/meta.json")
+    assert os.path.exists(f"{attempt}/checkpoint/meta.json")
+    assert (run / "metrics.json").read_text() == '{"old": 1}'
+
+
+def test_export_replaces_its_folder_only_when_complete(trained, tmp_path, monkeypatch):
+    """A failed export keeps the previous one intact; a successful one leaves no file of the
+    earlier export (before: it wrote into the folder in place and kept stale files)."""
+    import rectrain.serve.export as export_mod
+
+    tmp, _ = trained
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "serving.json").write_text("{}")
+    (out / "model.pt2").write_text("old")
+    (out / "stale.txt").write_text("from an earlier export")
+
+    real = export_mod._export_program
+
+    def half_then_fail(wrapper, layout, path, name):
+        open(path, "w").write("half-written")
+        raise ValueError("export failed midway")
+
+    monkeypatch.setattr(export_mod, "_export_program", half_then_fail)
+    with pytest.raises(ValueError, match="midway"):
+        export_mod.export(f"{tmp}/run", str(out))
+    assert (out / "model.pt2").read_text() == "old" and (out / "stale.txt").exists()
+    monkeypatch.setattr(export_mod, "_export_program", real)
+    paths = export_mod.export(f"{tmp}/run", str(out))
+    assert paths == [str(out / "model.pt2")]
+    assert sorted(os.listdir(out)) == ["model.pt2", "serving.json"]
+    assert not [p for p in os.listdir(tmp_path) if p != "export"]  # no temporary folder left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    with pytest.raises(ValueError, match="not an export"):
+        export_mod.export(f"{tmp}/run", str(tmp_path / "mine"))
+
+
+@pytest.mark.slow
+def test_train_that_fails_keeps_the_run_dir_and_one_that_succeeds_replaces_it(
+        tmp_path, ray_local, monkeypatch):
+    """Under Ray Train: a run that raises on its first step leaves the earlier run's
+    checkpoint, metrics and predictions as they were (before: deleted up front, predictions
+    left stale); the next, successful run replaces every run output, keeps the user's file."""
+    from rectrain.launch.ray_launch import train
+    from rectrain.train.faults import FAULT_ENV
+
+    tmp = str(tmp_path)
+    write_prepared(f"{tmp}/prepared", n_train=96, n_valid=48, n_test=48)
+    run = tmp_path / "run"
+    _old_run(run)
+    before = {p: (run / p).read_text() for p in _tree(run)}
+    job = _small_job(tmp)
+    monkeypatch.setenv(FAULT_ENV, "0:1:raise")
+    with pytest.raises(Exception):
+        train(config_from_dict(job))
+    assert {p: (run / p).read_text() for p in _tree(run) if not p.startswith(".attempts")} \
+        == before
+    monkeypatch.delenv(FAULT_ENV)
+    m = train(config_from_dict(job))
+    files = [p for p in _tree(run) if not p.startswith(".attempts")]
+    assert "recommendations/top_k.parquet" not in files and "notes.txt" in files
+    assert "checkpoints/step-00000009/meta.json" not in files
+    assert (run / "predictions" / "test.parquet").stat().st_size > 100
+    assert json_meta(str(run / "checkpoint"))["epoch"] == 0 and "old" not in m
+    assert not (run / ".attempts").exists() or not any((run / ".attempts").iterdir())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Callable, Optional
 
@@ -50,6 +51,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     from rectrain.data.door import check_footers
     from rectrain.data.features import FeatureLayout
     from rectrain.data.schema import ITEM, TS, USER, empty_split_reason, load_manifest
+    from rectrain.train.attempt import promote, start_attempt
     from rectrain.train.resume import prepare_run
 
     storage.require_shared(cfg.prepared_dir, "prepared_dir")
@@ -62,7 +64,10 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     if reason:
         raise ValueError(reason)
     resources = init_ray(cfg, address)
-    cfg = prepare_run(cfg)  # fresh run: clear old checkpoints; retries resume from the latest
+    run_dir = cfg.run_dir
+    # the workers write into an attempt folder, promoted into run_dir only on success; a
+    # restarted worker group resumes from the attempt's own latest checkpoint (resume: auto)
+    cfg, attempt = start_attempt(prepare_run(cfg))
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
     layout = FeatureLayout(cfg, manifest)
@@ -82,19 +87,16 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         shuffle = FileShuffleConfig(seed=tc.seed) if split == "train" else None
         datasets[split] = ray.data.read_parquet(path, columns=cols, filesystem=fs,
                                                 shuffle=shuffle)
-    storage.remove(storage.join(cfg.run_dir, "metrics.json"))
-    storage.remove(storage.join(cfg.run_dir, "workers"))
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // tc.num_workers) if not address else None
     t0 = time.perf_counter()
-    fit(ray_train_worker,
-        {"job": cfg.model_dump(mode="json"), "threads": threads,
-         "env": {k: v for k, v in os.environ.items() if k.startswith("RECTRAIN_")}},
-        num_workers=tc.num_workers, datasets=datasets, name=cfg.name,
-        storage_path=os.path.abspath(storage.join(cfg.run_dir, "ray"))
-        if "://" not in cfg.run_dir else None,
-        resources_per_worker=worker_resources(cfg, use_gpu), use_gpu=use_gpu,
-        placement_strategy=tc.placement_strategy, max_failures=cfg.checkpoint.max_failures)
+    try:
+        _fit_job(cfg, datasets, threads, use_gpu)
+    except BaseException:
+        print(f"[rectrain] the run failed: {run_dir} keeps the last good run's outputs; this "
+              f"attempt's files are in {attempt} (resume it with --resume {attempt})",
+              file=sys.stderr, flush=True)
+        raise
     url = storage.join(cfg.run_dir, "metrics.json")
     if not storage.exists(url):
         raise RuntimeError(f"training finished without writing {url}; see the worker logs above")
@@ -103,7 +105,20 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     metrics["workers"] = read_placement(cfg.run_dir)
     metrics["num_nodes"] = len({w["node_id"] for w in metrics["workers"]})
     storage.write_json(metrics, url)
+    promote(attempt, run_dir)
     return metrics
+
+
+def _fit_job(cfg: JobConfig, datasets: dict, threads: Optional[int], use_gpu: bool) -> None:
+    tc = cfg.train
+    fit(ray_train_worker,
+        {"job": cfg.model_dump(mode="json"), "threads": threads,
+         "env": {k: v for k, v in os.environ.items() if k.startswith("RECTRAIN_")}},
+        num_workers=tc.num_workers, datasets=datasets, name=cfg.name,
+        storage_path=os.path.abspath(storage.join(cfg.run_dir, "ray"))
+        if "://" not in cfg.run_dir else None,
+        resources_per_worker=worker_resources(cfg, use_gpu), use_gpu=use_gpu,
+        placement_strategy=tc.placement_strategy, max_failures=cfg.checkpoint.max_failures)
 
 
 def fit(worker: Callable[[dict], None], config: dict, *, num_workers: int, datasets: dict,

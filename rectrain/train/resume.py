@@ -94,17 +94,14 @@ def resolve_resume(run_dir: str, resume: str | None) -> str | None:
 
 
 def prepare_run(cfg):
-    """Driver side, before workers start: a fresh run (``checkpoint.resume`` None) deletes the
-    run directory's old checkpoints (periodic and best) and sets ``resume='auto'``, so that a worker group
-    restarted by Ray Train after a failure resumes from this run's latest checkpoint.
-    ``latest``/URL are resolved now (a missing checkpoint fails before any worker starts).
-    Returns a copy of ``cfg`` with the resolved ``checkpoint.resume``."""
+    """Driver side, before workers start: ``latest``/URL in ``checkpoint.resume`` are resolved
+    now (a missing checkpoint fails before any worker starts); None and ``auto`` stay.
+    Returns a copy of ``cfg`` with the resolved ``checkpoint.resume``. The run then writes
+    into an attempt folder (:func:`rectrain.train.attempt.start_attempt`), so nothing of the
+    previous run is deleted before this one succeeds."""
     cfg = cfg.model_copy(deep=True)
     ck = cfg.checkpoint
-    if ck.resume is None:
-        _remove_old_run(cfg.run_dir)
-        ck.resume = "auto"
-    elif ck.resume != "auto":
+    if ck.resume not in (None, "auto"):
         ck.resume = resolve_resume(cfg.run_dir, ck.resume)
     return cfg
 
