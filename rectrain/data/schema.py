@@ -36,15 +36,15 @@ def load_manifest(prepared_dir: str) -> dict:
 
 
 def empty_split_reason(rows_per_split: dict[str, int], split_cfg: dict, rows_used: int,
-                       source: str) -> str | None:
+                       source: str, splits: tuple[str, ...] = SPLITS) -> str | None:
     """Why a prepared folder cannot be trained on, or None when every split has rows.
 
     ``rows_per_split`` (split -> rows) and ``split_cfg`` (``dataset.split`` as a dict:
     ``test``, ``valid`` events per user) come from the manifest; ``source`` names the prepared
-    folder in the message. Training needs train rows to fit, valid rows to select the best
-    epoch and test rows to score it.
+    folder in the message; only ``splits`` are checked. Training needs train rows to fit,
+    valid rows to select the best epoch and test rows to score it.
     """
-    empty = [s for s in SPLITS if not rows_per_split.get(s)]
+    empty = [s for s in splits if not rows_per_split.get(s)]
     if not empty:
         return None
     n_test, n_valid = int(split_cfg.get("test", 0)), int(split_cfg.get("valid", 0))
