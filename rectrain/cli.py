@@ -40,12 +40,16 @@ def _overrides(args) -> dict:
         o["run_dir"] = args.run_dir
     if getattr(args, "resume", None) is not None:
         r = args.resume
-        if r not in ("latest", "auto") and "://" not in r:  # resolved here, not in a worker's cwd
-            r = os.path.abspath(r)
-        o.setdefault("checkpoint", {})["resume"] = r
+        o.setdefault("checkpoint", {})["resume"] = r if r in ("latest", "auto") else _abs(r)
     if getattr(args, "address", None) is not None:  # the config's CPU/GPU rules see the cluster
         o.setdefault("ray", {})["address"] = args.address
     return o
+
+
+def _abs(path: str | None) -> str | None:
+    """A local path made absolute on the driver (Ray tasks and workers run in other
+    directories); URLs (``s3://``, ``file://``) and None as they are."""
+    return path if path is None or "://" in path else os.path.abspath(path)
 
 
 def _positive(text: str) -> int:
@@ -65,13 +69,13 @@ def cmd_synth(args) -> dict:
 
     spec = SynthSpec(events=args.events, users=args.users, items=args.items, files=args.files,
                      categories=args.categories, seed=args.seed)
-    return synth_job(spec, args.out, args.address, num_cpus=args.cpus)
+    return synth_job(spec, _abs(args.out), args.address, num_cpus=args.cpus)
 
 
 def cmd_prepare(cfg: JobConfig, args) -> dict:
     from rectrain.launch.jobs import prepare_job
 
-    return prepare_job(cfg, args.source, getattr(args, "source_path", None),
+    return prepare_job(cfg, args.source, _abs(getattr(args, "source_path", None)),
                        getattr(args, "address", None))
 
 
@@ -87,6 +91,8 @@ def cmd_train(cfg: JobConfig, args) -> dict:
     print(f"[rectrain] test AUC {m['test_auc']:.4f}  logloss {m['test_logloss']:.4f}  "
           f"(best epoch {m['best_epoch']}, {m['train_samples_per_s']:,.0f} train samples/s); "
           f"run dir {cfg.run_dir}", flush=True)
+    if "test_undefined" in m:
+        print(f"[rectrain] {m['test_undefined']}", flush=True)
     return m
 
 
@@ -251,11 +257,11 @@ def _dispatch(args, sub) -> int:
             _require_checkpoint(args.checkpoint)  # before importing torch (seconds)
         if args.verb == "export":
             from rectrain.serve.export import export
-            out = export(args.checkpoint, args.out)
+            out = export(_abs(args.checkpoint), _abs(args.out))
             print(f"[rectrain] exported {args.checkpoint} -> {', '.join(out)}", flush=True)
             return 0
         if args.verb == "recommend":
-            cmd_recommend(args.checkpoint, args.k, args.out, args.explain)
+            cmd_recommend(_abs(args.checkpoint), args.k, _abs(args.out), args.explain)
             return 0
         if args.verb == "synth":
             cmd_synth(args)

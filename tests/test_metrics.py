@@ -27,3 +27,16 @@ def test_ne_is_logloss_over_prior_entropy():
 
 def test_single_class_auc_is_nan():
     assert np.isnan(auc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_one_class_ne_is_undefined_with_the_reason(label):
+    """Only positives (or only negatives): NE divides by a zero label entropy, so it is NaN
+    like AUC (it was 436877.6 before), and the metrics say why."""
+    y = np.full(50, label)
+    m = binary_metrics(np.linspace(-2, 2, 50), y)
+    assert np.isnan(m["auc"]) and np.isnan(m["ne"])
+    assert np.isnan(normalized_entropy(np.full(50, 0.3), y))
+    assert "one class" in m["undefined"] and ("positive" if label else "negative") in m["undefined"]
+    assert np.isfinite(m["logloss"])
+    assert "undefined" not in binary_metrics(np.array([1.0, -1.0]), np.array([1, 0]))

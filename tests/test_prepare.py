@@ -69,6 +69,7 @@ def test_prepare_counts_sequences_and_manifest(tmp_path, ray_local):
     manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert manifest["tables"]["item"] == 51 and manifest["tables"]["user_id"] == 31
     assert manifest["dense_stats"]["age"]["std"] > 0
+    assert len(manifest["fingerprint"]) == 64  # schema + tables + vocabularies (issue 12)
     # dense stats over the train split (sample std, as Ray Data's std), summed over buckets
     train = _read(tmp_path / "prepared", "train").to_pandas()
     assert manifest["dense_stats"]["age"]["mean"] == pytest.approx(train["age"].mean())
@@ -304,3 +305,40 @@ def test_event_distincts_name_a_value_no_merged_type_holds(tmp_path, ray_local, 
         event_distincts(files, ["user_id"], {"user_id": first.type})
     msg = str(e.value)
     assert all(s in msg for s in (files[1], "'user_id'", f"row {row}", f"value {value}")), msg
+
+
+def test_an_empty_split_stops_prepare_with_the_reason(tmp_path, ray_local):
+    """``dataset.split.valid: 0`` prepares no valid rows: prepare stops at its end naming the
+    field (before, it succeeded and train failed later on a bare path); the manifest with the
+    counts is still written."""
+    _write_raw(tmp_path, tiny_tables(n_events=265))
+    cfg = config_from_dict(tiny_job(str(tmp_path), dataset={
+        **tiny_job(str(tmp_path))["dataset"], "split": {"test": 2, "valid": 0}}))
+    with pytest.raises(ValueError, match=r"valid split is empty.*dataset\.split\.valid is 0"):
+        prepare(cfg)
+    assert load_manifest(str(tmp_path / "prepared"))["rows_per_split"]["valid"] == 0
+
+
+def test_sentinel_timestamps_rejected_and_nulls_counted(tmp_path, ray_local):
+    """A 9999-12-31 "unknown" timestamp is rejected by default (before: it passed and became a
+    test row), naming dataset.max_timestamp; null side-table scalars (id 0) and null lists
+    (empty) are counted in the manifest (before: silently encoded, uncounted)."""
+    tables = tiny_tables(n_events=200)
+    ev = tables["events"].to_pandas()
+    ev.loc[[7], "timestamp"] = 253_402_214_400  # 9999-12-31T00:00:00Z
+    tables["events"] = pa.Table.from_pandas(ev, preserve_index=False)
+    users, items = tables["users"].to_pylist(), tables["items"].to_pylist()
+    users[0]["age"] = users[3]["age"] = None
+    items[2]["genres"] = None
+    tables["users"] = pa.Table.from_pylist(users, tables["users"].schema)
+    tables["items"] = pa.Table.from_pylist(items, tables["items"].schema)
+    _write_raw(tmp_path, tables, event_parts=(100, 100))
+    with pytest.raises(DataValidationError, match=r"part-0.parquet: column 'timestamp' row 7: "
+                                                  r"timestamp outside \[0, 4102444800\].*"
+                                                  r"dataset\.max_timestamp.*253402214400"):
+        prepare(config_from_dict(tiny_job(str(tmp_path))))
+    job = tiny_job(str(tmp_path))
+    job["dataset"]["on_invalid"] = "skip"
+    m = prepare(config_from_dict(job))
+    assert m["rejected_by_reason"] == {"bad_timestamp": 1}
+    assert m["null_values"] == {"users.age_bucket": 2, "items.genres": 1}

@@ -112,6 +112,8 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
     for side in (ds.users, ds.items):
         if side is not None:
             side.path = _resolve(side.path, base)
+    if cfg.checkpoint.resume not in (None, "latest", "auto"):  # a path, not a worker's cwd
+        cfg.checkpoint.resume = _resolve(cfg.checkpoint.resume, base)
     return cfg
 
 

@@ -64,6 +64,12 @@ class SynthSource(_Model):
     seed: int = 0
 
 
+#: default dataset.max_timestamp: 2100-01-01T00:00:00Z in unix seconds. Far enough ahead for any
+#: real log, and below "unknown" sentinels (9999-12-31 = 253402214400) and unix milliseconds
+#: (1.7e12 for 2024) read as seconds
+MAX_TIMESTAMP = 4_102_444_800
+
+
 class DatasetSpec(_Model):
     """Where the raw behaviour logs are and which columns mean what."""
 
@@ -89,7 +95,11 @@ class DatasetSpec(_Model):
                                                  "(None: no lower bound)")
     max_id: Optional[int] = Field(None, description="integer user/item ids above this are invalid")
     min_timestamp: int = Field(0, description="timestamps (unix s) below this are invalid")
-    max_timestamp: Optional[int] = Field(None, description="timestamps above this are invalid")
+    max_timestamp: Optional[int] = Field(
+        MAX_TIMESTAMP, description="timestamps (unix s) above this are invalid; default "
+                                   "2100-01-01T00:00:00Z, which rejects sentinels such as "
+                                   "9999-12-31 and milliseconds read as seconds (None: no "
+                                   "upper bound)")
 
 
 class Transform(_Model):

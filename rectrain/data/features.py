@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from rectrain.config import FeatureSpec, JobConfig
+from rectrain.data.door import check_table
 from rectrain.data.schema import LABEL, LABEL_VALUE
 
 
@@ -122,6 +123,10 @@ class FeatureLayout:
         self.regression = getattr(cfg.model, "loss", "bce") == "mse"
         self.columns = self.sparse_keys + [f.name for f in self.dense] + [LABEL] + (
             [LABEL_VALUE] if self.aux_thresholds or self.regression else [])
+        #: id column -> (kind, table, rows): what every batch is checked against (data/door.py)
+        self.bounds = {f.name: (f.kind, f.table_name, self.num_embeddings[f.table_name])
+                       for f in self.pooled + self.sequence}
+        self.check_at_door = True  # False only to measure the check's cost (bench)
 
     def _tables(self, feats: list[FeatureSpec], make) -> list:
         """One config per table name (first feature's settings), features appended in order."""
@@ -169,10 +174,16 @@ class FeatureLayout:
 
         Raises:
             KeyError: a feature column is missing (message names the column).
+            rectrain.data.door.PreparedDataError: an id outside its table, a negative or null
+                id, a null list element, a non-integer id column or a null/NaN label (names
+                column, row within the batch and value).
         """
         missing = [c for c in self.columns if c not in table.column_names]
         if missing:
             raise KeyError(f"batch lacks feature column(s) {missing}; has {table.column_names}")
+        if self.check_at_door:
+            check_table(table, self.bounds, "batch",
+                        label=LABEL_VALUE if self.regression else LABEL)
         n = table.num_rows
         values, lengths = [], []
         for name in self.sparse_keys:

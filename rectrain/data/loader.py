@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from rectrain.data import storage
+from rectrain.data.door import parent, prepared_bounds, read_checked
 
 
 class RayShard:
@@ -50,11 +51,12 @@ class FileShard:
     def __init__(self, url: str, rank: int, world: int, columns: Optional[list[str]] = None):
         files, _ = storage.list_parquet_files(url) if storage.exists(url) else ([], [])
         self.files, self.rank, self.world, self.columns = files, rank, world, columns
+        self.url = url
 
     def tables(self, epoch: int = 0) -> Iterator[pa.Table]:
         if not self.files:
             return
-        t = pa.concat_tables([storage.read_parquet(f, self.columns) for f in self.files])
+        t = read_checked(self.files, self.columns, prepared_bounds(parent(self.url)))
         n = t.num_rows
         lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
         if hi > lo:

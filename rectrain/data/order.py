@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from rectrain.data import storage
+from rectrain.data.door import parent, prepared_bounds, read_checked
 
 
 class GlobalOrder:
@@ -51,8 +52,8 @@ class GlobalOrder:
     def table(self) -> pa.Table:
         if self._table is None:
             files, _ = storage.list_parquet_files(self.url)
-            self._table = pa.concat_tables(
-                [storage.read_parquet(f, self.columns) for f in files]).combine_chunks()
+            self._table = read_checked(files, self.columns, prepared_bounds(
+                parent(self.url))).combine_chunks()
         return self._table
 
     @property

@@ -8,7 +8,9 @@ and ``manifest.json`` (schema, table sizes, rows per split, rejected rows by rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
 
 import pyarrow as pa
 
@@ -31,6 +33,94 @@ def load_manifest(prepared_dir: str) -> dict:
     if not storage.exists(url):
         raise FileNotFoundError(f"{prepared_dir}: no manifest.json; run `rectrain prepare --config JOB.yaml` first")
     return storage.read_json(url)
+
+
+def empty_split_reason(rows_per_split: dict[str, int], split_cfg: dict, rows_used: int,
+                       source: str, splits: tuple[str, ...] = SPLITS) -> str | None:
+    """Why a prepared folder cannot be trained on, or None when every split has rows.
+
+    ``rows_per_split`` (split -> rows) and ``split_cfg`` (``dataset.split`` as a dict:
+    ``test``, ``valid`` events per user) come from the manifest; ``source`` names the prepared
+    folder in the message; only ``splits`` are checked. Training needs train rows to fit,
+    valid rows to select the best epoch and test rows to score it.
+    """
+    empty = [s for s in splits if not rows_per_split.get(s)]
+    if not empty:
+        return None
+    n_test, n_valid = int(split_cfg.get("test", 0)), int(split_cfg.get("valid", 0))
+    if rows_used == 0:
+        why = "no event passed validation (see rejected_by_reason in manifest.json)"
+    elif "test" in empty and n_test == 0:
+        why = "dataset.split.test is 0: set it to at least 1"
+    elif "valid" in empty and n_valid == 0:
+        why = "dataset.split.valid is 0: set it to at least 1"
+    else:
+        why = (f"every user has at most {n_test + n_valid if 'train' in empty else n_test} "
+               f"events, so dataset.split (test: {n_test}, valid: {n_valid} per user) leaves "
+               f"the {' and '.join(empty)} split empty: lower dataset.split.test / "
+               f"dataset.split.valid or add events")
+    return (f"{source}: the {', '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+            f"empty; training needs rows in train, valid and test: {why}")
+
+
+def vocab_digest(values: pa.Array) -> str:
+    """sha256 (hex) of one vocabulary (raw values in id order), over its Arrow IPC bytes."""
+    sink = pa.BufferOutputStream()
+    table = pa.table({"value": values}).combine_chunks()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def fingerprint(schema: dict, tables: dict, features: list, hashing: dict,
+                vocab_digests: dict[str, str]) -> str:
+    """sha256 (hex) of what fixes the meaning of every id: the sample schema, the table sizes,
+    the features, the hashing settings and each vocabulary's digest (:func:`vocab_digest`)."""
+    spec = {"schema": schema, "tables": tables, "features": features,
+            "hashing": {k: v.get("buckets") for k, v in hashing.items()},
+            "vocab": vocab_digests}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_identity(manifest: dict) -> dict:
+    """``{"fingerprint", "tables"}`` of a manifest dict, stored in every checkpoint's meta.
+
+    ``fingerprint`` is the one prepare wrote (vocabularies included); a manifest without one
+    (written by hand or by an older rectrain) gets a fingerprint of its schema, tables and
+    features only."""
+    fp = manifest.get("fingerprint") or fingerprint(
+        manifest.get("schema", {}), manifest.get("tables", {}), manifest.get("features", []),
+        manifest.get("hashing", {}), {})
+    return {"fingerprint": fp, "tables": dict(manifest.get("tables", {}))}
+
+
+def check_same_data(saved: dict | None, manifest: dict, checkpoint: str,
+                    prepared_dir: str) -> None:
+    """Stop when the prepared data changed since the checkpoint was written.
+
+    ``saved``: the checkpoint meta's ``data`` (:func:`data_identity` at save time; None for a
+    checkpoint written before fingerprints, which is not checked); ``manifest``: the prepared
+    folder's manifest now.
+
+    Raises:
+        ValueError: the fingerprints differ; names the checkpoint, the prepared folder and each
+            table whose size changed.
+    """
+    if not saved:
+        return
+    now = data_identity(manifest)
+    if saved["fingerprint"] == now["fingerprint"]:
+        return
+    old_t, new_t = saved.get("tables", {}), now["tables"]
+    diff = [f"table {t}: {old_t.get(t)} rows at the checkpoint, {new_t.get(t)} now"
+            for t in sorted(set(old_t) | set(new_t)) if old_t.get(t) != new_t.get(t)]
+    raise ValueError(
+        f"{checkpoint}: the prepared data in {prepared_dir} changed since this checkpoint was "
+        f"written (manifest fingerprint {saved['fingerprint'][:12]} then, "
+        f"{now['fingerprint'][:12]} now: " + ("; ".join(diff) if diff else
+                                              "same table sizes, other vocabularies or schema")
+        + "), so its ids would mean other things; prepare into another prepared_dir for the "
+          "new data, or train afresh (no --resume)")
 
 
 @dataclass
@@ -65,6 +155,10 @@ class Manifest:
     text_embeddings: dict
     seconds: dict[str, float]  # read_validate_join, sequences_split, shuffle_write_train, total
     config: dict  # the job config, JSON mode
+    fingerprint: str = ""  # schema + tables + features + vocabularies (see fingerprint())
+    #: "<users|items|events>.<feature>" -> rows whose value was null and is encoded as id 0
+    #: (a scalar) or an empty list (a list); dense nulls are in dense_stats (missing_imputed)
+    null_values: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The manifest as the JSON object stored on disk (a shallow dict of the fields)."""
@@ -88,9 +182,15 @@ class Manifest:
 
 def read_split(prepared_dir: str, split: str, columns: list[str]) -> pa.Table | None:
     """``columns`` of a prepared split as one Arrow table (None when the split is absent or has
-    no files)."""
+    no files), each file checked at the door (:func:`rectrain.data.door.read_checked`).
+
+    Raises:
+        rectrain.data.door.PreparedDataError: a bad id or schema, naming file, column, row.
+    """
     url = storage.join(prepared_dir, split)
     if not storage.exists(url):
         return None
+    from rectrain.data.door import prepared_bounds, read_checked
+
     files, _ = storage.list_parquet_files(url)
-    return pa.concat_tables([storage.read_parquet(f, columns) for f in files]) if files else None
+    return read_checked(files, columns, prepared_bounds(prepared_dir)) if files else None

@@ -10,6 +10,7 @@ one process only: :func:`require_shared` rejects it where Ray tasks or workers w
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from typing import Any
 
@@ -164,3 +165,26 @@ def remove(url: str) -> None:
     fs, path = url_to_fs(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def move(src: str, dst: str) -> None:
+    """Rename ``src`` (a file or folder) to ``dst``, replacing a file there; on a local
+    filesystem an atomic ``os.replace``, on object stores a copy then delete."""
+    fs, s = url_to_fs(src)
+    _, d = url_to_fs(dst)
+    if is_local(fs):
+        os.replace(s, d)
+    else:  # object stores have no rename
+        fs.mv(s, d, recursive=True)
+
+
+def replace_folder(tmp: str, url: str) -> None:
+    """Put the finished folder ``tmp`` at ``url``: the old ``url`` (if any) is renamed aside,
+    ``tmp`` renamed in, then the old one deleted, so ``url`` holds either the old or the new
+    files, never a mix."""
+    old = url.rstrip("/") + ".old"
+    remove(old)
+    if exists(url):
+        move(url, old)
+    move(tmp, url)
+    remove(old)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -49,21 +50,34 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     import ray.data
     from ray.data import FileShuffleConfig
 
+    from rectrain.data.door import check_footers
     from rectrain.data.features import FeatureLayout
-    from rectrain.data.schema import ITEM, TS, USER, load_manifest
+    from rectrain.data.schema import ITEM, TS, USER, empty_split_reason, load_manifest
+    from rectrain.train.attempt import promote, start_attempt
     from rectrain.train.resume import prepare_run, resolve_resume
 
     storage.require_shared(cfg.prepared_dir, "prepared_dir")
     storage.require_shared(cfg.run_dir, "run_dir")
-    # what can fail without Ray fails before its start-up (tens of seconds)
+    # what can fail without Ray fails before its start-up (tens of seconds) and before
+    # prepare_run touches run_dir: an unusable prepared folder, a resume naming nothing
     manifest = load_manifest(cfg.prepared_dir)
+    reason = empty_split_reason(manifest["rows_per_split"], cfg.dataset.split.model_dump(),
+                                manifest.get("rows_used", sum(manifest["rows_per_split"].values())),
+                                cfg.prepared_dir)
+    if reason:
+        raise ValueError(reason)
     if cfg.checkpoint.resume not in (None, "auto"):
         resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
     resources = init_ray(cfg, address)
-    cfg = prepare_run(cfg)  # fresh run: clear old checkpoints; retries resume from the latest
+    run_dir = cfg.run_dir
+    # the workers write into an attempt folder, promoted into run_dir only on success; a
+    # restarted worker group resumes from the attempt's own latest checkpoint (resume: auto)
+    cfg, attempt = start_attempt(prepare_run(cfg))
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
     layout = FeatureLayout(cfg, manifest)
+    # the streaming read cannot name a file: footers (types, same schema) checked here first
+    check_footers(cfg.prepared_dir, layout.bounds, ("train", "valid", "test"))
     datasets = {}
     # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
     for split in ("train", "valid", "test")[1 if cfg.checkpoint.every_n_steps else 0:]:
@@ -78,19 +92,16 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         shuffle = FileShuffleConfig(seed=tc.seed) if split == "train" else None
         datasets[split] = ray.data.read_parquet(path, columns=cols, filesystem=fs,
                                                 shuffle=shuffle)
-    storage.remove(storage.join(cfg.run_dir, "metrics.json"))
-    storage.remove(storage.join(cfg.run_dir, "workers"))
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // tc.num_workers) if not address else None
     t0 = time.perf_counter()
-    fit(ray_train_worker,
-        {"job": cfg.model_dump(mode="json"), "threads": threads,
-         "env": {k: v for k, v in os.environ.items() if k.startswith("RECTRAIN_")}},
-        num_workers=tc.num_workers, datasets=datasets, name=cfg.name,
-        storage_path=os.path.abspath(storage.join(cfg.run_dir, "ray"))
-        if "://" not in cfg.run_dir else None,
-        resources_per_worker=worker_resources(cfg, use_gpu), use_gpu=use_gpu,
-        placement_strategy=tc.placement_strategy, max_failures=cfg.checkpoint.max_failures)
+    try:
+        _fit_job(cfg, datasets, threads, use_gpu)
+    except BaseException:
+        print(f"[rectrain] the run failed: {run_dir} keeps the last good run's outputs; this "
+              f"attempt's files are in {attempt} (resume it with --resume {attempt})",
+              file=sys.stderr, flush=True)
+        raise
     url = storage.join(cfg.run_dir, "metrics.json")
     if not storage.exists(url):
         raise RuntimeError(f"training finished without writing {url}; see the worker logs above")
@@ -99,7 +110,20 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     metrics["workers"] = read_placement(cfg.run_dir)
     metrics["num_nodes"] = len({w["node_id"] for w in metrics["workers"]})
     storage.write_json(metrics, url)
+    promote(attempt, run_dir)
     return metrics
+
+
+def _fit_job(cfg: JobConfig, datasets: dict, threads: Optional[int], use_gpu: bool) -> None:
+    tc = cfg.train
+    fit(ray_train_worker,
+        {"job": cfg.model_dump(mode="json"), "threads": threads,
+         "env": {k: v for k, v in os.environ.items() if k.startswith("RECTRAIN_")}},
+        num_workers=tc.num_workers, datasets=datasets, name=cfg.name,
+        storage_path=os.path.abspath(storage.join(cfg.run_dir, "ray"))
+        if "://" not in cfg.run_dir else None,
+        resources_per_worker=worker_resources(cfg, use_gpu), use_gpu=use_gpu,
+        placement_strategy=tc.placement_strategy, max_failures=cfg.checkpoint.max_failures)
 
 
 def fit(worker: Callable[[dict], None], config: dict, *, num_workers: int, datasets: dict,

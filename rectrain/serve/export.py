@@ -139,7 +139,8 @@ def _export_program(wrapper: nn.Module, layout: FeatureLayout, path: str, name: 
     """``torch.export`` ``wrapper`` with a dynamic batch size and number of ids to ``path``.
 
     Raises:
-        ValueError: torch.export cannot capture the model (names the model).
+        ValueError: torch.export cannot capture the model (names the model), or ``out`` is
+            a folder with other files than an earlier export's.
     """
     from torch.export import Dim
     from torch.fx.experimental import _config as fx_config
@@ -173,11 +174,21 @@ def export(checkpoint: str, out: str) -> list[str]:
     Raises:
         FileNotFoundError: no complete checkpoint at ``checkpoint`` (see
             :func:`~rectrain.serve.loading.load_model`), or the run's prepared data is gone.
-        ValueError: torch.export cannot capture the model (names the model).
+        ValueError: torch.export cannot capture the model (names the model), or ``out`` is
+            a folder with other files than an earlier export's.
     """
+    final = out.rstrip("/")
+    if os.path.isdir(final) and os.listdir(final) and \
+            not os.path.exists(os.path.join(final, "serving.json")):
+        raise ValueError(f"--out {out}: the folder exists and is not an export (no serving.json); "
+                         f"choose an empty or new folder, export replaces the whole folder")
     loaded = load_model(checkpoint)
     model, layout, meta, name = loaded.model, loaded.layout, loaded.meta, loaded.cfg.model.name
-    os.makedirs(out, exist_ok=True)
+    # written into a sibling folder and swapped in when complete: a failed export keeps the
+    # previous one, and no file of an earlier export is left beside the new ones
+    out = f"{final}.tmp-{os.getpid()}"
+    storage.remove(out)
+    os.makedirs(out)
     if task_of(model) == RETRIEVAL:
         programs = {"user": TowerModel(model, layout, "user"),
                     "item": TowerModel(model, layout, "item")}
@@ -202,4 +213,5 @@ def export(checkpoint: str, out: str) -> list[str]:
         "sequence_length": layout.max_sequence_length, "checkpoint": meta["url"],
         "epoch": meta.get("epoch"), "config": meta.get("config")},
         os.path.join(out, "serving.json"))
-    return paths
+    storage.replace_folder(out, final)
+    return [os.path.join(final, os.path.basename(p)) for p in paths]

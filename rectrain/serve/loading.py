@@ -11,7 +11,7 @@ from rectrain.checkpoint import is_complete, load_checkpoint
 from rectrain.config import JobConfig, config_from_dict
 from rectrain.data import storage
 from rectrain.data.features import FeatureLayout
-from rectrain.data.schema import load_manifest
+from rectrain.data.schema import check_same_data, load_manifest
 from rectrain.models import build_model
 
 
@@ -54,10 +54,14 @@ def load_model(path: str) -> LoadedModel:
 
     Raises:
         FileNotFoundError: no complete checkpoint there, or the run's prepared data is gone.
+        ValueError: the prepared data changed since the checkpoint (manifest fingerprint).
     """
     url = checkpoint_url(path)
-    cfg = config_from_dict(storage.read_json(storage.join(url, "meta.json"))["config"])
-    layout = FeatureLayout(cfg, load_manifest(cfg.prepared_dir))
+    saved = storage.read_json(storage.join(url, "meta.json"))
+    cfg = config_from_dict(saved["config"])
+    manifest = load_manifest(cfg.prepared_dir)
+    check_same_data(saved.get("data"), manifest, url, cfg.prepared_dir)
+    layout = FeatureLayout(cfg, manifest)
     model = build_model(layout, cfg.model)
     meta = load_checkpoint(url, model)
     model.eval()

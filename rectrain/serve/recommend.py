@@ -13,6 +13,7 @@ Candidate rows are built with Arrow ``take`` (no per-row Python); users are scor
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -189,7 +190,9 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     if explain:
         table = _explain(table, u_idx, i_idx, candidates, model, state, items, cfg, explain)
     path = out or storage.join(run_dir, "recommendations", "top_k.parquet")
-    storage.write_parquet(table, path)
+    tmp = f"{path}.tmp-{os.getpid()}"  # renamed in when complete: a failure keeps the old file
+    storage.write_parquet(table, tmp)
+    storage.move(tmp, path)
     return path, n_users
 
 

@@ -37,21 +37,44 @@ def logloss(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+def one_class_reason(labels: np.ndarray) -> str | None:
+    """Why AUC and NE are undefined for ``labels`` ``[N]`` in {0, 1}, or None when both classes
+    are present: AUC needs a positive and a negative to order, NE divides by the entropy of the
+    positive rate, which is 0 when every label is the same."""
+    y = np.asarray(labels)
+    if y.size == 0:
+        return "AUC and NE are undefined: no rows were evaluated"
+    pos = int(np.count_nonzero(y))
+    if 0 < pos < y.size:
+        return None
+    return (f"AUC and NE are undefined: all {y.size} labels are "
+            f"{'positive' if pos else 'negative'} (one class only; NE divides by the label "
+            f"entropy, which is 0)")
+
+
 def normalized_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
     """NE (He et al., "Practical Lessons from Predicting Clicks on Ads at Facebook", 2014):
-    logloss divided by the entropy of the empirical positive rate (lower is better, 1 = prior)."""
+    logloss divided by the entropy of the empirical positive rate (lower is better, 1 = prior).
+    NaN when the labels have one class only (the entropy is 0; see :func:`one_class_reason`)."""
     y = np.asarray(labels, dtype=np.float64)
-    p = float(np.clip(y.mean(), _EPS, 1 - _EPS)) if y.size else 0.5
+    if one_class_reason(y) is not None:
+        return float("nan")
+    p = float(y.mean())
     base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
     return logloss(probs, labels) / base
 
 
-def binary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """``{"auc", "logloss", "ne", "rows", "positive_rate"}`` for logits ``[N]`` and labels ``[N]``."""
+def binary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """``{"auc", "logloss", "ne", "rows", "positive_rate"}`` for logits ``[N]`` and labels
+    ``[N]``; with one class only, AUC and NE are NaN and ``"undefined"`` (str) says why."""
     probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-    return {"auc": auc(logits, labels), "logloss": logloss(probs, labels),
-            "ne": normalized_entropy(probs, labels), "rows": int(len(labels)),
-            "positive_rate": float(np.mean(labels)) if len(labels) else float("nan")}
+    out = {"auc": auc(logits, labels), "logloss": logloss(probs, labels),
+           "ne": normalized_entropy(probs, labels), "rows": int(len(labels)),
+           "positive_rate": float(np.mean(labels)) if len(labels) else float("nan")}
+    reason = one_class_reason(labels)
+    if reason is not None:
+        out["undefined"] = reason
+    return out
 
 
 def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

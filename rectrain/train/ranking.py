@@ -87,6 +87,7 @@ class RankingTask:
 
     def describe(self, vm: dict) -> str:
         text = f"valid AUC {vm['auc']:.4f} logloss {vm['logloss']:.4f} ({vm['rows']} rows)"
+        text += f" [{vm['undefined']}]" if "undefined" in vm else ""
         return text + (f" RMSE {vm['rmse']:.4f}" if self.regression else "")
 
     def scalars(self, vm: dict) -> dict[str, float]:
@@ -100,6 +101,9 @@ class RankingTask:
         metrics.update(test_extras(self.cfg, te, te[USER]))
         text = f"AUC {tm['auc']:.4f} logloss {tm['logloss']:.4f} NE {tm['ne']:.4f} " \
                f"({tm['rows']} rows)"
+        if "undefined" in tm:
+            metrics["test_undefined"] = tm["undefined"]
+            text += f" [{tm['undefined']}]"
         logits = te["logits"].astype(np.float64)
         if self.regression:  # the predicted label value (e.g. the rating), not a probability
             score = logits

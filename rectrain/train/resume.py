@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from rectrain.data import storage
 from rectrain.data.order import GlobalOrder
+from rectrain.data.schema import check_same_data, data_identity, load_manifest
 from rectrain.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from rectrain.train.state import Best, EpochCarry, TrainState
 
@@ -93,17 +94,14 @@ def resolve_resume(run_dir: str, resume: str | None) -> str | None:
 
 
 def prepare_run(cfg):
-    """Driver side, before workers start: a fresh run (``checkpoint.resume`` None) deletes the
-    run directory's old checkpoints (periodic and best) and sets ``resume='auto'``, so that a worker group
-    restarted by Ray Train after a failure resumes from this run's latest checkpoint.
-    ``latest``/URL are resolved now (a missing checkpoint fails before any worker starts).
-    Returns a copy of ``cfg`` with the resolved ``checkpoint.resume``."""
+    """Driver side, before workers start: ``latest``/URL in ``checkpoint.resume`` are resolved
+    now (a missing checkpoint fails before any worker starts); None and ``auto`` stay.
+    Returns a copy of ``cfg`` with the resolved ``checkpoint.resume``. The run then writes
+    into an attempt folder (:func:`rectrain.train.attempt.start_attempt`), so nothing of the
+    previous run is deleted before this one succeeds."""
     cfg = cfg.model_copy(deep=True)
     ck = cfg.checkpoint
-    if ck.resume is None:
-        _remove_old_run(cfg.run_dir)
-        ck.resume = "auto"
-    elif ck.resume != "auto":
+    if ck.resume not in (None, "auto"):
         ck.resume = resolve_resume(cfg.run_dir, ck.resume)
     return cfg
 
@@ -141,6 +139,7 @@ class Checkpointer:
         self.order = (GlobalOrder(storage.join(cfg.prepared_dir, "train"), cfg.train.seed,
                                   columns) if self.deterministic else None)
         self._t_epoch = 0.0
+        self.manifest = load_manifest(cfg.prepared_dir)
 
     # ---------------------------------------------------------------- restore
     def restore(self, state: TrainState) -> bool:
@@ -149,7 +148,8 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: ``resume`` names no complete checkpoint.
-            ValueError: a mid-epoch checkpoint without ``checkpoint.every_n_steps``.
+            ValueError: a mid-epoch checkpoint without ``checkpoint.every_n_steps``, or the
+                prepared data changed since the checkpoint (its manifest fingerprint differs).
         """
         if self.spec.resume is None:  # fresh run (torchrun / tests): old checkpoints go
             if self.env.rank == 0:
@@ -160,6 +160,9 @@ class Checkpointer:
         url = resolve_resume(self.cfg.run_dir, self.spec.resume)
         if url is None:
             return False
+        # before DCP: other table sizes would fail deep inside it, equal ones load silently
+        check_same_data(storage.read_json(storage.join(url, "meta.json")).get("data"),
+                        self.manifest, url, self.cfg.prepared_dir)
         meta = load_checkpoint(url, self.dmp, self.optimizer)
         p = meta["progress"]
         saved = TrainState.from_dict(p)
@@ -216,7 +219,8 @@ class Checkpointer:
         save_checkpoint(url, self.dmp, self.optimizer, meta={
             "epoch": state.epoch, "step": state.step, "progress": progress,
             "world_size": self.env.world, "plan": str(self.plan),
-            "config": self.cfg.model_dump(mode="json"), **(extra or {})})
+            "config": self.cfg.model_dump(mode="json"), "data": data_identity(self.manifest),
+            **(extra or {})})
         return url
 
     def _save_periodic(self, state: TrainState) -> str:

@@ -28,6 +28,7 @@ import time
 from rectrain.config import JobConfig
 from rectrain.data import storage
 from rectrain.data.prepare import manifest as mf
+from rectrain.data.schema import empty_split_reason
 from rectrain.data.prepare.events import read_events
 from rectrain.data.prepare.sequences import (build_sequences, merge_dense_stats,
                                              sequence_buckets, write_train)
@@ -52,6 +53,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     Raises:
         DataValidationError: bad input under ``on_invalid: error`` (names file/column/row/value).
         FileNotFoundError: an input path does not exist.
+        ValueError: the valid or test split came out empty (the message says which and what
+            to change; ``manifest.json`` is still written with the counts).
     """
     t0 = time.perf_counter()
     spec, out = cfg.dataset, cfg.prepared_dir
@@ -82,6 +85,12 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
                "total": round(time.perf_counter() - t0, 3)}
     manifest = mf.build_manifest(cfg, markers, side, vocab, events, buckets.stats, split_counts,
                                  files_per_split, dense_stats, text, seconds)
-    manifest.save(out)
+    manifest.save(out)  # kept also when a split is empty: its counts explain why
+    # valid and test only: an empty train split (every user short) is a legal prepare result
+    # (counted in the manifest), which `rectrain train` rejects on its driver
+    reason = empty_split_reason(split_counts, cfg.dataset.split.model_dump(),
+                                manifest.rows_used, out, ("valid", "test"))
+    if reason:
+        raise ValueError(reason)
     log.info("prepared %s: %s", out, split_counts)
     return manifest.to_dict()

@@ -73,7 +73,8 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
                                  f"null_element_{f.source}", oov)
     rows_of = {role: t[f"_{role}_row"] for role in ("users", "items")
                if f"_{role}_row" in t.column_names}  # read after all filters: lengths agree
-    out = _encode_features(t, path, feats, side, rows_of, event_vocabs)
+    nulls: Counter = Counter()
+    out = _encode_features(t, path, feats, side, rows_of, event_vocabs, nulls)
     if "users" in rows_of:
         uid = pc.add(pc.cast(rows_of["users"], pa.int64()), 1)
         if uid.null_count:  # oov users: a stable id above the users table, from the raw id
@@ -94,7 +95,8 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
                       for k, v in out.items()})
     return table, {"file": path, "rows_read": rows_read, "rows_used": table.num_rows,
                    "schema": table.schema,
-                   "rejected": dict(stats), "remapped": dict(remapped)}
+                   "rejected": dict(stats), "remapped": dict(remapped),
+                   "null_values": dict(nulls)}
 
 
 def _join_rows(t: pa.Table, path: str, spec: DatasetSpec, side: dict[str, pa.Table],
@@ -123,9 +125,10 @@ def _join_rows(t: pa.Table, path: str, spec: DatasetSpec, side: dict[str, pa.Tab
 
 def _encode_features(t: pa.Table, path: str, feats: list[FeatureSpec],
                      side: dict[str, pa.Table], rows_of: dict[str, pa.Array],
-                     event_vocabs: dict[str, pa.Array]) -> dict[str, Any]:
+                     event_vocabs: dict[str, pa.Array], nulls: Counter) -> dict[str, Any]:
     """Feature columns of the surviving rows: side features taken by row, event features
-    transformed and encoded (vocabulary or hash)."""
+    transformed and encoded (vocabulary or hash). ``nulls`` counts, per ``events.<feature>``,
+    the rows whose event-level value was null (encoded as id 0, or an empty list)."""
     out: dict[str, Any] = {}
     for f in feats:
         if f.kind in ("sequence", "text_embedding"):
@@ -141,6 +144,8 @@ def _encode_features(t: pa.Table, path: str, feats: list[FeatureSpec],
             out[f.name] = col
         else:
             col = transform(f, t[f.source], path)
+            if f.kind != "dense" and col.null_count:  # dense nulls: dense_stats' imputed count
+                nulls[f"events.{f.name}"] += col.null_count
             if f.kind == "dense":
                 out[f.name] = col
             elif f.encoding == "hash":
@@ -160,6 +165,7 @@ class EventCounts:
     rows_read: int
     rejected: Counter
     remapped: Counter
+    null_values: Counter  # "events.<feature>" -> rows with a null value (id 0 / empty list)
 
 
 def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocabularies,
@@ -196,12 +202,14 @@ def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocab
                    else cause) from None
     rejected: Counter = Counter()
     remapped: Counter = Counter()
+    nulls: Counter = Counter()
     for s in file_stats:
         rejected.update(s["rejected"])
         remapped.update(s["remapped"])
+        nulls.update(s.get("null_values", {}))
     rows_read = sum(s["rows_read"] for s in file_stats)
     nonempty = [r[0] for r, s in zip(refs, file_stats) if s["rows_used"]]
     if not nonempty:
         raise DataValidationError(f"{spec.events}: no usable event rows ({rows_read} read, "
                                   f"rejected {dict(rejected)})")
-    return EventCounts(file_stats, nonempty, rows_read, rejected, remapped)
+    return EventCounts(file_stats, nonempty, rows_read, rejected, remapped, nulls)

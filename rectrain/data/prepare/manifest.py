@@ -11,7 +11,7 @@ from rectrain.config import JobConfig
 from rectrain.data import storage
 from rectrain.data.prepare.events import EventCounts
 from rectrain.data.prepare.vocab import UID, SideTables, Vocabularies
-from rectrain.data.schema import ITEM, SPLITS, USER, Manifest
+from rectrain.data.schema import ITEM, SPLITS, USER, Manifest, fingerprint, vocab_digest
 
 
 def check_row_accounting(out: str, events: EventCounts, bucket_stats: list[dict]
@@ -93,12 +93,15 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
     """Assemble the manifest from the stages' results (nothing is read or checked here)."""
     tables = table_sizes(cfg, vocab)
     fs = events.file_stats
+    schema = next(b["schema"] for b in bucket_stats if b["schema"] is not None)
+    features = [{"name": f.name, "kind": f.kind, "table": f.table_name,
+                 "num_embeddings": tables.get(f.table_name), "pooling": f.pooling}
+                for f in cfg.features]
+    digests = {name: vocab_digest(v) for name, v in vocab.vocabs.items()}
     return Manifest(
         name=cfg.name,
-        schema=next(b["schema"] for b in bucket_stats if b["schema"] is not None),
-        features=[{"name": f.name, "kind": f.kind, "table": f.table_name,
-                   "num_embeddings": tables.get(f.table_name),
-                   "pooling": f.pooling} for f in cfg.features],
+        schema=schema,
+        features=features,
         tables=tables,
         num_users=len(side.keys["users"]) if "users" in side.keys else len(vocab.event[UID]),
         num_items=len(side.keys["items"]) if "items" in side.keys else None,
@@ -109,6 +112,7 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
         rows_remapped=sum(events.remapped.values()),
         remapped_by_reason=dict(events.remapped),
         side_table_null_list_elements=side.null_list_elements,
+        null_values={**side.null_values, **dict(events.null_values)},
         hashing=vocab.hashing,
         empty_files=[s["file"] for s in fs if s["rows_read"] == 0],
         rows_per_split=split_counts,
@@ -122,4 +126,5 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
         text_embeddings=text,
         seconds=seconds,
         config=cfg.model_dump(mode="json"),
+        fingerprint=fingerprint(schema, tables, features, vocab.hashing, digests),
     )

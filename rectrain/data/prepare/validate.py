@@ -211,7 +211,8 @@ def check_event_values(t: pa.Table, path: str, spec: DatasetSpec, stats: Counter
     if spec.max_timestamp is not None:
         bad = pc.or_(bad, pc.greater(tsc, spec.max_timestamp))
     t = fail_or_mask(t, bad, path, ts_col,
-                     f"timestamp outside [{spec.min_timestamp}, {spec.max_timestamp}]", pol, stats,
+                     f"timestamp outside [{spec.min_timestamp}, {spec.max_timestamp}] (unix "
+                     f"seconds; dataset.min_timestamp / dataset.max_timestamp)", pol, stats,
                      "bad_timestamp")
     lab = pc.cast(t[spec.label.column], pa.float64())
     if spec.label.threshold is None:

@@ -34,6 +34,8 @@ class SideTables:
     keys: dict[str, pa.Array] = field(default_factory=dict)  # key column, row order
     encoded: dict[str, dict[str, pa.Array]] = field(default_factory=dict)  # role -> feature -> ids
     null_list_elements: dict[str, int] = field(default_factory=dict)  # "role.column" -> rows
+    #: "role.feature" -> side-table rows whose value was null (encoded as id 0 / empty list)
+    null_values: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,6 +117,8 @@ def encode_side_features(cfg: JobConfig, side: SideTables, roles: dict[str, str]
                     f"{role} table. Set dataset.on_invalid: oov to map them to id 0 and count them.")
             if n_bad:  # skip / oov: a side-table row cannot be dropped; its nulls encode to 0
                 side.null_list_elements[f"{role}.{f.source}"] = n_bad
+        if f.kind != "dense" and col.null_count:  # dense nulls: dense_stats' imputed count
+            side.null_values[f"{role}.{f.name}"] = col.null_count
         if f.kind == "dense":
             side.encoded[role][f.name] = col
         elif f.encoding == "hash":
