@@ -55,6 +55,8 @@ def test_cli_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "cmd_recommend", lambda run, k, out, explain=0: seen.update(
         run=run, out=out))
+    (tmp_path / "runs" / "a" / "checkpoint").mkdir(parents=True)  # recommend checks it first
+    (tmp_path / "runs" / "a" / "checkpoint" / "meta.json").write_text("{}")
     assert cli.main(["recommend", "--checkpoint", "runs/a", "--out", "recs.parquet"]) == 0
     assert seen == {"run": os.path.join(str(tmp_path), "runs/a"),
                     "out": os.path.join(str(tmp_path), "recs.parquet")}

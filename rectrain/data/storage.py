@@ -174,8 +174,14 @@ def move(src: str, dst: str) -> None:
     _, d = url_to_fs(dst)
     if is_local(fs):
         os.replace(s, d)
-    else:  # object stores have no rename
-        fs.mv(s, d, recursive=True)
+    elif fs.isfile(s):  # object stores have no rename: copy each object, then delete
+        fs.copy(s, d)
+        fs.rm(s)
+    else:  # a prefix: object by object (fsspec's recursive mv mis-nests or misses prefixes)
+        s = s.rstrip("/")
+        for f in fs.find(s):
+            fs.copy(f, d.rstrip("/") + f[len(s):])
+        fs.rm(s, recursive=True)
 
 
 def replace_folder(tmp: str, url: str) -> None:
