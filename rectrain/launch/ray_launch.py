@@ -54,25 +54,24 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     from rectrain.data.features import FeatureLayout
     from rectrain.data.schema import ITEM, TS, USER, empty_split_reason, load_manifest
     from rectrain.train.attempt import promote, start_attempt
-    from rectrain.train.resume import prepare_run, resolve_resume
+    from rectrain.train.resume import prepare_run
 
     storage.require_shared(cfg.prepared_dir, "prepared_dir")
     storage.require_shared(cfg.run_dir, "run_dir")
-    # what can fail without Ray fails before its start-up (tens of seconds) and before
-    # prepare_run touches run_dir: an unusable prepared folder, a resume naming nothing
+    # what can fail without Ray fails before its start-up (tens of seconds): an unusable
+    # prepared folder, a resume naming nothing
     manifest = load_manifest(cfg.prepared_dir)
     reason = empty_split_reason(manifest["rows_per_split"], cfg.dataset.split.model_dump(),
                                 manifest.get("rows_used", sum(manifest["rows_per_split"].values())),
                                 cfg.prepared_dir)
     if reason:
         raise ValueError(reason)
-    if cfg.checkpoint.resume not in (None, "auto"):
-        resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
+    cfg = prepare_run(cfg)  # resolves checkpoint.resume (a missing checkpoint fails here)
     resources = init_ray(cfg, address)
     run_dir = cfg.run_dir
     # the workers write into an attempt folder, promoted into run_dir only on success; a
     # restarted worker group resumes from the attempt's own latest checkpoint (resume: auto)
-    cfg, attempt = start_attempt(prepare_run(cfg))
+    cfg, attempt = start_attempt(cfg)
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
     layout = FeatureLayout(cfg, manifest)

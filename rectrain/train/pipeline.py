@@ -16,13 +16,17 @@ from rectrain.data.features import Batch
 from rectrain.models.base import main_logits
 
 
+_BCE = nn.BCEWithLogitsLoss()
+
+
 def loss_of(out: torch.Tensor, batch: Batch, aux_weight: float,
-            loss_fn: nn.Module = nn.BCEWithLogitsLoss()) -> torch.Tensor:
-    """BCE of the label head plus ``aux_weight`` × BCE of the auxiliary heads (when the model
-    returns ``[B, 1 + K]``); a scalar float32 tensor."""
-    loss = loss_fn(main_logits(out), batch.labels)
+            label_loss: nn.Module = _BCE) -> torch.Tensor:
+    """``label_loss`` (BCE, or MSE for ``model.loss: mse``) of the label head plus
+    ``aux_weight`` × BCE of the auxiliary ordinal heads (when the model returns ``[B, 1 + K]``);
+    a scalar float32 tensor."""
+    loss = label_loss(main_logits(out), batch.labels)
     if out.dim() == 2:
-        loss = loss + aux_weight * loss_fn(out[:, 1:], batch.aux_labels)
+        loss = loss + aux_weight * _BCE(out[:, 1:], batch.aux_labels)
     return loss
 
 

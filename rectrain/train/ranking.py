@@ -1,7 +1,8 @@
 """The ranking task: CTR and rating models (din, dlrm, dcnv2, bst, autoint).
 
 Loss: BCE on the label (or MSE on ``label_value`` with ``model.loss: mse``) plus
-``model.aux_weight`` x BCE of the auxiliary ordinal heads. Evaluation scores every row of the
+``model.aux_weight`` x BCE of the auxiliary ordinal heads (:func:`rectrain.train.pipeline.
+loss_of`). Evaluation scores every row of the
 split (collective, each row once, see :func:`rectrain.data.loader.padded_eval_tables`); metrics
 per :mod:`rectrain.train.objectives` (AUC, logloss, NE; RMSE/MAE for mse; GAUC on test).
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import torch
-from torch import nn
 
 from rectrain.data.features import Batch, FeatureLayout
 from rectrain.data.loader import padded_eval_tables
@@ -20,6 +20,7 @@ from rectrain.models.base import main_logits
 from rectrain.train.metrics import gather_arrays
 from rectrain.train.objectives import (eval_metrics, init_regression_head, is_regression,
                                        main_loss, selection_score, test_extras)
+from rectrain.train.pipeline import loss_of
 
 
 def evaluate(model, layout: FeatureLayout, source, batch_size: int, device,
@@ -47,7 +48,6 @@ class RankingTask:
     def __init__(self, cfg, layout: FeatureLayout, manifest: dict, model, env):
         self.cfg, self.layout, self.env = cfg, layout, env
         self.label_loss = main_loss(cfg)
-        self.aux_loss = nn.BCEWithLogitsLoss()
         self.aux_weight = cfg.model.aux_weight
         self.regression = is_regression(cfg)
         self._init_head = False
@@ -63,11 +63,7 @@ class RankingTask:
         if self._init_head:
             init_regression_head(model, batch.labels)
             self._init_head = False
-        out = model(batch)
-        loss = self.label_loss(main_logits(out), batch.labels)
-        if out.dim() == 2:  # auxiliary ordinal heads
-            loss = loss + self.aux_weight * self.aux_loss(out[:, 1:], batch.aux_labels)
-        return loss
+        return loss_of(model(batch), batch, self.aux_weight, self.label_loss)
 
     def _evaluate(self, model, source, keep=()):
         tc = self.cfg.train
