@@ -248,3 +248,21 @@ def test_cli_rejects_a_missing_checkpoint_without_loading_torch(tmp_path):
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
         assert r.returncode == 2, r.stderr
         assert f"{tmp_path / 'nope'}: no complete checkpoint" in r.stderr
+
+
+def test_a_bad_value_set_by_a_base_names_the_base(tmp_path):
+    """An error in a value that an ``extends`` base set names the base as well as the job file
+    (before: only the job file, where the field does not appear)."""
+    job = tiny_job(str(tmp_path))
+    job["dataset"]["sequence_length"] = -3
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(job))
+    (tmp_path / "leaf.yaml").write_text("extends: base.yaml\nname: leaf\ntrain: {epochs: 0}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "leaf.yaml"))
+    lines = str(e.value).splitlines()
+    leaf, base = str(tmp_path / "leaf.yaml"), str(tmp_path / "base.yaml")
+    assert f"{leaf}: dataset.sequence_length (set in {base}): " in lines[0]
+    assert lines[1].startswith(f"{leaf}: train.epochs: ") and "set in" not in lines[1]
+    with pytest.raises(ConfigError, match=r"train.epochs \(set in the command line\)"):
+        load_config(str(tmp_path / "leaf.yaml"), {"train": {"epochs": -1},
+                                                  "dataset": {"sequence_length": 4}})

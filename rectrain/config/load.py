@@ -56,10 +56,12 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Jo
             a cycle, or a field is invalid (message names the file and the dotted field path).
     """
     p = Path(path)
-    raw = job_dict(p)
+    origins: dict = {}
+    raw = _read_chain(p, (), origins)
     if overrides:
         raw = _deep_merge(raw, overrides)
-    cfg = config_from_dict(raw, source=str(p))
+        origins.update({k: "the command line" for k in _key_paths(overrides)})
+    cfg = config_from_dict(raw, source=str(p), origins=origins)
     check_launch(cfg, source=str(p))
     return cfg
 
@@ -67,11 +69,24 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Jo
 def job_dict(path: str | os.PathLike) -> dict:
     """The raw mapping of a job YAML with its ``extends`` chain merged in (not validated; what
     :func:`load_config` validates). Raises :class:`ConfigError` as :func:`load_config` does."""
-    return _read_chain(Path(path), ())
+    return _read_chain(Path(path), (), {})
 
 
-def _read_chain(p: Path, stack: tuple[Path, ...]) -> dict:
-    """``p``'s mapping merged over its ``extends`` bases (``stack``: the files extending it)."""
+def _key_paths(raw: dict, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a nested mapping (lists and scalars are leaves)."""
+    out = []
+    for k, v in raw.items():
+        out.append((*prefix, k))
+        if isinstance(v, dict):
+            out.extend(_key_paths(v, (*prefix, k)))
+    return out
+
+
+def _read_chain(p: Path, stack: tuple[Path, ...], origins: dict) -> dict:
+    """``p``'s mapping merged over its ``extends`` bases (``stack``: the files extending it).
+
+    ``origins`` gets, for every key path of the result, the file that set it (the last one in
+    merge order), so an error in a value set by a base names that base too."""
     where = f"{stack[0]}: " if stack else ""
     if not p.exists():
         raise ConfigError(f"{where}{p}: config file not found")
@@ -84,6 +99,7 @@ def _read_chain(p: Path, stack: tuple[Path, ...]) -> dict:
     raw = read_yaml_mapping(p)
     bases = raw.pop("extends", None)
     if bases is None:
+        origins.update({k: str(p) for k in _key_paths(raw)})
         return raw
     if isinstance(bases, str):
         bases = [bases]
@@ -91,16 +107,21 @@ def _read_chain(p: Path, stack: tuple[Path, ...]) -> dict:
         raise ConfigError(f"{p}: extends: expected a path or a list of paths, got {bases!r}")
     merged: dict = {}
     for b in bases:
-        merged = _deep_merge(merged, _read_chain(p.parent / b, (*stack, p)))
+        merged = _deep_merge(merged, _read_chain(p.parent / b, (*stack, p), origins))
+    origins.update({k: str(p) for k in _key_paths(raw)})
     return _deep_merge(merged, raw)
 
 
-def config_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
-    """Validate a config dict; raises :class:`ConfigError` naming ``source`` and the field."""
+def config_from_dict(raw: dict, source: str = "<dict>",
+                     origins: Optional[dict] = None) -> JobConfig:
+    """Validate a config dict; raises :class:`ConfigError` naming ``source`` and the field.
+
+    ``origins`` (key path -> file, from an ``extends`` chain): a bad value that a base file set
+    is reported as ``<source>: <field> (set in <base>): ...``."""
     try:
         cfg = JobConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("\n".join(f"{source}: {_describe(err, raw)}"
+        raise ConfigError("\n".join(f"{source}: {_set_in(_describe(err, raw), err, source, origins)}"
                                     for err in e.errors())) from None
     # RECTRAIN_BASE_DIR: where relative paths resolve on cluster nodes whose shared storage is
     # mounted at a fixed place (cluster/Dockerfile); default the current directory
@@ -115,6 +136,25 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
     if cfg.checkpoint.resume not in (None, "latest", "auto"):  # a path, not a worker's cwd
         cfg.checkpoint.resume = _resolve(cfg.checkpoint.resume, base)
     return cfg
+
+
+def _set_in(text: str, err: dict, source: str, origins: Optional[dict]) -> str:
+    """``text`` with ``(set in FILE)`` after the field when another file of the chain set it
+    (the longest key path of the error's location that a file set; not for a missing field)."""
+    loc = tuple(err["loc"])
+    if len(loc) >= 2 and loc[0] == "model" and loc[1] in MODEL_SPECS:
+        loc = loc[:1] + loc[2:]
+    if not origins or err["type"] == "missing":
+        return text
+    for n in range(len(loc), 0, -1):
+        where = origins.get(loc[:n])
+        if where is not None:
+            if where == source:
+                return text
+            field = ".".join(str(x) for x in loc)
+            return text.replace(f"{field}: ", f"{field} (set in {where}): ", 1) \
+                if text.startswith(f"{field}: ") else f"{text} (set in {where})"
+    return text
 
 
 def _describe(err: dict, raw: dict) -> str:
