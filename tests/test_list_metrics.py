@@ -230,3 +230,51 @@ def test_prepared_readers_and_report(tmp_path):
     png = list_report.plot_exposure(str(tmp_path / "exposure.png"),
                                     {"most_popular": lm.item_exposure(pop, 10)}, n_items)
     assert png is None or (tmp_path / "exposure.png").stat().st_size > 0
+
+
+def test_truth_all_excluded_and_all_seen():
+    lists = lists_of({1: [10, 11], 2: [12]})
+    truth = pairs({1: [20], 2: [12]})
+    seen = pairs({1: [20], 2: [13]})  # user 1's only truth item was seen: never listable
+    m = lm.evaluate_lists(lists, truth, pairs({}), 30, 2, "all_seen", seen)
+    assert m["users_truth_all_excluded"] == 1 and m["truth_pairs_excluded"] == 1
+    assert m["hr@2"] == 0.5 and m["recommended_excluded"] == 0
+
+
+def test_recommend_quality_benchmark(tmp_path, capsys):
+    from benchmarks import recommend_quality
+    from tests.support.prepared import write_prepared
+
+    prepared = str(tmp_path / "prepared")
+    write_prepared(prepared)
+    train = lm.events_from_prepared(prepared)
+    users = pa.array(np.arange(1, 31), pa.int64())
+    pop = lm.most_popular_lists(train, users, 10, "train")
+    os_dir = tmp_path / "two_stage"
+    os_dir.mkdir()  # a partitioned output: two files
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pop.slice(0, 100), str(os_dir / "part-0.parquet"))
+    pq.write_table(pop.slice(100), str(os_dir / "part-1.parquet"))
+    rng = np.random.default_rng(0)
+    rand = lists_of({u: list(rng.permutation(50)[:10] + 100) for u in range(1, 31)})
+    pq.write_table(pop, str(tmp_path / "bf.parquet"))
+    pq.write_table(rand, str(tmp_path / "random.parquet"))
+    pq.write_table(rand.slice(0, 150).select(["user_id", "item_id"]),
+                   str(tmp_path / "cand.parquet"))
+    out = str(tmp_path / "res" / "quality")
+    res = recommend_quality.main([
+        "--prepared", prepared, "--lists", f"brute_force={tmp_path}/bf.parquet",
+        "--lists", f"two_stage={os_dir}", "--lists", f"random={tmp_path}/random.parquet",
+        "--candidates", f"{tmp_path}/cand.parquet", "--reference", "random", "--out", out])
+    m = res["methods"]
+    assert list(m) == ["brute_force", "two_stage", "random", "most_popular"]
+    assert m["brute_force"] == m["two_stage"] == m["most_popular"]  # the same lists
+    assert m["random"]["coverage"] > m["most_popular"]["coverage"]
+    assert res["stage_recall"]["recall_of_top10"] == pytest.approx(0.5)  # 15 of 30 users
+    saved = json.load(open(f"{out}.json"))
+    assert saved["methods"]["random"]["hr@10"] == pytest.approx(m["random"]["hr@10"])
+    md = open(f"{out}.md").read()
+    assert md.count("\n| ") == 4 and "stage-1 recall of the random top-10: 0.5000" in md
+    assert "| random |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        recommend_quality.named_paths(["nope"])
