@@ -53,7 +53,6 @@ from rectrain.data.encode import positions_in_lists
 
 EXCLUDE = ("none", "train", "all_seen")
 PAIR = ("user_id", "item_id")
-LIST = ("user_id", "rank", "item_id")
 
 
 def key_column(table: pa.Table, name: str, what: str) -> pa.Array:
