@@ -2,7 +2,8 @@
 JSON-Schema validator with Kubernetes' field semantics, for tests/test_cluster_files.py.
 
 The data file tests/data/kuberay-v1.6.0-crd-schema.json is made from a KubeRay checkout with
-    python -m tests.support.kuberay_schema KUBERAY_GIT_DIR v1.6.0 tests/data/kuberay-v1.6.0-crd-schema.json
+    python -m tests.support.kuberay_schema KUBERAY_GIT_DIR v1.6.0 \
+        tests/data/kuberay-v1.6.0-crd-schema.json
 (ray-operator/config/crd/bases/ray.io_{rayclusters,rayjobs}.yaml at that tag; descriptions
 dropped and subtrees that repeat, such as the pod template, stored once under `$defs`).
 """

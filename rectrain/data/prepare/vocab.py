@@ -207,9 +207,9 @@ def event_distincts(files: list[str], columns: list[str], col_types: dict[str, p
                     groups: list[list[int]] | None = None) -> dict[str, pa.Array]:
     """Distinct values of event-level columns over all ``files``: a Ray task per group of
     files (``groups``, indices into ``files``; default one file per task; distincts are kept
-    per file, :func:`_file_distincts`), merged here, nulls included. Integer values come back as int64
-    (uint64 stays uint64) and floats as float64, since files may differ in width; a list column
-    comes back as ONE list row holding its distinct elements.
+    per file, :func:`_file_distincts`), merged here, nulls included. Integer values come back
+    as int64 (uint64 stays uint64) and floats as float64, since files may differ in width; a
+    list column comes back as ONE list row holding its distinct elements.
 
     Raises:
         DataValidationError: a value the merged type cannot hold (names file, column, row, value).
