@@ -2,8 +2,8 @@
 
 ::
 
-    events files ──(Ray task per group of files, .readtasks: read, validate, join users/items─┐
-        by index, label, encode)                                                               │
+    events files ──(Ray task per group of files, .readtasks: read, validate, join users/items ────┐
+        by index, label, encode)                                                                  │
     users, items (small side tables, encoded once in the driver, broadcast via the object store)  │
     sliced by user bucket → Ray task per bucket, vectorised: order each user's events by          │
         (timestamp, file, row), behaviour sequences from list offsets, chronological split ←──────┘
