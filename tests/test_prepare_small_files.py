@@ -72,3 +72,26 @@ def test_a_bad_row_in_a_grouped_file_is_counted_against_that_file(tmp_path, ray_
     assert m["input_files"][bad[0]] == {"rows_read": 2, "rows_used": 1,
                                         "rejected": {"bad_timestamp": 1}, "remapped": {}}
     assert m["rows_rejected"] == 1 and m["rows_used"] == 599 and m["read_tasks"]["tasks"] == 2
+
+
+def test_file_sizes_from_one_listing_local_and_remote(tmp_path):
+    """Sizes for the grouping: local paths and fsspec URLs (memory:// stands in for s3://:
+    same code path, protocol stripped, one `find` with details)."""
+    import fsspec
+
+    from rectrain.data import storage
+
+    local = []
+    for i, n in enumerate((3, 70, 0)):
+        p = tmp_path / "ev" / f"part-{i}.parquet"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x" * n)
+        local.append(str(p))
+    assert storage.file_sizes(local) == [3, 70, 0]
+    assert storage.file_sizes(local[1:2]) == [70]
+    fs = fsspec.filesystem("memory")
+    urls = [f"memory://sizes-test/ev/sub/part-{i}.parquet" for i in range(2)]
+    for u, n in zip(urls, (11, 5)):
+        fs.pipe(u, b"y" * n)
+    assert storage.file_sizes(storage.list_parquet_files("memory://sizes-test/ev")[0]) == [11, 5]
+    assert storage.file_sizes([]) == []
