@@ -159,6 +159,9 @@ class Manifest:
     #: "<users|items|events>.<feature>" -> rows whose value was null and is encoded as id 0
     #: (a scalar) or an empty list (a list); dense nulls are in dense_stats (missing_imputed)
     null_values: dict[str, int] = field(default_factory=dict)
+    #: how the events files were read: {tasks, files, files_per_task: {min, max, mean},
+    #: task_bytes, task_files, small_files, mean_file_bytes} (prepare/readtasks.py)
+    read_tasks: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The manifest as the JSON object stored on disk (a shallow dict of the fields)."""

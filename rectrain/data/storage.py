@@ -194,3 +194,19 @@ def replace_folder(tmp: str, url: str) -> None:
         move(url, old)
     move(tmp, url)
     remove(old)
+
+
+def file_sizes(files: list[str]) -> list[int]:
+    """Size in bytes of each file in ``files`` (URLs or paths as :func:`list_parquet_files`
+    returns them): one listing of their common folder where the filesystem gives sizes with
+    it (a ``find`` with details: one request per 1,000 keys on S3), else one stat per file."""
+    if not files:
+        return []
+    fs, first = url_to_fs(files[0])
+    paths = [fs._strip_protocol(f) for f in files]
+    root = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(first)
+    try:
+        info = fs.find(root, detail=True)
+        return [int(info[p]["size"]) for p in paths]
+    except (KeyError, OSError, TypeError):
+        return [int(fs.size(p)) for p in paths]

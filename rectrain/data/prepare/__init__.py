@@ -2,7 +2,8 @@
 
 ::
 
-    events files ──(Ray task per file: read, validate, join users/items by index, label, encode)──┐
+    events files ──(Ray task per group of files, .readtasks: read, validate, join users/items ────┐
+        by index, label, encode)                                                                  │
     users, items (small side tables, encoded once in the driver, broadcast via the object store)  │
     sliced by user bucket → Ray task per bucket, vectorised: order each user's events by          │
         (timestamp, file, row), behaviour sequences from list offsets, chronological split ←──────┘
@@ -30,6 +31,7 @@ from rectrain.data import storage
 from rectrain.data.prepare import manifest as mf
 from rectrain.data.schema import empty_split_reason
 from rectrain.data.prepare.events import read_events
+from rectrain.data.prepare.readtasks import describe, group_files
 from rectrain.data.prepare.sequences import (build_sequences, merge_dense_stats,
                                              sequence_buckets, write_train)
 from rectrain.data.prepare.validate import DataValidationError, check_event_schemas, check_paths
@@ -60,14 +62,19 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     spec, out = cfg.dataset, cfg.prepared_dir
     check_paths(cfg)
     event_files, markers = storage.list_parquet_files(spec.events)
+    sizes = storage.file_sizes(event_files)
+    groups = group_files(sizes)  # small files share a read task
+    read_tasks = describe(groups, sizes, spec.events)
     side = read_side_tables(spec)
     roles = feature_roles(cfg, side)
     vocab = Vocabularies()
     encode_side_features(cfg, side, roles, vocab)
     event_feats = [f for f in cfg.features if roles.get(f.name) == "events"]
     col_types = check_event_schemas(event_files, spec, [f.source for f in event_feats])
-    event_vocabularies(event_files, spec, event_feats, col_types, "users" not in side.raw, vocab)
-    events = read_events(cfg, event_files, side, vocab, col_types, event_feats, num_buckets)
+    event_vocabularies(event_files, spec, event_feats, col_types, "users" not in side.raw, vocab,
+                       groups)
+    events = read_events(cfg, event_files, side, vocab, col_types, event_feats, num_buckets,
+                         groups)
     t_read = time.perf_counter()
     storage.remove(out)  # only now: a job that fails validation leaves the last good output
     buckets = sequence_buckets(cfg, events, num_buckets, rows_per_file)
@@ -85,6 +92,7 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
                "total": round(time.perf_counter() - t0, 3)}
     manifest = mf.build_manifest(cfg, markers, side, vocab, events, buckets.stats, split_counts,
                                  files_per_split, dense_stats, text, seconds)
+    manifest.read_tasks = read_tasks
     manifest.save(out)  # kept also when a split is empty: its counts explain why
     # valid and test only: an empty train split (every user short) is a legal prepare result
     # (counted in the manifest), which `rectrain train` rejects on its driver

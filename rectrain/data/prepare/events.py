@@ -43,20 +43,36 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     (:func:`~rectrain.data.prepare.validate.check_event_schemas`).
     Raises :class:`DataValidationError` with ``on_invalid: error``.
     """
+    return _file_table(storage.read_parquet(path), path, file_id, spec, event_cols, side, keys,
+                       event_vocabs, features, num_buckets, col_types)
+
+
+def _file_table(t: pa.Table, path: str, file_id: int, *args) -> tuple[pa.Table, dict]:
+    """:func:`read_events_file` on file ``path`` already read as ``t``."""
+    if t.num_rows == 0:
+        return pa.table({}), {"file": path, "rows_read": 0, "rows_used": 0, "rejected": {},
+                              "remapped": {}}
+    return _events_table(t, path, pa.array(np.arange(t.num_rows, dtype=np.int64)),
+                         pa.array(np.full(t.num_rows, file_id, dtype=np.int32)), *args)
+
+
+def _events_table(t: pa.Table, path: str, rows: pa.Array, file_ids: pa.Array, spec: DatasetSpec,
+                  event_cols: list[str], side: dict[str, pa.Table], keys: dict[str, pa.Array],
+                  event_vocabs: dict[str, pa.Array], features: list[dict], num_buckets: int,
+                  col_types: dict[str, pa.DataType] | None) -> tuple[pa.Table, dict]:
+    """:func:`read_events_file` on a table already read: ``rows`` (int64) is each row's index
+    in its own file and ``file_ids`` (int32) its file's index; ``path`` names it in errors."""
     stats: Counter = Counter()
     remapped: Counter = Counter()
     feats = [FeatureSpec.model_validate(f) for f in features]
-    t = storage.read_parquet(path)
     rows_read = t.num_rows
     required = [spec.user_column, spec.item_column, spec.timestamp_column, spec.label.column]
     empty = {"file": path, "rows_read": rows_read, "rows_used": 0, "rejected": {}, "remapped": {}}
-    if rows_read == 0:
-        return pa.table({}), empty
     t = t.select(list(dict.fromkeys(required + event_cols)))
     for c, ty in (col_types or {}).items():  # a column all null in this file: the others' type
         if c in t.column_names and pa.types.is_null(t[c].type):
             t = t.set_column(t.schema.get_field_index(c), c, pa.nulls(t.num_rows, ty))
-    t = t.append_column(ROW, pa.array(np.arange(rows_read, dtype=np.int64)))
+    t = t.append_column(ROW, rows).append_column(FILE, file_ids)
     t = drop_null_required(t, path, spec, stats)
     if t.num_rows == 0:  # every row had a null required value (a column of type null included)
         return pa.table({}), {**empty, "rejected": dict(stats)}
@@ -89,7 +105,7 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
     out[TS] = pc.cast(t[spec.timestamp_column], pa.int64())
     out[LABEL] = t[LABEL]
     out[LABEL_VALUE] = t[LABEL_VALUE]
-    out[FILE] = pa.array(np.full(t.num_rows, file_id, dtype=np.int32))
+    out[FILE] = t[FILE]
     out[ROW] = t[ROW]
     table = pa.table({k: (v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v)
                       for k, v in out.items()})
@@ -97,6 +113,53 @@ def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: lis
                    "schema": table.schema,
                    "rejected": dict(stats), "remapped": dict(remapped),
                    "null_values": dict(nulls)}
+
+
+def read_events_group(paths: list[str], file_ids: list[int], spec: DatasetSpec,
+                      event_cols: list[str], side: dict[str, pa.Table],
+                      keys: dict[str, pa.Array], event_vocabs: dict[str, pa.Array],
+                      features: list[dict], num_buckets: int,
+                      col_types: dict[str, pa.DataType] | None = None) -> tuple[pa.Table, dict]:
+    """:func:`read_events_file` over a group of events files in one Ray task (see
+    :mod:`.readtasks`). Files whose job columns have one schema go through the checks and
+    encoding as one table; when that rejects or remaps a row, or raises, or the schemas
+    differ, the group is done file by file, so counts per file and errors (the first bad
+    file's own message) are exactly those of one task per file. Returns ``(table, stats)``:
+    the group's rows (file order) and ``{"files": [read_events_file's stats per file],
+    "null_values": {...}}``.
+    """
+    needed = list(dict.fromkeys([spec.user_column, spec.item_column, spec.timestamp_column,
+                                 spec.label.column] + event_cols))
+    tables = [storage.read_parquet(p) for p in paths]
+    full = [i for i, t in enumerate(tables) if t.num_rows]
+    blank = {"rows_read": 0, "rows_used": 0, "rejected": {}, "remapped": {}}
+    if len(full) > 1 and all(set(needed) <= set(tables[i].column_names) for i in full):
+        parts = [tables[i].select(needed) for i in full]
+        if all(p.schema == parts[0].schema for p in parts):
+            n = np.array([p.num_rows for p in parts])
+            rows = np.arange(n.sum(), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+            fids = np.repeat(np.array([file_ids[i] for i in full], dtype=np.int32), n)
+            one = pa.concat_tables(parts).combine_chunks()
+            try:
+                table, st = _events_table(one, paths[full[0]], pa.array(rows), pa.array(fids),
+                                          spec, event_cols, side, keys, event_vocabs, features,
+                                          num_buckets, col_types)
+            except (ValueError, pa.ArrowException):
+                st = None  # redone file by file below, which names the file and row
+            if st is not None and not st["rejected"] and not st["remapped"]:
+                files = [{"file": p, **blank} for p in paths]
+                for i, k in zip(full, n):
+                    files[i].update(rows_read=int(k), rows_used=int(k), schema=table.schema)
+                return table, {"files": files, "null_values": st.get("null_values", {})}
+    outs = [_file_table(t, p, i, spec, event_cols, side, keys, event_vocabs, features,
+                        num_buckets, col_types) for t, p, i in zip(tables, paths, file_ids)]
+    nulls: Counter = Counter()
+    for _, st in outs:
+        nulls.update(st.pop("null_values", {}))
+    used = [t for t, st in outs if st["rows_used"]]
+    table = (pa.concat_tables(used, promote_options="permissive") if len(used) > 1
+             else used[0] if used else pa.table({}))
+    return table, {"files": [st for _, st in outs], "null_values": dict(nulls)}
 
 
 def _join_rows(t: pa.Table, path: str, spec: DatasetSpec, side: dict[str, pa.Table],
@@ -161,7 +224,7 @@ class EventCounts:
     used rows, and the sums over files."""
 
     file_stats: list[dict]
-    tables: list  # ray.ObjectRef of each file's table that has used rows
+    tables: list  # ray.ObjectRef of each read task's table that has used rows
     rows_read: int
     rejected: Counter
     remapped: Counter
@@ -170,8 +233,10 @@ class EventCounts:
 
 def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocabularies,
                 col_types: dict[str, pa.DataType], event_feats: list[FeatureSpec],
-                num_buckets: int) -> EventCounts:
-    """Run :func:`read_events_file` as a Ray task per file and sum the counts.
+                num_buckets: int, groups: list[list[int]] | None = None) -> EventCounts:
+    """Run :func:`read_events_group` as a Ray task per group of files (``groups``: indices
+    into ``files``, from :func:`.readtasks.group_files`; default one file per task) and sum
+    the counts.
 
     Raises:
         DataValidationError: the first file in listing order with a bad row (the task's own
@@ -180,35 +245,38 @@ def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocab
     import ray
 
     spec = cfg.dataset
-    read_task = ray.remote(num_returns=2)(read_events_file)
+    read_task = ray.remote(num_returns=2)(read_events_group)
     side_ref = ray.put({r: pa.table(c) for r, c in side.encoded.items()})
     feats_dump = [f.model_dump() for f in cfg.features]
     event_cols = sorted({f.source for f in event_feats})
-    refs = [read_task.remote(p, i, spec, event_cols, side_ref, side.keys, vocab.event, feats_dump,
-                             num_buckets, col_types) for i, p in enumerate(files)]
+    groups = groups if groups is not None else [[i] for i in range(len(files))]
+    refs = [read_task.remote([files[i] for i in g], g, spec, event_cols, side_ref, side.keys,
+                             vocab.event, feats_dump, num_buckets, col_types) for g in groups]
     # Results in file order, so a log with several bad files always names the first one in
     # listing order. On an error the other files' tasks are left to finish and their output is
     # dropped: ray.cancel here (plain or force=True) raced with task completion and killed this
     # process in Ray 2.60 ("Check failed: ... Tried to complete task that was not pending",
     # ray-project/ray#54846) in 3 of ~12 runs of the validation tests.
-    file_stats = []
+    group_stats = []
     for r in refs:
         try:
-            file_stats.append(ray.get(r[1]))
+            group_stats.append(ray.get(r[1]))
         except ray.exceptions.RayTaskError as e:
             # surface the task's own error (file, column, row, value), not Ray's wrapper
             cause = e.cause if e.cause is not None else e
             raise (DataValidationError(str(cause)) if isinstance(cause, ValueError)
                    else cause) from None
+    file_stats = [st for g in group_stats for st in g["files"]]
     rejected: Counter = Counter()
     remapped: Counter = Counter()
     nulls: Counter = Counter()
     for s in file_stats:
         rejected.update(s["rejected"])
         remapped.update(s["remapped"])
-        nulls.update(s.get("null_values", {}))
+    for g in group_stats:
+        nulls.update(g["null_values"])
     rows_read = sum(s["rows_read"] for s in file_stats)
-    nonempty = [r[0] for r, s in zip(refs, file_stats) if s["rows_used"]]
+    nonempty = [r[0] for r, g in zip(refs, group_stats) if any(s["rows_used"] for s in g["files"])]
     if not nonempty:
         raise DataValidationError(f"{spec.events}: no usable event rows ({rows_read} read, "
                                   f"rejected {dict(rejected)})")

@@ -131,14 +131,14 @@ def encode_side_features(cfg: JobConfig, side: SideTables, roles: dict[str, str]
 
 def event_vocabularies(files: list[str], spec: DatasetSpec, event_feats: list[FeatureSpec],
                        col_types: dict[str, pa.DataType], need_uid: bool,
-                       vocab: Vocabularies) -> None:
+                       vocab: Vocabularies, groups: list[list[int]] | None = None) -> None:
     """Vocabularies (or hash reports) of the event-level features, and of the raw user id
     when there is no users table (``need_uid``), from one distinct-values pass."""
     unique_cols = sorted({f.source for f in event_feats if f.kind != "dense"}
                          | ({spec.user_column} if need_uid else set()))
     if not unique_cols:
         return
-    distinct = event_distincts(files, unique_cols, col_types)
+    distinct = event_distincts(files, unique_cols, col_types, groups)
     for c in unique_cols:
         uniq = distinct[c]
         for f in event_feats:
@@ -198,20 +198,28 @@ def _unfit_value_error(path: str, column: str, target: pa.DataType) -> DataValid
                                f"type the events files' values are merged into")
 
 
-def event_distincts(files: list[str], columns: list[str], col_types: dict[str, pa.DataType]
-                    ) -> dict[str, pa.Array]:
-    """Distinct values of event-level columns over all ``files``: a Ray task per file
-    (:func:`_file_distincts`), merged here, nulls included. Integer values come back as int64
-    (uint64 stays uint64) and floats as float64, since files may differ in width; a list column
-    comes back as ONE list row holding its distinct elements.
+def _group_distincts(paths: list[str], columns: list[str]) -> list[dict[str, pa.Array]]:
+    """:func:`_file_distincts` of each file of a read group (one Ray task)."""
+    return [_file_distincts(p, columns) for p in paths]
+
+
+def event_distincts(files: list[str], columns: list[str], col_types: dict[str, pa.DataType],
+                    groups: list[list[int]] | None = None) -> dict[str, pa.Array]:
+    """Distinct values of event-level columns over all ``files``: a Ray task per group of
+    files (``groups``, indices into ``files``; default one file per task; distincts are kept
+    per file, :func:`_file_distincts`), merged here, nulls included. Integer values come back
+    as int64 (uint64 stays uint64) and floats as float64, since files may differ in width; a
+    list column comes back as ONE list row holding its distinct elements.
 
     Raises:
         DataValidationError: a value the merged type cannot hold (names file, column, row, value).
     """
     import ray
 
-    task = ray.remote(_file_distincts)
-    parts = ray.get([task.remote(f, columns) for f in files])
+    task = ray.remote(_group_distincts)
+    groups = groups if groups is not None else [[i] for i in range(len(files))]
+    parts = [d for ds in ray.get([task.remote([files[i] for i in g], columns) for g in groups])
+             for d in ds]
     out = {}
     for c in columns:
         ty = col_types.get(c, pa.null())
