@@ -1,6 +1,6 @@
 """Per-row prepare rate: 5,000 x 10-row events files vs 2 x 10,000-row files (the tiny test job).
 
-Usage: PYTHONPATH=. python scripts/bench_small_files.py SCRATCH_DIR   (issue 12, kind 8)
+Usage: PYTHONPATH=. python benchmarks/small_files.py SCRATCH_DIR   (issue 12, kind 8)
 A warm-up prepare, then one timed, per layout; prints rows/s and the manifest's read_tasks.
 """
 import json
