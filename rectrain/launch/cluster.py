@@ -147,7 +147,7 @@ def check_cluster_cpus(cfg: JobConfig) -> None:
     training workers (:func:`cpu_shortfall`; Ray's own check would be an endless wait).
 
     Raises:
-        RuntimeError: the message of :func:`cpu_shortfall`.
+        ValueError: the message of :func:`cpu_shortfall` (the CLI prints it as one line).
     """
     import ray
     from ray._private.state import state
@@ -160,4 +160,4 @@ def check_cluster_cpus(cfg: JobConfig) -> None:
     why = cpu_shortfall(ray.cluster_resources().get("CPU", 0.0), max_cpus, tc.num_workers,
                         tc.cpus_per_worker, cfg.ray.data_cpus)
     if why:
-        raise RuntimeError(why)
+        raise ValueError(why)
