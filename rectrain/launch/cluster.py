@@ -134,7 +134,8 @@ def cpu_shortfall(total_cpus: float, max_cpus: Optional[float], workers: int,
     if have - train >= 1:
         return None
     need = train + max(data_cpus, 1.0)
-    grow = f", up to {max_cpus:g} with its autoscaler" if max_cpus else ""
+    grow = (f", up to {max_cpus:g} with its autoscaler" if max_cpus and max_cpus > total_cpus
+            else "")
     return (f"the job needs {need:g} CPUs (train.num_workers {workers} x train.cpus_per_worker "
             f"{cpus_per_worker:g} for the training workers + ray.data_cpus {data_cpus:g} for "
             f"Ray Data's read) but the cluster has {total_cpus:g}{grow}: the workers would take "
