@@ -137,8 +137,8 @@ def fit(worker: Callable[[dict], None], config: dict, *, num_workers: int, datas
     return Ray Train's ``Result``. With ``min_workers < num_workers`` the worker group is
     elastic (Train V2's ``ScalingConfig(num_workers=(min, max))``, ``ElasticScalingPolicy``):
     a restart after a failure starts as many workers as the cluster's nodes still fit, at
-    least ``min_workers`` (it waits for that many). ``datasets`` (name -> Ray Dataset) reach the workers through
-    :func:`exact_split_config` (``ray.train.get_dataset_shard(name)``); the process group is
+    least ``min_workers`` (it waits for that many). ``datasets`` (name -> Ray Dataset) reach
+    the workers through :func:`exact_split_config` (``ray.train.get_dataset_shard(name)``); the process group is
     gloo on CPU, nccl with GPUs. Needs a connected Ray (:func:`init_ray`).
 
     Raises:
