@@ -4,7 +4,7 @@ steps). Prints both test AUCs and each epoch's row accounting as JSON (issue 12,
 
 Usage: python benchmarks/elastic_auc.py WORK_DIR [RAW_DIR]  (RAW_DIR: MovieLens-100K raw logs,
 default data/movielens-100k/raw, as written by `rectrain prepare movielens-100k`)."""
-import glob, json, os, signal, sys, time, uuid
+import glob, json, os, shutil, signal, sys, time, uuid
 import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex
@@ -46,6 +46,7 @@ try:
     out["kill_s"] = time.monotonic() - t0
 finally:
     c.stop()
+    shutil.rmtree(c.temp_dir, ignore_errors=True)
 man = json.load(open(f"{tmp}/prepared/manifest.json"))
 for name in ("ref", "kill"):
     m = json.load(open(f"{tmp}/{name}/metrics.json"))

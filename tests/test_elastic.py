@@ -8,6 +8,7 @@ worker the head still fits, which resumes at row 4 * 2 * B of the epoch and fini
 import glob
 import json
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -51,6 +52,7 @@ def test_losing_the_worker_node_finishes_on_the_head(tmp_path, monkeypatch):
         assert status == "SUCCEEDED", logs
     finally:
         c.stop()
+        shutil.rmtree(c.temp_dir, ignore_errors=True)
 
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     manifest = json.load(open(os.path.join(tmp, "prepared", "manifest.json")))
