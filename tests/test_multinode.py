@@ -55,3 +55,27 @@ def test_two_workers_on_two_nodes(ray_cluster, cluster_prepared):
     assert metrics["world_size"] == 2
     assert metrics["test_rows"] == manifest["rows_per_split"]["test"]
     assert 0.0 < metrics["test_auc"] < 1.0 and metrics["test_logloss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_cluster_the_workers_fill_stops_before_training(ray_cluster, cluster_prepared):
+    """Issue 12, kind 3: 2 workers x 2.5 CPUs take all 5 CPUs of the two nodes; the job stops
+    before Ray Train starts, saying what it needs and what to change, instead of waiting
+    forever for Ray Data's read."""
+    spec, _ = cluster_prepared
+    job = yaml.safe_load(open(spec))
+    job["run_dir"] = os.path.join(os.path.dirname(spec), "run_full")
+    job["train"]["cpus_per_worker"] = 2.5
+    full = os.path.join(os.path.dirname(spec), "full.yaml")
+    with open(full, "w") as f:
+        yaml.safe_dump(job, f)
+    job_id = submit(full, verb="train", address=ray_cluster.job_address, working_dir=ROOT)
+    status = wait(job_id, ray_cluster.job_address, timeout_s=1200)
+    logs = client(ray_cluster.job_address).get_job_logs(job_id)
+    assert status == "FAILED", logs
+    assert ("the job needs 7 CPUs (train.num_workers 2 x train.cpus_per_worker 2.5 for the "
+            "training workers + ray.data_cpus 2 for Ray Data's read) but the cluster has 5") \
+        in logs, logs
+    assert "Lower train.num_workers or train.cpus_per_worker, or add nodes" in logs
+    assert not os.path.exists(os.path.join(job["run_dir"], "metrics.json"))

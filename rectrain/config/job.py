@@ -57,4 +57,12 @@ class JobConfig(_Model):
             if f.kind == "dense" and f.transform is not None and f.transform.prefix:
                 raise ValueError(f"{at}: prefix transform on a dense feature")
         check_model(self)
+        tc = self.train
+        if tc.min_workers is not None and tc.min_workers > tc.num_workers:
+            raise ValueError(f"train.min_workers: {tc.min_workers} is more than train.num_workers "
+                             f"({tc.num_workers})")
+        if tc.min_workers is not None and tc.min_workers < tc.num_workers \
+                and self.checkpoint.max_failures == 0:
+            raise ValueError("train.min_workers: elastic training restarts the run after a lost "
+                             "worker, which needs checkpoint.max_failures >= 1 (or -1)")
         return self

@@ -185,6 +185,11 @@ class TrainSpec(_Model):
     eval_batch_size: int = Field(4096, ge=1)
     epochs: int = Field(5, ge=1)
     num_workers: int = Field(2, ge=1)
+    min_workers: Optional[int] = Field(
+        None, ge=1, description="elastic training when < num_workers: after a node is lost, Ray "
+                                "Train restarts the run on as many workers as still fit (at "
+                                "least this many), from the latest checkpoint (needs "
+                                "checkpoint.max_failures >= 1; docs/checkpoints.md)")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: Optional[bool] = Field(None, description="None: use GPUs when the cluster has them")
     seed: int = 0
@@ -202,6 +207,10 @@ class TrainSpec(_Model):
     pipeline: Literal["plain", "sparse_dist"] = Field(
         "plain", description="sparse_dist: TorchRec's TrainPipelineSparseDist overlaps the next "
                              "batch's input distribution with this batch's compute")
+    batch_timeout_s: Optional[float] = Field(
+        600.0, gt=0, description="stop with an error when no input block arrives for this many "
+                                 "seconds (e.g. Ray Data's read starved of CPUs on a cluster); "
+                                 "None: wait forever")
     prefetch_batches: int = Field(
         0, ge=0, description="Arrow -> Batch conversions done ahead in a background thread "
                              "(0: inline). Off by default: on 2 cores with 2 workers the thread "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,17 +32,56 @@ from rectrain.data import storage
 from rectrain.data.door import parent, prepared_bounds, read_checked
 
 
-class RayShard:
-    """A rank's shard of a Ray Dataset (from ``ray.train.get_dataset_shard(name)``)."""
+class InputStalled(TimeoutError):
+    """No input block arrived within ``train.batch_timeout_s``."""
 
-    def __init__(self, iterator, columns: Optional[list[str]] = None):
+
+class RayShard:
+    """A rank's shard of a Ray Dataset (from ``ray.train.get_dataset_shard(name)``).
+
+    With ``timeout_s``, the blocks are pulled through :func:`prefetch` (depth 1, one hand-off
+    per block, not per batch) so that a wait of more than ``timeout_s`` seconds for the next
+    block raises :class:`InputStalled` instead of blocking forever; Ray Data's ``DataIterator``
+    has no timeout of its own."""
+
+    def __init__(self, iterator, columns: Optional[list[str]] = None,
+                 timeout_s: Optional[float] = None, split: str = "train"):
         self.iterator = iterator
         self.columns = columns
+        self.timeout_s, self.split = timeout_s, split
 
     def tables(self, epoch: int = 0) -> Iterator[pa.Table]:
-        for t in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow",
-                                            prefetch_batches=2):
-            yield t.select(self.columns) if self.columns else t
+        blocks = (t.select(self.columns) if self.columns else t
+                  for t in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow",
+                                                      prefetch_batches=2))
+        if not self.timeout_s:
+            yield from blocks
+            return
+        yield from prefetch(blocks, 1, timeout_s=self.timeout_s, stalled=self._stalled)
+
+    def _stalled(self) -> str:
+        return stalled_message(self.split, self.timeout_s, _cluster_cpus())
+
+
+def _cluster_cpus() -> Optional[tuple[float, float]]:
+    """(total, free) logical CPUs of the Ray cluster this process is in, None outside Ray."""
+    try:
+        import ray
+        return (ray.cluster_resources().get("CPU", 0.0),
+                ray.available_resources().get("CPU", 0.0))
+    except Exception:  # noqa: BLE001 - only decorates an error message
+        return None
+
+
+def stalled_message(split: str, timeout_s: float, cpus: Optional[tuple[float, float]]) -> str:
+    """The error text of an input stall: what was waited for, the likely cause (Ray Data's read
+    tasks pending for want of a CPU the training workers hold), and the settings to change."""
+    seen = (f" (the cluster has {cpus[0]:g} CPUs, {cpus[1]:g} free)" if cpus else "")
+    return (f"no block of the {split!r} split arrived within train.batch_timeout_s="
+            f"{timeout_s:g} s: Ray Data's read is likely waiting for a CPU that the training "
+            f"workers hold{seen}. Give Ray Data CPUs beside the workers (fewer "
+            f"train.num_workers or train.cpus_per_worker, ray.data_cpus, more nodes), or raise "
+            f"train.batch_timeout_s if the storage is just slow")
 
 
 class FileShard:
@@ -92,12 +131,17 @@ def rebatch(tables: Iterable[pa.Table], batch_size: int, drop_last: bool,
 T = TypeVar("T")
 
 
-def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+def prefetch(items: Iterable[T], depth: int, timeout_s: Optional[float] = None,
+             stalled: Optional[Callable[[], str]] = None) -> Iterator[T]:
     """Iterate ``items`` in a background thread, keeping up to ``depth`` of them ready (e.g.
     Arrow slicing and :meth:`FeatureLayout.to_batch` for the next batches while the model runs
     the current one; NumPy/Arrow/torch release the GIL for most of that work). ``depth`` 0
     iterates inline. An exception in the producer is re-raised here; closing the iterator early
-    stops the thread after its current item."""
+    stops the thread after its current item.
+
+    With ``timeout_s`` (and ``depth`` >= 1), waiting longer than that for the next item raises
+    :class:`InputStalled` with the message ``stalled()``; the producer thread, stuck in
+    ``items``, is left behind (a daemon)."""
     if depth <= 0:
         yield from items
         return
@@ -124,7 +168,11 @@ def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
     th.start()
     try:
         while True:
-            x, err = q.get()
+            try:
+                x, err = q.get(timeout=timeout_s)
+            except queue.Empty:
+                raise InputStalled(stalled() if stalled else
+                                   f"no item within {timeout_s:g} s") from None
             if x is done:
                 if err is not None:
                     raise err

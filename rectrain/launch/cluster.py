@@ -117,3 +117,48 @@ def _configure_data_context() -> None:
     # (first batch of epoch 1 of a 2M-row Criteo run: 11.9 s -> 0.3 s; docs/benchmarks.md)
     ctx.use_datasource_v2 = False
 
+
+
+def cpu_shortfall(total_cpus: float, max_cpus: Optional[float], workers: int,
+                  cpus_per_worker: float, data_cpus: float) -> Optional[str]:
+    """Why a cluster cannot run the job's training workers AND Ray Data's read, or None.
+
+    ``total_cpus``: the cluster's logical CPUs now (``ray.cluster_resources()["CPU"]``);
+    ``max_cpus``: what its autoscaler may grow to (Ray's cluster config, ``None`` without an
+    autoscaler). The workers hold ``workers * cpus_per_worker`` CPUs for the whole run and each
+    Ray Data read task needs one CPU of its own: with less than one CPU left over, the read never
+    starts and the job waits forever (issue 12, kind 3). Pure: no Ray.
+    """
+    have = max(total_cpus, max_cpus or 0)
+    train = workers * cpus_per_worker
+    if have - train >= 1:
+        return None
+    need = train + max(data_cpus, 1.0)
+    grow = (f", up to {max_cpus:g} with its autoscaler" if max_cpus and max_cpus > total_cpus
+            else "")
+    return (f"the job needs {need:g} CPUs (train.num_workers {workers} x train.cpus_per_worker "
+            f"{cpus_per_worker:g} for the training workers + ray.data_cpus {data_cpus:g} for "
+            f"Ray Data's read) but the cluster has {total_cpus:g}{grow}: the workers would take "
+            f"every CPU and the read could never start. Lower train.num_workers or "
+            f"train.cpus_per_worker, or add nodes")
+
+
+def check_cluster_cpus(cfg: JobConfig) -> None:
+    """Stop before training when the joined cluster cannot give Ray Data a CPU beside the
+    training workers (:func:`cpu_shortfall`; Ray's own check would be an endless wait).
+
+    Raises:
+        ValueError: the message of :func:`cpu_shortfall` (the CLI prints it as one line).
+    """
+    import ray
+    from ray._private.state import state
+
+    try:  # the autoscaler's node groups; None on a fixed cluster
+        max_cpus = (state.get_max_resources_from_cluster_config() or {}).get("CPU")
+    except Exception:  # noqa: BLE001 - an older GCS without the key: judge by what is there
+        max_cpus = None
+    tc = cfg.train
+    why = cpu_shortfall(ray.cluster_resources().get("CPU", 0.0), max_cpus, tc.num_workers,
+                        tc.cpus_per_worker, cfg.ray.data_cpus)
+    if why:
+        raise ValueError(why)

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from rectrain.config import JobConfig
 from rectrain.data import storage
 from rectrain.launch import quiet
-from rectrain.launch.cluster import cluster_address, init_ray
+from rectrain.launch.cluster import check_cluster_cpus, cluster_address, init_ray
 
 __all__ = ["fit", "init_ray", "ray_train_worker", "read_placement", "train", "worker_resources"]
 
@@ -46,7 +46,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     Each split of the prepared samples is a Ray Dataset streamed to the workers
     (``streaming_split``, exact). gloo on CPU, nccl when every worker gets a GPU.
     """
-    cluster_address(address, cfg)
+    joined = cluster_address(address, cfg)
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -68,6 +68,8 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         raise ValueError(reason)
     cfg = prepare_run(cfg)  # resolves checkpoint.resume (a missing checkpoint fails here)
     resources = init_ray(cfg, address)
+    if joined:  # a local Ray is sized for the job (init_ray); a cluster must be checked
+        check_cluster_cpus(cfg)
     run_dir = cfg.run_dir
     # the workers write into an attempt folder, promoted into run_dir only on success; a
     # restarted worker group resumes from the attempt's own latest checkpoint (resume: auto)
@@ -106,7 +108,8 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         raise RuntimeError(f"training finished without writing {url}; see the worker logs above")
     metrics = storage.read_json(url)
     metrics["train_wall_seconds"] = time.perf_counter() - t0  # incl. Ray Train start-up
-    metrics["workers"] = read_placement(cfg.run_dir)
+    # an elastic restart on fewer workers leaves the lost ranks' records behind
+    metrics["workers"] = read_placement(cfg.run_dir)[:metrics["world_size"]]
     metrics["num_nodes"] = len({w["node_id"] for w in metrics["workers"]})
     storage.write_json(metrics, url)
     promote(attempt, run_dir)
@@ -118,7 +121,8 @@ def _fit_job(cfg: JobConfig, datasets: dict, threads: Optional[int], use_gpu: bo
     fit(ray_train_worker,
         {"job": cfg.model_dump(mode="json"), "threads": threads,
          "env": {k: v for k, v in os.environ.items() if k.startswith("RECTRAIN_")}},
-        num_workers=tc.num_workers, datasets=datasets, name=cfg.name,
+        num_workers=tc.num_workers, min_workers=tc.min_workers, datasets=datasets,
+        name=cfg.name,
         storage_path=os.path.abspath(storage.join(cfg.run_dir, "ray"))
         if "://" not in cfg.run_dir else None,
         resources_per_worker=worker_resources(cfg, use_gpu), use_gpu=use_gpu,
@@ -127,10 +131,14 @@ def _fit_job(cfg: JobConfig, datasets: dict, threads: Optional[int], use_gpu: bo
 
 def fit(worker: Callable[[dict], None], config: dict, *, num_workers: int, datasets: dict,
         name: str, storage_path: Optional[str], resources_per_worker: Optional[dict] = None,
-        use_gpu: bool = False, placement_strategy: str = "PACK", max_failures: int = 0):
+        use_gpu: bool = False, placement_strategy: str = "PACK", max_failures: int = 0,
+        min_workers: Optional[int] = None):
     """Run ``worker(config)`` in ``num_workers`` Ray Train workers (``TorchTrainer.fit``) and
-    return Ray Train's ``Result``. ``datasets`` (name -> Ray Dataset) reach the workers through
-    :func:`exact_split_config` (``ray.train.get_dataset_shard(name)``); the process group is
+    return Ray Train's ``Result``. With ``min_workers < num_workers`` the worker group is
+    elastic (Train V2's ``ScalingConfig(num_workers=(min, max))``, ``ElasticScalingPolicy``):
+    a restart after a failure starts as many workers as the cluster's nodes still fit, at
+    least ``min_workers`` (it waits for that many). ``datasets`` (name -> Ray Dataset) reach
+    the workers through :func:`exact_split_config` (``ray.train.get_dataset_shard(name)``); the process group is
     gloo on CPU, nccl with GPUs. Needs a connected Ray (:func:`init_ray`).
 
     Raises:
@@ -142,7 +150,8 @@ def fit(worker: Callable[[dict], None], config: dict, *, num_workers: int, datas
     trainer = TorchTrainer(
         train_loop_per_worker=worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=elastic_size(num_workers, min_workers),
+                                     use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=placement_strategy),
         datasets=datasets, dataset_config=exact_split_config(),
@@ -185,6 +194,14 @@ def _noting_sigint():
         signal.signal = install
         if threading.current_thread() is threading.main_thread():
             install(signal.SIGINT, before)
+
+
+def elastic_size(num_workers: int, min_workers: Optional[int]):
+    """``ScalingConfig.num_workers``: ``(min_workers, num_workers)`` (elastic) when
+    ``min_workers`` is below ``num_workers``, else the fixed ``num_workers``."""
+    if min_workers is not None and min_workers < num_workers:
+        return (min_workers, num_workers)
+    return num_workers
 
 
 def worker_resources(cfg: JobConfig, use_gpu: bool) -> dict:
@@ -235,7 +252,9 @@ def ray_train_worker(config: dict) -> None:
         torch.set_num_threads(int(threads))
     env = WorkerEnv(
         rank=rank, world=ctx.get_world_size(), device=ray.train.torch.get_device(),
-        shard=lambda split: RayShard(ray.train.get_dataset_shard(split)),
+        shard=lambda split: RayShard(ray.train.get_dataset_shard(split),
+                                     timeout_s=config["job"]["train"].get("batch_timeout_s"),
+                                     split=split),
         report=lambda m: ray.train.report(m))
     run(config_from_dict(config["job"]), env)
 

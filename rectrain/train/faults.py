@@ -8,12 +8,16 @@ Rank ``RANK`` fails when it is about to run global training step ``STEP`` (0-bas
 - ``exit``: ``os._exit(1)``, a killed worker, so a test can check that Ray Train restarts the
   worker group and the run resumes from its latest checkpoint. It first writes the marker
   ``RUN_DIR/faults/rank<R>-step<S>.json`` and never fires while the marker exists, so the
-  restarted worker does not fail again.
+  restarted worker does not fail again;
+- ``pause``: writes the same marker, then sleeps (up to an hour) instead of stepping, so a test
+  can kill a node while the whole group stands at a known step (the other ranks wait in the
+  next collective); never fires while the marker exists either.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 from rectrain.data import storage
@@ -34,7 +38,7 @@ def fault_hook(rank: int, run_dir: str) -> Callable[[int], None]:
     names this rank).
 
     Raises:
-        ValueError: ``RECTRAIN_FAULT`` is not ``RANK:STEP:raise|exit``.
+        ValueError: ``RECTRAIN_FAULT`` is not ``RANK:STEP:raise|exit|pause``.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -42,9 +46,9 @@ def fault_hook(rank: int, run_dir: str) -> Callable[[int], None]:
     try:
         r, s, mode = spec.split(":")
         r, s = int(r), int(s)
-        assert mode in ("raise", "exit")
+        assert mode in ("raise", "exit", "pause")
     except (ValueError, AssertionError):
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected RANK:STEP:raise|exit") from None
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected RANK:STEP:raise|exit|pause") from None
     if r != rank:
         return lambda step: None
     marker = marker_url(run_dir, rank, s)
@@ -57,7 +61,10 @@ def fault_hook(rank: int, run_dir: str) -> Callable[[int], None]:
         if storage.exists(marker):
             return
         storage.write_json({"step": step, "rank": rank}, marker)
-        print(f"[rectrain] fault injection: rank {rank} exits before step {step}", flush=True)
+        print(f"[rectrain] fault injection: rank {rank} {mode}s before step {step}", flush=True)
+        if mode == "pause":
+            time.sleep(3600)
+            return
         os._exit(1)
 
     return check
