@@ -398,3 +398,29 @@ def test_train_that_fails_keeps_the_run_dir_and_one_that_succeeds_replaces_it(
     assert (run / "predictions" / "test.parquet").stat().st_size > 100
     assert json_meta(str(run / "checkpoint"))["epoch"] == 0 and "old" not in m
     assert not (run / ".attempts").exists() or not any((run / ".attempts").iterdir())
+
+
+@pytest.mark.parametrize("case", ["beyond", "negative"])
+def test_the_driver_names_the_file_row_and_value_before_the_streaming_read(tmp_path, case):
+    """Ray Data's batches do not know their file: the driver reads each prepared file's footer
+    statistics first and, for a file out of bounds, names file, column, row and value (before:
+    the batch row only)."""
+    import pyarrow.parquet as pq
+
+    from rectrain.data.door import PreparedDataError, check_footers, prepared_bounds
+
+    tmp = str(tmp_path)
+    _prepared_with_bad_file(tmp)  # part-1 holds a negative id at row 3
+    path = f"{tmp}/prepared/train/part-1.parquet"
+    if case == "beyond":
+        bad, says = _bad_batches()["beyond"]
+        pq.write_table(_with(pq.read_table(path), "item_id", bad["item_id"]), path)
+        from tests.support.tiny import N_ITEMS
+        says = rf"row 5: id at or beyond its table's size \(value {N_ITEMS + 1}\)"
+    else:
+        says = r"row 3: negative id \(value -1\)"
+    with pytest.raises(PreparedDataError, match=rf"^{path}: column 'item_id' {says}"):
+        check_footers(f"{tmp}/prepared", prepared_bounds(f"{tmp}/prepared"), ("train",),
+                      "label")
+    pq.write_table(pq.read_table(f"{tmp}/prepared/train/part-0.parquet"), path)
+    check_footers(f"{tmp}/prepared", prepared_bounds(f"{tmp}/prepared"), ("train",), "label")

@@ -163,12 +163,21 @@ def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds) ->
     return pa.concat_tables(tables)
 
 
-def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...]) -> None:
-    """Driver side, before the streaming (Ray Data) read: every prepared file's footer has
-    integer id columns of the same type as the split's first file (reads footers only).
+def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...],
+                  label: str | None = None) -> None:
+    """Driver side, before the streaming (Ray Data) read, from the Parquet footers only:
+    every prepared file's id columns are integers of the same type as the split's first file,
+    and each row group's column statistics (min, max; null count of scalar columns) are within
+    the manifest's tables. A file whose statistics break a bound is then read and checked row
+    by row (:func:`check_table`), so the error names the file, column, row within the file and
+    value, which a batch inside Ray Data cannot (a batch does not know its file).
+
+    Statistics cannot see NaN (Parquet's min/max skip it) nor a null element inside a list (a
+    list column's leaf null count includes empty lists): the per-batch check still catches
+    those, naming the batch row.
 
     Raises:
-        PreparedDataError: naming the file, column and types.
+        PreparedDataError: naming the file, column and types, or file, column, row and value.
     """
     import pyarrow.parquet as pq
 
@@ -181,7 +190,8 @@ def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...]) ->
         for f in files:
             fs, path = storage.url_to_fs(f)
             with fs.open(path, "rb") as fh:
-                schema = pq.read_schema(fh)
+                meta = pq.read_metadata(fh)
+            schema = meta.schema.to_arrow_schema()
             for name, spec in bounds.items():
                 if name in schema.names:
                     _check_type(f, name, spec[0], schema.field(name).type)
@@ -192,3 +202,28 @@ def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...]) ->
                             f"{files[0]} has {first.field(name).type}: every prepared file of "
                             f"a split needs the same schema; {_HINT}")
             first = first or schema
+            if _stats_out_of_bounds(meta, bounds):
+                cols = [n for n in bounds if n in schema.names]
+                check_table(storage.read_parquet(f, cols + ([label] if label in schema.names
+                                                             else [])), bounds, f, label)
+
+
+def _stats_out_of_bounds(meta, bounds: Bounds) -> bool:
+    """Some row group's statistics of a ``bounds`` column: min < 0, max >= table size, or (a
+    scalar column) nulls. Missing statistics count as within bounds (the batch check stays)."""
+    cols = {}
+    for j in range(meta.num_columns):
+        top = meta.schema.column(j).path.split(".")[0]
+        if top in bounds:
+            cols[j] = (top, "." in meta.schema.column(j).path)
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        for j, (name, is_list) in cols.items():
+            st = rg.column(j).statistics
+            if st is None:
+                continue
+            if not is_list and st.has_null_count and st.null_count:
+                return True
+            if st.has_min_max and (st.min < 0 or st.max >= bounds[name][2]):
+                return True
+    return False

@@ -51,6 +51,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     from ray.data import FileShuffleConfig
 
     from rectrain.data.door import check_footers
+    from rectrain.data.schema import LABEL
     from rectrain.data.features import FeatureLayout
     from rectrain.data.schema import ITEM, TS, USER, empty_split_reason, load_manifest
     from rectrain.train.attempt import promote, start_attempt
@@ -77,8 +78,9 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
     layout = FeatureLayout(cfg, manifest)
-    # the streaming read cannot name a file: footers (types, same schema) checked here first
-    check_footers(cfg.prepared_dir, layout.bounds, ("train", "valid", "test"))
+    # the streaming read cannot name a file: footers (types, same schema, id statistics)
+    # checked here first
+    check_footers(cfg.prepared_dir, layout.bounds, ("train", "valid", "test"), LABEL)
     datasets = {}
     # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
     for split in ("train", "valid", "test")[1 if cfg.checkpoint.every_n_steps else 0:]:
