@@ -290,6 +290,11 @@ def _dispatch(args, sub) -> int:
                 print(f"[rectrain] main job done in {wall:.0f} s: test AUC {m['test_auc']:.4f}, "
                       f"logloss {m['test_logloss']:.4f}", flush=True)
     except (ConfigError, FileNotFoundError, ValueError) as e:
+        from rectrain.launch import quiet
+
+        if quiet.verbose():  # --verbose: where it came from, too
+            import traceback
+            traceback.print_exc()
         print(f"rectrain: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -23,22 +23,23 @@ B, EVERY, PAUSE_STEP = 16, 2, 5
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_losing_the_worker_node_finishes_on_the_head(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex)  # this cluster's own token
+def test_losing_the_worker_node_finishes_on_the_head(tmp_path, monkeypatch, ray_local):
+    from rectrain.config import load_config
+    from rectrain.data.prepare import prepare
+
     tmp = str(tmp_path)
     spec = write_tiny_job(tmp, name="elastic", train={
         "batch_size": B, "epochs": 1, "num_workers": 2, "min_workers": 1, "cpus_per_worker": 2},
         checkpoint={"every_n_steps": EVERY, "max_failures": 2}, ray={"data_cpus": 1})
     run_dir = os.path.join(tmp, "run")
-    c = start_cluster(tmp)
+    prepare(load_config(spec))  # on the session's local Ray: the cluster shares this disk
+    monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex)  # this cluster's own token
+    # a lost node is declared dead after 3 missed 1 s health checks (Ray's default: 5 x 3 s)
+    c = start_cluster(tmp, env={"RAY_health_check_period_ms": "1000",
+                                "RAY_health_check_failure_threshold": "3"})
     try:
-        # two jobs, as tests/test_multinode.py: a `run` job's driver died importing torch after
-        # its prepare ("Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so", twice)
-        job_id = submit(spec, verb="prepare", address=c.job_address, working_dir=ROOT)
-        assert wait(job_id, c.job_address, timeout_s=1200) == "SUCCEEDED", \
-            client(c.job_address).get_job_logs(job_id)
         job_id = submit(spec, verb="train", address=c.job_address, working_dir=ROOT,
-                        env=[f"RECTRAIN_FAULT=0:{PAUSE_STEP}:pause"])
+                        env=[f"RECTRAIN_FAULT=0:{PAUSE_STEP}:pause", "RECTRAIN_VERBOSE=1"])
         deadline = time.monotonic() + 1200
         marker = os.path.join(run_dir, ".attempts", "*", "faults", f"rank0-step{PAUSE_STEP}.json")
         while not glob.glob(marker):  # the whole group stands before step 5
@@ -53,6 +54,7 @@ def test_losing_the_worker_node_finishes_on_the_head(tmp_path, monkeypatch):
     finally:
         c.stop()
         shutil.rmtree(c.temp_dir, ignore_errors=True)
+        shutil.rmtree(c.worker_temp_dir, ignore_errors=True)
 
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     manifest = json.load(open(os.path.join(tmp, "prepared", "manifest.json")))

@@ -114,13 +114,15 @@ def _alive_nodes(c: LoopbackCluster) -> int:
         return 0
 
 
-def start_cluster(tmp: str, worker_node: bool = True, timeout_s: float = 600) -> LoopbackCluster:
+def start_cluster(tmp: str, worker_node: bool = True, timeout_s: float = 600,
+                  env: dict | None = None) -> LoopbackCluster:
     """Start the head (3 logical CPUs) and, with ``worker_node``, a second node (2 CPUs), with
-    Ray's token authentication on: the token is ``$RAY_AUTH_TOKEN`` (set by the caller)."""
+    Ray's token authentication on: the token is ``$RAY_AUTH_TOKEN`` (set by the caller).
+    ``env``: extra environment of both nodes (e.g. Ray's ``RAY_health_check_*`` settings)."""
     assert os.environ.get("RAY_AUTH_TOKEN"), "set RAY_AUTH_TOKEN first"
     port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rtc", dir="/tmp")  # short: unix socket paths
-    env = _node_env()
+    env = {**_node_env(), **(env or {})}
     log = open(os.path.join(tmp, "head.log"), "wb")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
@@ -139,8 +141,13 @@ def start_cluster(tmp: str, worker_node: bool = True, timeout_s: float = 600) ->
         time.sleep(1)
     if worker_node:
         wlog = open(os.path.join(tmp, "worker.log"), "wb")
+        # its own temp dir: on one machine, a shared one lets the worker node's runtime-env
+        # agent delete and unpack again the job's working dir under the running driver
+        # (its cache does not know the head's copy), whose cwd then no longer exists
+        c.worker_temp_dir = tempfile.mkdtemp(prefix="rtw", dir="/tmp")
         c.procs.append(subprocess.Popen(
             [RAY, "start", "--address", c.gcs_address, "--node-ip-address", "127.0.0.1",
+             "--temp-dir", c.worker_temp_dir,
              "--num-cpus", "2", "--resources", json.dumps({"rectrain_worker": 1}),
              "--disable-usage-stats", "--block", *_ports()],
             env=env, stdout=wlog, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
