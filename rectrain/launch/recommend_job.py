@@ -75,12 +75,15 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
     n_users = sum(hi - lo for _, lo, hi in todo)
     bar = tqdm(total=n_users, unit="users", desc="[rectrain] recommend", mininterval=1.0,
                disable=n_users == 0)
-    if spec.actors == 0:
-        summary = run_blocks(spec, out, progress=bar.update, wall_from=t0)
-    else:
-        stats = _run_ray(spec, out, todo, cluster_address(address, cfg), bar, actor_max_restarts)
-        summary = finalize(out, blocks, stats, spec, time.perf_counter() - t0)
-    bar.close()
+    try:
+        if spec.actors == 0:
+            summary = run_blocks(spec, out, progress=bar.update, wall_from=t0)
+        else:
+            stats = _run_ray(spec, out, todo, cluster_address(address, cfg), bar,
+                             actor_max_restarts)
+            summary = finalize(out, blocks, stats, spec, time.perf_counter() - t0)
+    finally:
+        bar.close()
     evaluate(cfg, spec, out, summary)
     return summary
 
@@ -94,7 +97,8 @@ def _run_ray(spec: RecommendSpec, out: str, todo, address, bar, max_restarts: in
     ds = ray.data.from_items([{"block": b, "lo": lo, "hi": hi} for b, lo, hi in todo],
                              override_num_blocks=len(todo))
     # one block per call; each actor thread-limits torch to its own CPU
-    ds = ds.map_batches(BlockActor, batch_size=1, concurrency=spec.actors, num_cpus=1,
+    ds = ds.map_batches(BlockActor, batch_size=1, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(size=spec.actors),
                         fn_constructor_kwargs={"spec": spec.model_dump(), "out": out},
                         max_restarts=max_restarts,
                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",

@@ -85,9 +85,9 @@ class Recommender:
     force), ``users_per_block x (candidates + excluded)`` (two-stage); never users x items.
     """
 
+    @torch.no_grad()
     def __init__(self, spec: RecommendSpec, rows_per_chunk: int = 65536):
         self.spec, self.rows_per_chunk = spec, rows_per_chunk
-        torch.set_grad_enabled(False)
         self.rank = RunContext(spec.ranking_run)
         r = self.rank
         self.excl = None
@@ -114,6 +114,7 @@ class Recommender:
         s = next(s for s in self.spec.sources if s.name == name)
         return s.count or self.spec.candidates
 
+    @torch.no_grad()
     def _user_vectors(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Retrieval user vectors of ranking-run user rows ``u`` -> ``(rows present, [b, d])``."""
         ru = _key_rows(self.rank.user_keys.take(pa.array(u)), self.retr.user_keys)
@@ -121,6 +122,7 @@ class Recommender:
         q = self.retr.model(self.retr.batch(ru[has], np.zeros(int(has.sum()), np.int64)))[0]
         return u[has], q.float().numpy()
 
+    @torch.no_grad()
     def _score(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
         """Ranking-model scores float32 of (user row, item row) pairs, in row chunks."""
         out = [label_prediction(self.rank.model(self.rank.batch(u[a:a + self.rows_per_chunk],
@@ -129,6 +131,7 @@ class Recommender:
                for a in range(0, len(u), self.rows_per_chunk)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
+    @torch.no_grad()
     def candidates(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stage-1 ``(u, i, src)`` of user rows ``[lo, hi)`` with train rows (see
         :mod:`rectrain.serve.candidates`)."""
@@ -149,6 +152,7 @@ class Recommender:
             parts.append((code, u[keep], i[keep]))
         return cand.merge(parts, r.n_items)
 
+    @torch.no_grad()  # thread-local: Ray Data calls from its own threads
     def block(self, block: int, lo: int, hi: int, out: str | None = None) -> tuple[pa.Table, dict]:
         """Final lists of user rows ``[lo, hi)`` and the block's counts (users, fallback users,
         candidates). ``out``: where the fault hook keeps its marker."""
