@@ -126,7 +126,8 @@ def _recommend_overrides(sp) -> None:
 
 
 def cmd_recommend_job(cfg: JobConfig, args) -> dict:
-    """``rectrain recommend --config``: the job's recommend section (rectrain.launch.recommend_job)."""
+    """``rectrain recommend --config``: the job's recommend section, see
+    :mod:`rectrain.launch.recommend_job`."""
     from rectrain.launch.recommend_job import recommend_job
 
     s = recommend_job(cfg, args.address, k=args.k, out=_abs(args.out), explain=args.explain,

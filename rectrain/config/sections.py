@@ -1,6 +1,6 @@
 """The job sections other than ``model`` (dataset, features, optim, train, sharding, ray,
-checkpoint, recommend), pydantic v2 models with ``extra="forbid"``: a misspelt key, a wrong type or an
-out-of-range value is a validation error naming the dotted field."""
+checkpoint, recommend), pydantic v2 models with ``extra="forbid"``: a misspelt key, a wrong
+type or an out-of-range value is a validation error naming the dotted field."""
 
 from __future__ import annotations
 

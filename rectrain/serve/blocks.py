@@ -90,6 +90,10 @@ class Recommender:
         self.spec, self.rows_per_chunk = spec, rows_per_chunk
         self.rank = RunContext(spec.ranking_run)
         r = self.rank
+        if spec.mode == "two_stage" and r.retrieval:
+            raise ValueError(f"recommend.ranking_run: {spec.ranking_run} is a retrieval run "
+                             f"({r.cfg.model.name}); two_stage ranks with a ranking model (or "
+                             f"use mode: brute_force for the retrieval run alone)")
         self.excl = None
         if spec.exclude != "none":
             self.excl = cand.Exclusion(*r.seen(EXCLUDE_SPLITS[spec.exclude]), r.n_items)
