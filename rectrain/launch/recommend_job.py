@@ -84,7 +84,9 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
             summary = finalize(out, blocks, stats, spec, time.perf_counter() - t0)
     finally:
         bar.close()
-    evaluate(cfg, spec, out, summary)
+    metrics = evaluate(cfg, spec, out, summary)
+    if metrics is not None:
+        summary["list_metrics"] = metrics
     return summary
 
 
@@ -116,10 +118,19 @@ def _fault_env() -> dict:
     return {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
 
 
-def evaluate(cfg: JobConfig, spec: RecommendSpec, out: str, summary: dict) -> None:
-    """Call site for the list-quality metrics (issue 13, item 4): ``out/top_k.parquet`` (the
-    final lists: user_id, rank, item_id, score, source) and, in two-stage mode,
-    ``out/candidates.parquet`` (user_id, item_id, source), with ``summary`` (users, fallback
-    users, exclude policy). A no-op until rectrain.serve.list_metrics.evaluate_lists is wired
-    in here."""
+def evaluate(cfg: JobConfig, spec: RecommendSpec, out: str, summary: dict) -> dict | None:
+    """List quality of a finished recommend run (issue 13, item 4): the call site for
+    ``rectrain.serve.list_metrics.evaluate_lists``.
+
+    ``lists``: ``out/top_k.parquet`` (user_id, rank, item_id, score, source: the final lists);
+    ``candidates``: ``out/candidates.parquet`` (user_id, item_id, source: every stage-1
+    candidate; None in brute-force mode); ``summary``: users, fallback users, ``exclude``
+    policy, ``k``; the ranking run's prepared data is ``resolve_spec``'s ``ranking_run``'s
+    config ``prepared_dir``. Returns None until the metrics module is wired in here.
+    """
+    lists = storage.read_parquet(storage.join(out, "top_k.parquet"))
+    c = storage.join(out, "candidates.parquet")
+    candidates = storage.read_parquet(c) if spec.mode == "two_stage" and storage.exists(c) \
+        else None
+    del lists, candidates  # evaluate_lists(lists, candidates, ...) goes here
     return None

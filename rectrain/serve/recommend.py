@@ -14,6 +14,7 @@ the final lists with :func:`finalize`.
 
 from __future__ import annotations
 
+import resource
 import time
 
 import pyarrow as pa
@@ -57,7 +58,9 @@ def do_block(rec: Recommender, out: str, block: int, lo: int, hi: int) -> dict:
                                   pa.array(src), pa.array(SOURCE_NAMES))}),
                     block_url(storage.join(out, "candidates"), block))
     write_block(table, block_url(out, block))
-    return {"block": block, **stats}
+    # ru_maxrss: KiB on Linux; the process's peak so far (models, index, the largest block)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"block": block, **stats, "peak_rss_mb": int(peak)}
 
 
 def run_blocks(spec: RecommendSpec, out: str, progress=None,
@@ -82,7 +85,7 @@ def finalize(out: str, blocks: list[tuple[int, int, int]], stats: list[dict],
              spec: RecommendSpec, wall_s: float | None = None) -> dict:
     """Concatenate the block files into ``out/top_k.parquet`` (and ``out/candidates.parquet``)
     and write ``out/summary.json``: users, fallback users, rows, blocks skipped (done by an
-    earlier run), candidates per user.
+    earlier run), candidates per user, peak RSS of the processes that ran blocks (MiB).
 
     Raises:
         RuntimeError: a block file is missing (a block failed without raising).
@@ -106,6 +109,8 @@ def finalize(out: str, blocks: list[tuple[int, int, int]], stats: list[dict],
                                        max(1, sum(s["users"] - s["fallback_users"]
                                                   for s in stats))) if stats else None,
                "k": spec.k, "exclude": spec.exclude, "lists": storage.join(out, "top_k.parquet")}
+    if stats:
+        summary["peak_rss_mb_per_process"] = max(s["peak_rss_mb"] for s in stats)
     if wall_s is not None:
         summary["wall_s"] = wall_s
         summary["users_per_s"] = sum(s["users"] for s in stats) / wall_s if wall_s else None
