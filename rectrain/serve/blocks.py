@@ -86,7 +86,7 @@ class Recommender:
     """
 
     @torch.no_grad()
-    def __init__(self, spec: RecommendSpec, rows_per_chunk: int = 65536):
+    def __init__(self, spec: RecommendSpec, rows_per_chunk: int = 16384):
         self.spec, self.rows_per_chunk = spec, rows_per_chunk
         self.rank = RunContext(spec.ranking_run)
         r = self.rank
