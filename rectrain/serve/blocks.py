@@ -107,9 +107,11 @@ class Recommender:
                 self.retr = RunContext(spec.retrieval_run)
                 self.item_map = _key_rows(self.retr.item_keys, r.item_keys)
         if self.retr is not None:
-            n = self.retr.n_items
-            self.item_vectors = self.retr.model(self.retr.batch(np.zeros(n, np.int64),
-                                                                np.arange(n)), n_queries=0)[1]
+            n, c = self.retr.n_items, rows_per_chunk
+            self.item_vectors = torch.cat([  # once per process, in chunks of items
+                self.retr.model(self.retr.batch(np.zeros(min(c, n - a), np.int64),
+                                                np.arange(a, min(a + c, n))), n_queries=0)[1]
+                for a in range(0, n, c)])
             kind = "exact" if r.retrieval else spec.index
             self.index = build_index(self.item_vectors.float().numpy(), kind, **spec.index_params)
         self.recent = r.recent(self._count("recent")) if "recent" in names else None
