@@ -6,6 +6,7 @@ examples:
   rectrain prepare --config JOB.yaml                      raw logs already in place
   rectrain train --config JOB.yaml [--address auto]       train on prepared samples
   rectrain recommend --checkpoint runs/movielens_din --k 10
+  rectrain recommend --config JOB.yaml [--mode two_stage --candidates 200 --actors 2]
   rectrain train --config JOB.yaml --resume [latest|CHECKPOINT_URL]
   rectrain export --checkpoint runs/movielens_din --out model_dir
   rectrain synth --events 10000000 --out data/synth/raw [--seed S --users U --items I]
@@ -111,6 +112,36 @@ def cmd_recommend(run_dir: str, k: int, out: str | None, explain: int = 0) -> st
     return path
 
 
+def _recommend_overrides(sp) -> None:
+    """``rectrain recommend --config`` overrides of the job's ``recommend:`` fields."""
+    sp.add_argument("--mode", choices=["brute_force", "two_stage"], default=None)
+    sp.add_argument("--candidates", type=_positive, default=None, help="stage-1 N per user")
+    sp.add_argument("--exclude", choices=["none", "train", "all_seen"], default=None)
+    sp.add_argument("--index", choices=["exact", "ivf", "hnsw"], default=None)
+    sp.add_argument("--retrieval-run", default=None)
+    sp.add_argument("--ranking-run", default=None)
+    sp.add_argument("--users-per-block", type=_positive, default=None)
+    sp.add_argument("--actors", type=int, default=None, help="Ray Data actors (0: no Ray)")
+    sp.add_argument("--address", default=None, help="Ray cluster address")
+
+
+def cmd_recommend_job(cfg: JobConfig, args) -> dict:
+    """``rectrain recommend --config``: the job's recommend section, see
+    :mod:`rectrain.launch.recommend_job`."""
+    from rectrain.launch.recommend_job import recommend_job
+
+    s = recommend_job(cfg, args.address, k=args.k, out=_abs(args.out), explain=args.explain,
+                      mode=args.mode, candidates=args.candidates, exclude=args.exclude,
+                      index=args.index, retrieval_run=_abs(args.retrieval_run),
+                      ranking_run=_abs(args.ranking_run), users_per_block=args.users_per_block,
+                      actors=args.actors)
+    rate = f", {s['users_per_s']:,.0f} users/s" if s.get("users_per_s") else ""
+    print(f"[rectrain] {s['mode']} top-{s['k']} for {s['users']} users ({s['fallback_users']} "
+          f"without train events: fallback list; {s['blocks_skipped']} of {s['blocks']} blocks "
+          f"already done{rate}) -> {s['lists']}", flush=True)
+    return s
+
+
 def _submit_args(sub) -> None:
     """Ray Jobs verbs (``rectrain/launch/submit.py``): submit, status, logs, stop."""
     addr = "Ray job server, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS)"
@@ -177,13 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     ray_args(sp)
     train_args(sp)
     sp.add_argument("--k", type=_positive, default=10, help="recommendations per user")
-    sp = sub.add_parser("recommend", help="top-k items per user from a run's checkpoint")
-    sp.add_argument("--checkpoint", required=True, help="run directory (holds checkpoint/)")
-    sp.add_argument("--k", type=_positive, default=10, help="recommendations per user")
+    sp = sub.add_parser("recommend", help="top-k items per user: a run's checkpoint (brute "
+                        "force) or a job's recommend: section (--config; two-stage, Ray Data)")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run directory (holds checkpoint/)")
+    src.add_argument("--config", help="job YAML whose recommend: section to run")
+    sp.add_argument("--k", type=_positive, default=None, help="recommendations per user (10)")
     sp.add_argument("--out", default=None,
-                    help="Parquet path (default RUN_DIR/recommendations/top_k.parquet)")
-    sp.add_argument("--explain", type=int, default=0, metavar="M",
-                    help="also list the M past items with the largest attention weights")
+                    help="--checkpoint: Parquet path (default RUN_DIR/recommendations/top_k."
+                         "parquet); --config: output folder (default RUN_DIR/recommendations)")
+    sp.add_argument("--explain", type=int, default=None, metavar="M",
+                    help="also list the M past items that explain each recommendation")
+    _recommend_overrides(sp)
     sp = sub.add_parser("export", help="unsharded torch.export (.pt2) model for serving")
     sp.add_argument("--checkpoint", required=True,
                     help="run directory (uses its best checkpoint/) or a checkpoint folder")
@@ -253,6 +289,9 @@ def _dispatch(args, sub) -> int:
             from rectrain.bench.cli import run as run_bench
             run_bench(args)
             return 0
+        if args.verb == "recommend" and args.config:
+            cmd_recommend_job(load_config(args.config), args)
+            return 0
         if args.verb in ("export", "recommend"):
             _require_checkpoint(args.checkpoint)  # before importing torch (seconds)
         if args.verb == "export":
@@ -261,7 +300,7 @@ def _dispatch(args, sub) -> int:
             print(f"[rectrain] exported {args.checkpoint} -> {', '.join(out)}", flush=True)
             return 0
         if args.verb == "recommend":
-            cmd_recommend(_abs(args.checkpoint), args.k, _abs(args.out), args.explain)
+            cmd_recommend(_abs(args.checkpoint), args.k or 10, _abs(args.out), args.explain or 0)
             return 0
         if args.verb == "synth":
             cmd_synth(args)

@@ -42,6 +42,10 @@ def test_entrypoint_is_an_argument_list_no_shell_injection(tmp_path):
     spec2 = _spec(tmp_path / "r", run_dir="$(touch PWNED2); rm -rf ~")
     assert shlex.split(build_entrypoint("recommend", spec2, ROOT, (), VERBS))[-2:] == [
         "--checkpoint", "$(touch PWNED2); rm -rf ~"]
+    # a spec with a recommend: section runs that section (two-stage, Ray Data) on the cluster
+    spec3 = _spec(tmp_path / "r3", recommend={"mode": "two_stage", "retrieval_run": "runs/tt"})
+    assert shlex.split(build_entrypoint("recommend", spec3, ROOT, (), VERBS))[-2:] == [
+        "--config", spec3]
     # a verb from another helper's CLI (bench) is accepted when the CLI knows it
     assert shlex.split(build_entrypoint("bench", spec, ROOT, (), VERBS))[3] == "bench"
     for verb in ["train; rm -rf /", "$(id)", "Train", "submit", "nosuchverb", ""]:

@@ -6,7 +6,8 @@ from pydantic import Field, model_validator
 
 from rectrain.config.models import DinSpec, ModelSpec, check_model
 from rectrain.config.sections import (RESERVED_COLUMNS, CheckpointSpec, DatasetSpec, FeatureSpec,
-                                      OptimSpec, RaySpec, ShardingSpec, TrainSpec, _Model)
+                                      OptimSpec, RaySpec, RecommendSpec, ShardingSpec,
+                                      TrainSpec, _Model)
 
 
 class JobConfig(_Model):
@@ -24,6 +25,7 @@ class JobConfig(_Model):
     sharding: ShardingSpec = ShardingSpec()
     ray: RaySpec = RaySpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    recommend: RecommendSpec = RecommendSpec()
 
     @model_validator(mode="after")
     def _check_features(self) -> "JobConfig":

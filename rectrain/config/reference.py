@@ -120,7 +120,8 @@ def reference() -> str:
         out += _table(cls, own) if own else ["No fields of its own."]
         out.append("")
     for cls in (sections.OptimSpec, sections.TrainSpec, sections.ShardingSpec,
-                sections.RaySpec, sections.CheckpointSpec):
+                sections.RaySpec, sections.CheckpointSpec, sections.RecommendSpec,
+                sections.RecommendSource):
         out += _section(cls)
     return "\n".join(out).rstrip() + "\n"
 

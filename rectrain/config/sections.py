@@ -1,6 +1,6 @@
 """The job sections other than ``model`` (dataset, features, optim, train, sharding, ray,
-checkpoint), pydantic v2 models with ``extra="forbid"``: a misspelt key, a wrong type or an
-out-of-range value is a validation error naming the dotted field."""
+checkpoint, recommend), pydantic v2 models with ``extra="forbid"``: a misspelt key, a wrong
+type or an out-of-range value is a validation error naming the dotted field."""
 
 from __future__ import annotations
 
@@ -249,3 +249,57 @@ class CheckpointSpec(_Model):
     max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures: "
                                                     "worker-group restarts from the latest "
                                                     "checkpoint (-1: unlimited)")
+
+
+class RecommendSource(_Model):
+    """One candidate source of the two-stage mode (see rectrain/serve/candidates.py)."""
+
+    name: Literal["retrieval", "popular", "recent"]
+    count: Optional[int] = Field(None, ge=1, description="candidates per user from this source "
+                                                          "(default: recommend.candidates)")
+
+
+class RecommendSpec(_Model):
+    """``rectrain recommend --config JOB.yaml``: top-k lists for every user (docs/recommend.md).
+
+    ``brute_force`` scores every item with ``ranking_run``'s model (a ranking or a retrieval
+    run); ``two_stage`` takes each user's candidates from ``sources`` (retrieval: an index over
+    ``retrieval_run``'s item vectors) and scores only those with ``ranking_run``. Users go in
+    blocks of ``users_per_block`` through a Ray Data actor pool (``actors``; 0: in this process,
+    no Ray); one Parquet file per block under ``out``, a rerun skips finished blocks."""
+
+    mode: Literal["brute_force", "two_stage"] = "brute_force"
+    retrieval_run: Optional[str] = Field(None, description="two-tower or SASRec run directory "
+                                                           "or checkpoint folder")
+    ranking_run: Optional[str] = Field(None, description="ranking run (DIN, DLRM, DCN-V2, BST, "
+                                                         "AutoInt); default: run_dir")
+    candidates: int = Field(200, ge=1, description="stage-1 candidates per user (N)")
+    k: int = Field(10, ge=1, description="items per user in the final lists")
+    exclude: Literal["none", "train", "all_seen"] = Field(
+        "train", description="items never recommended: none; train: the user's train-split "
+                             "events; all_seen: every event of the user (train, valid, test)")
+    sources: list[RecommendSource] = Field(
+        [RecommendSource(name="retrieval")], min_length=1,
+        description="two_stage candidate sources in priority order (duplicates keep the first)")
+    fallback: Literal["popular"] = Field(
+        "popular", description="list for users with no train events (counted in the summary)")
+    index: Literal["exact", "ivf", "hnsw"] = Field(
+        "exact", description="retrieval index: exact blockwise matmul or faiss IVF / HNSW")
+    index_params: dict[str, int] = Field(
+        {}, description="nlist, nprobe (ivf); m, ef_search, ef_construction (hnsw); threads; "
+                        "items_per_block (exact)")
+    users_per_block: int = Field(1024, ge=1, description="users per block (and output file)")
+    actors: int = Field(1, ge=0, description="Ray Data actors (each loads models and index "
+                                             "once); 0: run in this process without Ray")
+    explain: int = Field(0, ge=0, description="past items per recommendation that explain it")
+    out: Optional[str] = Field(None, description="output folder (default RUN_DIR/"
+                                                 "recommendations)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecommendSpec":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"recommend.sources: duplicate source in {names}")
+        if self.mode == "two_stage" and "retrieval" in names and not self.retrieval_run:
+            raise ValueError("recommend.retrieval_run: the retrieval source needs a run")
+        return self

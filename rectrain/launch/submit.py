@@ -93,8 +93,9 @@ def build_entrypoint(verb: str, spec: str, working_dir: str, args: Iterable[str]
                      known_verbs: Iterable[str] = (), python: str = "python") -> str:
     """The shell command Ray Jobs runs: ``python -m rectrain.cli VERB --config SPEC ARGS...``.
 
-    ``recommend`` gets ``--checkpoint RUN_DIR`` instead (``run_dir`` as written in the spec, so a
-    relative one resolves in the job's working directory). A spec inside ``working_dir`` is
+    ``recommend`` of a spec without a ``recommend:`` section gets ``--checkpoint RUN_DIR``
+    instead (``run_dir`` as written in the spec, so a relative one resolves in the job's working
+    directory); with one, ``--config SPEC`` runs that section on the cluster. A spec inside ``working_dir`` is
     passed relative to it (it travels with the upload); one outside it is passed by absolute
     path, which must then exist on the head node. Every piece is ``shlex.quote``-d.
 
@@ -115,7 +116,7 @@ def build_entrypoint(verb: str, spec: str, working_dir: str, args: Iterable[str]
         config_from_dict(raw, source=spec)  # a bad spec fails here, not minutes later
     wd = Path(working_dir)
     pieces = [python, "-m", "rectrain.cli", verb]
-    if verb == "recommend":
+    if verb == "recommend" and not raw.get("recommend"):  # no recommend: section: brute force
         pieces += ["--checkpoint", str(raw["run_dir"])]
     else:
         pieces += ["--config", _rel_or_abs(p, wd)]

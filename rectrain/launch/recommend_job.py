@@ -1,0 +1,136 @@
+"""``rectrain recommend --config JOB.yaml``: the job's ``recommend:`` section as distributed
+batch inference on Ray Data (or in this process with ``actors: 0``).
+
+Users are split into blocks of ``users_per_block`` (user-row ranges); the blocks not yet
+written go through ``Dataset.map_batches`` with an actor pool (``concurrency = actors``, one
+block per call): each actor is a :class:`BlockActor` that loads the runs and the index once
+(:class:`rectrain.serve.blocks.Recommender`) and writes its block's Parquet file itself
+(temporary name, then rename), so the driver holds only per-block counts. A rerun skips the
+blocks whose file is complete: a killed job resumes where it stopped, and every user is in
+exactly one block. Then :func:`rectrain.serve.recommend.finalize` writes ``top_k.parquet`` and
+``summary.json`` and :func:`evaluate` is called with the lists and the candidates.
+Ray is started only through :func:`rectrain.launch.cluster.connect`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from tqdm import tqdm
+
+from rectrain.config import JobConfig
+from rectrain.config.sections import RecommendSpec
+from rectrain.data import storage
+from rectrain.launch.cluster import cluster_address, connect
+from rectrain.serve.blocks import block_done, block_url
+
+
+class BlockActor:
+    """Ray Data callable class: one per actor, models and index loaded once in ``__init__``."""
+
+    def __init__(self, spec: dict, out: str):
+        from rectrain.serve.blocks import Recommender
+
+        self.spec, self.out = RecommendSpec(**spec), out
+        self.rec = Recommender(self.spec)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from rectrain.serve.recommend import do_block
+
+        rows = [do_block(self.rec, self.out, int(b), int(lo), int(hi))
+                for b, lo, hi in zip(batch["block"], batch["lo"], batch["hi"])]
+        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+def resolve_spec(cfg: JobConfig, **over) -> tuple[RecommendSpec, str]:
+    """The job's recommend section with ``over`` (None values ignored) and the defaults filled
+    in: ``ranking_run`` = ``run_dir``; returns ``(spec, out folder)``."""
+    data = cfg.recommend.model_dump()
+    data.update({k: v for k, v in over.items() if v is not None})
+    data["ranking_run"] = data.get("ranking_run") or cfg.run_dir
+    spec = RecommendSpec(**data)
+    return spec, spec.out or storage.join(cfg.run_dir, "recommendations")
+
+
+def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts: int = -1,
+                  **over) -> dict:
+    """Run ``cfg.recommend`` (with ``over``); returns the summary (``out/summary.json``).
+
+    ``actor_max_restarts``: Ray restarts of a dead actor (-1: Ray Data's default, unlimited,
+    its block retried; 0: the job fails and a rerun resumes from the written blocks).
+
+    Raises:
+        FileNotFoundError: a run has no complete checkpoint.
+        ray.exceptions.RayError: a block failed (the blocks already written stay).
+    """
+    from rectrain.serve.recommend import finalize, plan_blocks, run_blocks
+
+    spec, out = resolve_spec(cfg, **over)
+    t0 = time.perf_counter()
+    blocks = plan_blocks(spec)
+    todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
+    n_users = sum(hi - lo for _, lo, hi in todo)
+    bar = tqdm(total=n_users, unit="users", desc="[rectrain] recommend", mininterval=1.0,
+               disable=n_users == 0)
+    try:
+        if spec.actors == 0:
+            summary = run_blocks(spec, out, progress=bar.update, wall_from=t0)
+        else:
+            stats = _run_ray(spec, out, todo, cluster_address(address, cfg), bar,
+                             actor_max_restarts)
+            summary = finalize(out, blocks, stats, spec, time.perf_counter() - t0)
+    finally:
+        bar.close()
+    metrics = evaluate(cfg, spec, out, summary)
+    if metrics is not None:
+        summary["list_metrics"] = metrics
+    return summary
+
+
+def _run_ray(spec: RecommendSpec, out: str, todo, address, bar, max_restarts: int) -> list[dict]:
+    if not todo:
+        return []
+    connect(address)
+    import ray
+
+    ds = ray.data.from_items([{"block": b, "lo": lo, "hi": hi} for b, lo, hi in todo],
+                             override_num_blocks=len(todo))
+    # one block per call; each actor thread-limits torch to its own CPU
+    ds = ds.map_batches(BlockActor, batch_size=1, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(size=spec.actors),
+                        fn_constructor_kwargs={"spec": spec.model_dump(), "out": out},
+                        max_restarts=max_restarts,
+                        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                                  **_fault_env()}})
+    stats = []
+    for row in ds.iter_rows():
+        stats.append({k: int(v) for k, v in row.items()})
+        bar.update(int(row["users"]))
+    return stats
+
+
+def _fault_env() -> dict:
+    from rectrain.serve.blocks import FAULT_ENV
+
+    return {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
+
+
+def evaluate(cfg: JobConfig, spec: RecommendSpec, out: str, summary: dict) -> dict | None:
+    """List quality of a finished recommend run (issue 13, item 4): the call site for
+    ``rectrain.serve.list_metrics.evaluate_lists``.
+
+    ``lists``: ``out/top_k.parquet`` (user_id, rank, item_id, score, source: the final lists);
+    ``candidates``: ``out/candidates.parquet`` (user_id, item_id, source: every stage-1
+    candidate; None in brute-force mode); ``summary``: users, fallback users, ``exclude``
+    policy, ``k``; the ranking run's prepared data is ``resolve_spec``'s ``ranking_run``'s
+    config ``prepared_dir``. Returns None until the metrics module is wired in here.
+    """
+    lists = storage.read_parquet(storage.join(out, "top_k.parquet"))
+    c = storage.join(out, "candidates.parquet")
+    candidates = storage.read_parquet(c) if spec.mode == "two_stage" and storage.exists(c) \
+        else None
+    del lists, candidates  # evaluate_lists(lists, candidates, ...) goes here
+    return None

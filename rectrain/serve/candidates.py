@@ -1,0 +1,125 @@
+"""Stage 1 of two-stage recommendation: candidate items per user from several sources, with
+the exclusion policy applied, merged and de-duplicated.
+
+A block's candidates are flat arrays, one entry per (user, item) pair: ``u`` (user rows of the
+ranking run, int64), ``i`` (item rows of the ranking run, int64), ``src`` (int8, position of
+the source in :data:`SOURCES`). Within each source, entries are grouped by user in the source's
+order of preference; :func:`merge` keeps each pair once, under the first source that proposed
+it (sources in the configured order), and returns the pairs sorted by (user, item row).
+
+Sources:
+
+- ``retrieval``: the top items of a two-tower or SASRec run by ``<u, v>`` (item vectors in an
+  index, :mod:`rectrain.serve.index`; user vectors from each user's latest behaviour sequence);
+- ``popular``: the most popular items of the ranking run's train split (events per item);
+- ``recent``: the user's own most recent distinct train items (repeat consumption: re-orders,
+  re-listens; only useful with ``exclude: none``).
+
+Exclusion (``recommend.exclude``): ``none``; ``train``: the items of the user's train-split
+events; ``all_seen``: the items of every event of the user in the prepared data (train, valid
+and test). It is applied inside each source, before its per-user cap, so each source still
+gives its full count of eligible items (when the catalogue has them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rectrain.serve.context import rank_in_runs
+
+SOURCES = ("retrieval", "popular", "recent")
+
+
+class Exclusion:
+    """The seen items of a policy as CSR over user rows (:meth:`RunContext.seen`)."""
+
+    def __init__(self, indptr: np.ndarray, items: np.ndarray, n_items: int):
+        self.indptr, self.items, self.n_items = indptr, items, n_items
+
+    def counts(self, lo: int, hi: int) -> np.ndarray:
+        return np.diff(self.indptr[lo:hi + 1])
+
+    def mask(self, u: np.ndarray, i: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """bool ``[len(u)]``: True where (user row ``u``, item row ``i``) is excluded; ``u`` in
+        ``[lo, hi)``."""
+        a, b = self.indptr[lo], self.indptr[hi]
+        if a == b:
+            return np.zeros(len(u), dtype=bool)
+        users = np.repeat(np.arange(lo, hi), self.counts(lo, hi))
+        return np.isin(u * self.n_items + i, users * self.n_items + self.items[a:b])
+
+
+def cap(u: np.ndarray, i: np.ndarray, n: int, excl: Exclusion | None, lo: int,
+        hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop excluded and invalid (-1) items, then keep the first ``n`` per user (``u`` grouped,
+    each user's items in order of preference)."""
+    ok = i >= 0
+    if excl is not None:
+        ok &= ~excl.mask(u, np.maximum(i, 0), lo, hi)
+    u, i = u[ok], i[ok]
+    keep = rank_in_runs(u) < n
+    return u[keep], i[keep]
+
+
+def popular(order: np.ndarray, n: int, excl: Exclusion | None, lo: int,
+            hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` most popular eligible items for each user row in ``[lo, hi)``; ``order``:
+    item rows by decreasing train popularity."""
+    extra = int(excl.counts(lo, hi).max(initial=0)) if excl is not None else 0
+    top = order[:n + extra]
+    return cap(np.repeat(np.arange(lo, hi), len(top)), np.tile(top, hi - lo), n, excl, lo, hi)
+
+
+def recent(indptr: np.ndarray, items: np.ndarray, n: int, excl: Exclusion | None, lo: int,
+           hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The users' most recent distinct train items (CSR from :meth:`RunContext.recent`)."""
+    u = np.repeat(np.arange(lo, hi), np.diff(indptr[lo:hi + 1]))
+    return cap(u, items[indptr[lo]:indptr[hi]], n, excl, lo, hi)
+
+
+def retrieval(index, user_vectors: np.ndarray, user_rows: np.ndarray, item_map: np.ndarray,
+              n: int, excl: Exclusion | None, lo: int, hi: int,
+              temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``n`` eligible items by ``<u, v> / temperature`` for the users ``user_rows``
+    (ranking-run rows in ``[lo, hi)``, one per row of ``user_vectors`` float32 ``[b, d]``).
+
+    ``item_map``: ranking-run item row of each index row (-1: not in the ranking run's
+    catalogue). The index is asked for ``n`` + the most excluded items of any user in the block
+    + the unmapped items, so exclusion never leaves a user short. Returns ``(u, i, score)``.
+    """
+    extra = (int(excl.counts(lo, hi).max(initial=0)) if excl is not None else 0) + \
+        int((item_map < 0).sum())
+    scores, ids = index.search(user_vectors, n + extra)
+    u = np.repeat(user_rows, ids.shape[1])
+    i = np.where(ids >= 0, item_map[np.maximum(ids, 0)], -1).reshape(-1)
+    s = (scores / temperature).reshape(-1)
+    ok = i >= 0
+    if excl is not None:
+        ok &= ~excl.mask(u, np.maximum(i, 0), lo, hi)
+    u, i, s = u[ok], i[ok], s[ok]
+    keep = rank_in_runs(u) < n
+    return u[keep], i[keep], s[keep]
+
+
+def merge(parts: list[tuple[int, np.ndarray, np.ndarray]], n_items: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``parts``: ``(source code, u, i)`` in priority order. Returns de-duplicated ``(u, i,
+    src int8)`` sorted by (user, item row); a pair proposed by several sources keeps the
+    first one's code."""
+    if not parts:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z.astype(np.int8)
+    u = np.concatenate([p[1] for p in parts])
+    i = np.concatenate([p[2] for p in parts])
+    src = np.concatenate([np.full(len(p[1]), p[0], dtype=np.int8) for p in parts])
+    key = u * n_items + i
+    # np.unique's index is the first occurrence: the concatenation is in priority order
+    _, first = np.unique(key, return_index=True)
+    return u[first], i[first], src[first]
+
+
+def top_k_per_user(u: np.ndarray, i: np.ndarray, s: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best-scored entries of each user, ordered by (user, rank); ties by
+    lower item row."""
+    order = np.lexsort((i, -s, u))
+    return order[rank_in_runs(u[order]) < k]

@@ -1,0 +1,221 @@
+"""What serving needs of one training run, loaded once per process: the unsharded model, the
+catalogs (users optional), each user's latest behaviour state, the exclusion sets and the
+train popularity, and the Arrow ``take`` that turns (user row, item row) pairs into a model
+batch without per-row Python.
+
+Rows: users and items are addressed by *rows* (0-based positions in :attr:`RunContext.user_keys`
+/ :attr:`RunContext.item_keys`, the raw ids); two runs (retrieval and ranking) meet on raw ids.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rectrain.data import storage
+from rectrain.data.encode import positions_in_lists
+from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, read_split
+from rectrain.models import task_of
+from rectrain.models.base import RETRIEVAL
+from rectrain.serve.loading import load_model
+
+log = logging.getLogger(__name__)
+
+#: splits whose events count as seen, per ``recommend.exclude`` policy
+EXCLUDE_SPLITS = {"none": (), "train": ("train",), "all_seen": ("train", "valid", "test")}
+
+
+def append_truncate(seq: pa.ListArray, last: np.ndarray, max_len: int) -> pa.ListArray:
+    """Per row: ``(seq + [last])[-max_len:]``, vectorised over list offsets."""
+    offsets = seq.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    values = seq.flatten().to_numpy()
+    lengths = np.diff(offsets)
+    new_len = np.minimum(lengths + 1, max_len)
+    keep = new_len - 1  # elements kept from the old sequence (its most recent ones)
+    new_off = np.zeros(len(new_len) + 1, dtype=np.int64)
+    np.cumsum(new_len, out=new_off[1:])
+    within = positions_in_lists(keep)
+    src = np.repeat(offsets[1:] - keep, keep) + within
+    dst = np.repeat(new_off[:-1], keep) + within
+    out = np.empty(int(new_off[-1]), dtype=np.int64)
+    out[dst] = values[src]
+    out[new_off[1:] - 1] = last
+    return pa.ListArray.from_arrays(pa.array(new_off.astype(np.int32)), pa.array(out))
+
+
+def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, str]],
+                 max_len: int, extra: list[str]) -> pa.Table:
+    """Per user (rows aligned with ``user_keys``, the raw ids of the users catalog): each
+    behaviour sequence ``name`` as it would be for a new event, i.e. the sequence of the user's
+    last event with that event's ``source`` id appended (truncated to ``max_len``), plus the
+    last event's ``extra`` columns. Users without events get empty sequences and zeros."""
+    cols = list(dict.fromkeys([USER, POS] + [c for pair in sequences for c in pair] + extra))
+    parts = [t for t in (read_split(prepared, s, cols) for s in ("train", "valid", "test")) if t]
+    events = pa.concat_tables(parts)
+    order = pc.sort_indices(events, [(USER, "ascending"), (POS, "ascending")])
+    ev = events.take(order)
+    users = ev[USER].to_numpy()
+    last = np.flatnonzero(np.r_[users[1:] != users[:-1], True])  # last row of each user
+    ev = ev.take(pa.array(last))
+    state = {name: append_truncate(ev[name].combine_chunks(), ev[src].to_numpy(), max_len)
+             for name, src in sequences}
+    state.update({c: ev[c] for c in extra})
+    idx = pc.index_in(user_keys, value_set=ev[USER])
+    has, take = pc.is_valid(idx), pc.fill_null(idx, 0)
+    out = {}
+    for c, col in state.items():
+        col = col.take(take)
+        empty = pa.array([[]] * len(col), col.type) if pa.types.is_list(col.type) else \
+            pc.cast(pa.array(np.zeros(len(col), dtype=np.int64)), col.type)
+        out[c] = pc.if_else(has, col, empty)
+    return pa.table(out)
+
+
+def _padded(seq: pa.ListArray, width: int) -> np.ndarray:
+    """``[n, width]`` int64 matrix of a list column, left-aligned, padded with -1."""
+    seq = seq.combine_chunks() if isinstance(seq, pa.ChunkedArray) else seq
+    lengths = pc.fill_null(pc.list_value_length(seq), 0).to_numpy(zero_copy_only=False)
+    values = seq.flatten().to_numpy(zero_copy_only=False)
+    out = np.full((len(lengths), width), -1, dtype=np.int64)
+    out[np.repeat(np.arange(len(lengths)), lengths), positions_in_lists(lengths)] = values
+    return out
+
+
+
+def serve_users(prepared: str, users: pa.Table | None = None) -> pa.Array:
+    """Raw ids of the users to recommend for: the users catalog (``users``, or
+    ``catalog/users.parquet``) when there is one, else the distinct users of the prepared
+    events (train, valid, test) sorted by id."""
+    url = storage.join(prepared, "catalog", "users.parquet")
+    if users is None and storage.exists(url):
+        users = storage.read_parquet(url, columns=[USER])
+    if users is not None:
+        return pa.array(users[USER].to_numpy())
+    ev = [t for t in (read_split(prepared, s, [USER]) for s in ("train", "valid", "test")) if t]
+    return pc.unique(pa.concat_tables(ev)[USER].combine_chunks()).sort()
+
+
+def _key_rows(keys: pa.Array, values: pa.Array) -> np.ndarray:
+    """Row of each of ``keys`` in ``values`` (int64, -1 where absent)."""
+    return pc.fill_null(pc.index_in(keys, value_set=values), -1).to_numpy(
+        zero_copy_only=False).astype(np.int64)
+
+
+class RunContext:
+    """One run's model and data for serving (see module docstring).
+
+    ``path``: a run directory (its best ``checkpoint/``) or a checkpoint folder. Without
+    ``catalog/users.parquet`` (a job with no users table) the users are the distinct users of
+    the prepared events, sorted by raw id, and every user feature comes from the user's last
+    event. Without ``catalog/items.parquet`` the items are the distinct items of the events with
+    the item-side feature columns of their first event.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint, or its prepared data is gone.
+    """
+
+    def __init__(self, path: str):
+        loaded = load_model(path)
+        self.model, self.layout, self.cfg = loaded.model, loaded.layout, loaded.cfg
+        self.retrieval = task_of(self.model) == RETRIEVAL
+        prepared = self.prepared = self.cfg.prepared_dir
+        cat = storage.join(prepared, "catalog")
+        self.users = (storage.read_parquet(storage.join(cat, "users.parquet"))
+                      if storage.exists(storage.join(cat, "users.parquet")) else None)
+        feature_cols = [c for c in self.layout.columns if c not in (LABEL, LABEL_VALUE)]
+        self.sequences = [(f.name, f.source) for f in self.cfg.features if f.kind == "sequence"]
+        seq_names = [n for n, _ in self.sequences]
+        self.items = self._items(storage.join(cat, "items.parquet"), feature_cols, seq_names)
+        self.from_items = [c for c in feature_cols if c in self.items.column_names]
+        self.from_users = [] if self.users is None else [
+            c for c in feature_cols if c in self.users.column_names and c not in self.from_items]
+        self.from_events = [c for c in feature_cols
+                            if c not in self.from_items + self.from_users + seq_names]
+        self.seq_names = seq_names
+        self.item_keys = self.items[ITEM].combine_chunks() \
+            if isinstance(self.items[ITEM], pa.ChunkedArray) else self.items[ITEM]
+        self.user_keys = serve_users(prepared, self.users)
+        if self.users is None:
+            self.users = pa.table({USER: self.user_keys})
+        self.state = latest_state(prepared, self.user_keys, self.sequences,
+                                  self.layout.max_sequence_length, self.from_events)
+        self.n_users, self.n_items = len(self.user_keys), len(self.item_keys)
+        train = read_split(prepared, "train", [USER, ITEM])
+        self.train_users = np.zeros(self.n_users, dtype=bool)
+        self.popularity = np.zeros(self.n_items, dtype=np.int64)  # train events per item row
+        if train is not None:
+            u, i = self.rows(train[USER], train[ITEM])
+            self.train_users[u[u >= 0]] = True
+            self.popularity = np.bincount(i[i >= 0], minlength=self.n_items)
+
+    def _items(self, url: str, feature_cols: list[str], seq_names: list[str]) -> pa.Table:
+        if storage.exists(url):
+            return storage.read_parquet(url)
+        item_feats = [f.name for f in self.cfg.features if f.source == self.cfg.dataset.item_column
+                      and f.kind in ("sparse", "multi_hot") and f.name in feature_cols]
+        ev = pa.concat_tables([t for t in (read_split(self.prepared, s, [ITEM] + item_feats)
+                                           for s in ("train", "valid", "test")) if t])
+        ids = ev[ITEM].to_numpy()
+        _, first = np.unique(ids, return_index=True)  # sorted by raw id
+        return ev.take(pa.array(first))
+
+    def rows(self, users: pa.Array, items: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(user rows, item rows) int64 of raw ids; -1 where an id is not in this run."""
+        return _key_rows(users, self.user_keys), _key_rows(items, self.item_keys)
+
+    def batch(self, uu: np.ndarray, ii: np.ndarray):
+        """Model :class:`Batch` of (user row, item row) pairs, int64 ``[B]`` each: item, user and
+        latest-event features (label 0)."""
+        uu, ii = pa.array(uu), pa.array(ii)
+        cols = {c: self.items[c].take(ii) for c in self.from_items}
+        cols.update({c: self.users[c].take(uu) for c in self.from_users})
+        cols.update({c: self.state[c].take(uu) for c in self.from_events + self.seq_names})
+        cols[LABEL] = pa.array(np.zeros(len(uu), dtype=np.float32))
+        if self.layout.aux_thresholds or self.layout.regression:
+            cols[LABEL_VALUE] = cols[LABEL]
+        return self.layout.to_batch(pa.table(cols))
+
+    def seen(self, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Items each user has events of in ``splits``, as CSR ``(indptr int64 [n_users + 1],
+        item rows int64, sorted within each user)``: memory O(events), not users x items."""
+        parts = [t for t in (read_split(self.prepared, s, [USER, ITEM]) for s in splits) if t]
+        if not parts:
+            return np.zeros(self.n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        ev = pa.concat_tables(parts)
+        u, i = self.rows(ev[USER], ev[ITEM])
+        ok = (u >= 0) & (i >= 0)
+        key = np.unique(u[ok] * self.n_items + i[ok])
+        indptr = np.searchsorted(key // self.n_items, np.arange(self.n_users + 1))
+        return indptr.astype(np.int64), key % self.n_items
+
+    def recent(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's ``n`` most recent distinct train items (most recent first) as CSR
+        ``(indptr, item rows)``."""
+        train = read_split(self.prepared, "train", [USER, ITEM, POS])
+        if train is None or n <= 0:
+            return np.zeros(self.n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        u, i = self.rows(train[USER], train[ITEM])
+        pos = train[POS].to_numpy()
+        ok = (u >= 0) & (i >= 0)
+        u, i, pos = u[ok], i[ok], pos[ok]
+        order = np.lexsort((-pos, u))
+        u, i = u[order], i[order]
+        _, first = np.unique(u * self.n_items + i, return_index=True)
+        first = np.sort(first)  # the most recent occurrence of each (user, item), in order
+        u, i = u[first], i[first]
+        keep = rank_in_runs(u) < n
+        u, i = u[keep], i[keep]
+        return np.searchsorted(u, np.arange(self.n_users + 1)).astype(np.int64), i
+
+
+def rank_in_runs(group: np.ndarray) -> np.ndarray:
+    """0-based position of each element within its run of equal values (``group`` sorted)."""
+    n = len(group)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    start = np.r_[0, np.flatnonzero(group[1:] != group[:-1]) + 1]
+    return np.arange(n) - np.repeat(start, np.diff(np.r_[start, n]))

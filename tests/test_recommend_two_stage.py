@@ -1,0 +1,177 @@
+"""Two-stage recommend (rectrain/serve/, rectrain/launch/recommend_job.py) on the tiny job with
+freshly initialised DIN and two-tower checkpoints: the indexes, two-stage against brute force,
+exclusion policies, a job without users table, and a killed recommend actor resumed."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rectrain.config import config_from_dict
+from rectrain.data.schema import ITEM, USER, read_split
+from rectrain.launch.recommend_job import recommend_job
+from rectrain.serve.blocks import FAULT_ENV
+from rectrain.serve.context import RunContext
+from rectrain.serve.index import ExactIndex, build_index
+from tests.support.recommend_runs import tiny_recommend_runs
+from tests.support.tiny import N_ITEMS
+
+
+def test_exact_index_is_blockwise_topk_and_faiss_recalls_it():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(3000, 16)).astype(np.float32)
+    q = rng.normal(size=(64, 16)).astype(np.float32)
+    ref = torch.topk(torch.from_numpy(q) @ torch.from_numpy(v).t(), 10, dim=1)
+    s, i = ExactIndex(v, items_per_block=256).search(q, 10)  # 12 blocks merged
+    assert np.array_equal(i, ref.indices.numpy())
+    np.testing.assert_allclose(s, ref.values.numpy(), rtol=1e-5)
+    assert s.dtype == np.float32 and i.dtype == np.int64 and i.shape == (64, 10)
+    for kind, params in (("ivf", {"nlist": 32, "nprobe": 8}), ("hnsw", {"m": 16})):
+        _, got = build_index(v, kind, **params).search(q, 10)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, i)])
+        assert recall >= 0.8, (kind, recall)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ray_local):
+    return tiny_recommend_runs(str(tmp_path_factory.mktemp("rec")))
+
+
+def _job(runs, tmp, **over):
+    cfg = config_from_dict(runs["job"])
+    kw = dict(ranking_run=runs["din"], retrieval_run=runs["two_tower"], users_per_block=7,
+              actors=0, k=5, out=str(tmp))
+    kw.update(over)
+    return cfg, kw
+
+
+def _lists(summary):
+    return pq.read_table(summary["lists"])
+
+
+@pytest.mark.slow
+def test_two_stage_with_the_whole_catalogue_equals_brute_force(runs, tmp_path):
+    cfg, kw = _job(runs, tmp_path / "bf")
+    bf = recommend_job(cfg, mode="brute_force", **kw)
+    cfg, kw = _job(runs, tmp_path / "ts", explain=2)
+    ts = recommend_job(cfg, mode="two_stage", candidates=N_ITEMS, **kw)
+    a, b = _lists(bf), _lists(ts)
+    assert bf["users"] == ts["users"] == len(set(a["user_id"].to_pylist())) == 30
+    for c in ("user_id", "rank", "item_id", "score"):
+        assert a[c].equals(b[c]), c
+    assert set(pc.cast(b["source"], pa.string()).to_pylist()) == {"retrieval"}
+    assert all(1 <= len(x) <= 2 for x in b["explain_item_ids"].to_pylist())  # DIN attention
+    cands = pq.read_table(tmp_path / "ts" / "candidates.parquet")
+    assert cands.num_rows == ts["candidates_per_user"] * 30
+
+
+def _reference_retrieval_top_k(run: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The former single-process retrieval_top_k: the full [users, items] score matrix, every
+    event's item excluded, torch.topk per user -> (user ids, item ids) [users, k]."""
+    ctx = RunContext(run)
+    with torch.no_grad():
+        _, v = ctx.model(ctx.batch(np.zeros(ctx.n_items, np.int64), np.arange(ctx.n_items)),
+                         n_queries=0)
+        u, _ = ctx.model(ctx.batch(np.arange(ctx.n_users), np.zeros(ctx.n_users, np.int64)))
+    scores = u @ v.t() / ctx.model.temperature
+    ev = pa.concat_tables([read_split(ctx.prepared, s, [USER, ITEM])
+                           for s in ("train", "valid", "test")])
+    uu, ii = ctx.rows(ev[USER], ev[ITEM])
+    scores[torch.from_numpy(uu), torch.from_numpy(ii)] = float("-inf")
+    top = torch.topk(scores, k, dim=1).indices.numpy()
+    return ctx.user_keys.to_numpy(), ctx.item_keys.to_numpy()[top]
+
+
+@pytest.mark.slow
+def test_retrieval_alone_by_the_exact_index_equals_the_full_score_matrix(runs, tmp_path):
+    cfg, kw = _job(runs, tmp_path, ranking_run=runs["two_tower"], exclude="all_seen")
+    rec = _lists(recommend_job(cfg, mode="brute_force", **kw))
+    users, items = _reference_retrieval_top_k(runs["two_tower"], 5)
+    assert np.array_equal(rec["user_id"].to_numpy(), np.repeat(users, 5))
+    assert np.array_equal(rec["item_id"].to_numpy().reshape(-1, 5), items)
+
+
+def _pairs(t, cols=("user_id", "item_id")):
+    return set(zip(*(t[c].to_pylist() for c in cols)))
+
+
+@pytest.mark.slow
+def test_exclusion_policies_and_sources(runs, tmp_path):
+    prepared = config_from_dict(runs["job"]).prepared_dir
+    ev = {s: read_split(prepared, s, [USER, ITEM]) for s in ("train", "valid", "test")}
+    train = _pairs(ev["train"], (USER, ITEM))
+    every = train | _pairs(ev["valid"], (USER, ITEM)) | _pairs(ev["test"], (USER, ITEM))
+    sources = [{"name": "retrieval", "count": 10}, {"name": "popular", "count": 5},
+               {"name": "recent", "count": 3}]
+    got = {}
+    for policy in ("none", "train", "all_seen"):
+        cfg, kw = _job(runs, tmp_path / policy, exclude=policy, sources=sources)
+        s = recommend_job(cfg, mode="two_stage", **kw)
+        got[policy] = (_pairs(_lists(s)), pq.read_table(tmp_path / policy / "candidates.parquet"))
+        assert s["exclude"] == policy and s["users"] == 30
+    assert not got["train"][0] & train and not _pairs(got["train"][1]) & train
+    assert not got["all_seen"][0] & every and not _pairs(got["all_seen"][1]) & every
+    none_cands = got["none"][1]
+    recent = pc.equal(pc.cast(none_cands["source"], pa.string()), "recent")
+    assert 0 < pc.sum(recent).as_py() <= 3 * 30 and _pairs(none_cands.filter(recent)) <= train
+    # per user: de-duplicated, at most 10 + 5 + 3 candidates
+    n = pc.value_counts(none_cands["user_id"]).field("counts").to_numpy()
+    assert n.max() <= 18 and len(_pairs(none_cands)) == none_cands.num_rows
+
+
+@pytest.mark.slow
+def test_no_users_table_users_from_events_and_fallback(tmp_path, ray_local, monkeypatch):
+    import tests.support.recommend_runs as rr
+    from tests.support.tiny import tiny_tables
+
+    def tables(*a, **k):  # user 5 keeps 2 events: valid and test, no train rows
+        t = tiny_tables(*a, **k)
+        ev = t["events"]
+        five = np.flatnonzero(ev["user_id"].to_numpy() == 5)
+        drop = np.zeros(ev.num_rows, bool)
+        drop[five[2:]] = True
+        t["events"] = ev.filter(pa.array(~drop))
+        return t
+
+    monkeypatch.setattr(rr, "tiny_tables", tables)
+    r = rr.tiny_recommend_runs(str(tmp_path), users_table=False)
+    assert not os.path.exists(tmp_path / "prepared" / "catalog" / "users.parquet")
+    cfg, kw = _job(r, tmp_path / "out")
+    s = recommend_job(cfg, mode="two_stage", **kw)
+    rec = _lists(s)
+    users = sorted(set(tables()["events"]["user_id"].to_pylist()))
+    assert s["users"] == len(users) and sorted(set(rec["user_id"].to_pylist())) == users
+    assert s["fallback_users"] == 1
+    five = rec.filter(pc.equal(rec["user_id"], 5))
+    assert set(pc.cast(five["source"], pa.string()).to_pylist()) == {"fallback"}
+    train = read_split(cfg.prepared_dir, "train", [ITEM])
+    counts = np.sort(pc.value_counts(train[ITEM]).field("counts").to_numpy())[::-1]
+    assert five["score"].to_pylist() == counts[:5].astype(float).tolist()  # most popular
+
+
+@pytest.mark.slow
+def test_killed_recommend_actor_resumes_every_user_once(runs, tmp_path, monkeypatch):
+    """An actor exits (os._exit) in block 2 of 5 with Ray restarts off: the job fails, the
+    blocks written so far stay; the rerun skips them and its lists equal an uninterrupted
+    in-process run."""
+    kw2 = dict(mode="two_stage", candidates=20, users_per_block=6)
+    cfg, kw = _job(runs, tmp_path / "ref", **kw2)
+    ref = _lists(recommend_job(cfg, **kw))
+    cfg, kw = _job(runs, tmp_path / "ray", actors=2, **kw2)
+    monkeypatch.setenv(FAULT_ENV, "block:2:exit")
+    with pytest.raises(Exception):
+        recommend_job(cfg, actor_max_restarts=0, **kw)
+    assert os.path.exists(tmp_path / "ray" / "_faults" / "block-2.json")
+    done = len(os.listdir(tmp_path / "ray" / "blocks"))
+    assert done < 5
+    monkeypatch.delenv(FAULT_ENV)
+    s = recommend_job(cfg, **kw)
+    assert s["blocks"] == 5 and s["blocks_skipped"] == done
+    rec = _lists(s)
+    assert rec.equals(ref)
+    n = pc.value_counts(rec["user_id"]).field("counts").to_numpy()
+    assert len(n) == 30 and set(n) == {5}  # every user exactly once, k rows each
