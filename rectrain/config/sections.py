@@ -196,7 +196,14 @@ class TrainSpec(_Model):
     gpus_per_worker: Optional[float] = Field(
         None, gt=0, description="GPUs per worker when GPUs are used (default 1)")
     memory_per_worker_gb: Optional[float] = Field(
-        None, gt=0, description="memory reserved per worker in GiB (Ray logical resource)")
+        None, gt=0, description="memory per worker in GiB: reserved as a Ray logical resource "
+                                "and the host-memory capacity per rank in TorchRec's sharding "
+                                "planner (CPU tables must fit it, less a 15 % margin and the "
+                                "dense/batch reservation; None: TorchRec's 128 GiB)")
+    gpu_memory_gb: Optional[float] = Field(
+        None, gt=0, description="HBM per GPU in GiB for the sharding planner (GPU tables must "
+                                "fit it, less TorchRec's 15 % reservation; None: TorchRec's "
+                                "32 GiB)")
     resources_per_worker: dict[str, float] = Field(
         {}, description="extra custom Ray resources per worker, e.g. {trainer_node: 1}")
     pipeline: Literal["plain", "sparse_dist"] = Field(
