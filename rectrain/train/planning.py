@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.proposers import (GreedyProposer, GridSearchProposer,
+                                                    UniformProposer)
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import (HardwareConfig, KernelConfig, PlannerError,
                                                 PlannerErrorType, Stats, Topology,
@@ -34,6 +36,8 @@ GiB = 1024 ** 3
 #: TorchRec's default reservation margin (EmbeddingPlannerBase
 #: ``heuristical_storage_reservation_percentage``)
 RESERVE_FRACTION = 0.15
+#: most sharding-option combinations TorchRec's GridSearchProposer tries (else it stands aside)
+GRID_MAX = 1000
 
 
 class PlanError(ValueError):
@@ -73,10 +77,10 @@ def topology(b: Budget) -> Topology:
 class _Reservation(HeuristicalStorageReservation):
     """TorchRec's heuristic reservation; on CPU its margin is also taken from host memory."""
 
-    def __init__(self) -> None:
-        with warnings.catch_warnings():  # its FutureWarning is about dry runs without dense
-            warnings.simplefilter("ignore", FutureWarning)  # estimates; our dense layers exist
-            super().__init__(percentage=RESERVE_FRACTION)
+    def __init__(self, dense_bytes: int) -> None:
+        with warnings.catch_warnings():  # its FutureWarning is about dry runs without a dense
+            warnings.simplefilter("ignore", FutureWarning)  # estimate: we pass one
+            super().__init__(percentage=RESERVE_FRACTION, dense_tensor_estimate=dense_bytes)
 
     def reserve(self, topology, batch_size, module, sharders, constraints=None):
         out = super().reserve(topology, batch_size, module, sharders, constraints)
@@ -113,6 +117,8 @@ class PlanReport:
         capacity: per rank ``(hbm_bytes, ddr_bytes)`` of the topology.
         available: per rank ``(hbm_bytes, ddr_bytes)`` left for tables after the reservation.
         budget: the :class:`Budget` planned for.
+        tables: table -> ``rows``, ``dim``, ``features`` (feature count), ``pooling`` (ids per
+            sample over its features, TorchRec's input lengths), ``pooled`` (EBC vs EC).
     """
 
     plan: ShardingPlan
@@ -214,10 +220,14 @@ def plan_tables(model: nn.Module, types: list[str], budget: Budget,
 def _plan(model, types, budget: Budget, sharder_list) -> PlanReport:
     topo = topology(budget)
     stats = _Capture()
-    reservation = _Reservation()
+    reservation = _Reservation(_dense_estimate(model))
     planner = EmbeddingShardingPlanner(
         topology=topo, batch_size=budget.batch_size, storage_reservation=reservation,
-        constraints=constraints_for(model, types, budget.compute_device), stats=[stats])
+        constraints=constraints_for(model, types, budget.compute_device), stats=[stats],
+        # TorchRec's proposers, grid search capped at GRID_MAX combinations (its default
+        # 10,000 spent 30 s on 4 tables x 9 GPU options on 16 ranks here)
+        proposer=[GridSearchProposer(max_proposals=GRID_MAX), GreedyProposer(),
+                  GreedyProposer(use_depth=False), UniformProposer()])
     plan = planner.plan(model, sharder_list)
     reserved = reservation.last_reserved_topology or topo
     shards = []
@@ -231,11 +241,22 @@ def _plan(model, types, budget: Budget, sharder_list) -> PlanReport:
                 "perf_ms": sh.perf.total,
                 "comms_ms": sh.perf.fwd_comms + sh.perf.bwd_comms})
     tables = {so.name: {"rows": so.tensor.shape[0], "dim": so.tensor.shape[1],
-                        "features": len(so.input_lengths)} for so in stats.best_plan}
+                        "features": len(so.input_lengths), "pooling": sum(so.input_lengths),
+                        "pooled": so.is_pooled} for so in stats.best_plan}
     return PlanReport(plan=plan, shards=shards,
                       capacity=[(d.storage.hbm, d.storage.ddr) for d in topo.devices],
                       available=[(d.storage.hbm, d.storage.ddr) for d in reserved.devices],
                       budget=budget, tables=tables)
+
+
+def _dense_estimate(model: nn.Module) -> int:
+    """TorchRec's dense heuristic (6 x parameter bytes: weights, optimiser state, DDP buffers)
+    over the parameters outside the embedding modules, counted from shapes (works on meta)."""
+    from rectrain.train.sharding import embedding_modules
+
+    emb = {id(p) for m in embedding_modules(model) for p in m.parameters()}
+    return max(1, 6 * sum(p.numel() * p.element_size() for p in model.parameters()
+                          if id(p) not in emb))
 
 
 def _explain(e: PlannerError, model: nn.Module, budget: Budget) -> str:
