@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.proposers import (GreedyProposer, GridSearchProposer,
                                                     UniformProposer)
@@ -31,6 +33,7 @@ from torchrec.distributed.planner.types import (HardwareConfig, KernelConfig, Pl
                                                 PlannerErrorType, Stats, Topology,
                                                 TopologyFactory, TrainerConfig)
 from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 GiB = 1024 ** 3
 #: TorchRec's default reservation margin (EmbeddingPlannerBase
@@ -38,6 +41,29 @@ GiB = 1024 ** 3
 RESERVE_FRACTION = 0.15
 #: most sharding-option combinations TorchRec's GridSearchProposer tries (else it stands aside)
 GRID_MAX = 1000
+
+
+def sharders() -> list:
+    """TorchRec's EBC and EC sharders (the modules rectrain models shard)."""
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """Every EmbeddingBagCollection / EmbeddingCollection in ``model``."""
+    return [m for m in model.modules()
+            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
+
+
+def table_sharders(model: nn.Module) -> list[tuple[str, object]]:
+    """``(table name, sharder of its module)`` for every embedding table of ``model``."""
+    ebc_sharder, ec_sharder = sharders()
+    out = []
+    for m in embedding_modules(model):
+        if isinstance(m, EmbeddingBagCollection):
+            out += [(c.name, ebc_sharder) for c in m.embedding_bag_configs()]
+        else:
+            out += [(c.name, ec_sharder) for c in m.embedding_configs()]
+    return out
 
 
 class PlanError(ValueError):
@@ -173,7 +199,6 @@ def constraints_for(model: nn.Module, types: list[str], device_type: str) -> dic
     row_wise, column_wise)."""
     import logging
 
-    from rectrain.train.sharding import table_sharders
     out = {}
     for table, sharder in table_sharders(model):
         supported = sharder.sharding_types(device_type)
@@ -198,8 +223,6 @@ def plan_tables(model: nn.Module, types: list[str], budget: Budget,
         PlanError: the tables do not fit the budget (TorchRec ``PlannerError``), naming the
             largest table, its estimated bytes, and the budget per rank and in total.
     """
-    from rectrain.train.sharding import sharders
-
     def run():
         try:
             return _plan(model, types, budget, sharders())
@@ -252,8 +275,6 @@ def _plan(model, types, budget: Budget, sharder_list) -> PlanReport:
 def _dense_estimate(model: nn.Module) -> int:
     """TorchRec's dense heuristic (6 x parameter bytes: weights, optimiser state, DDP buffers)
     over the parameters outside the embedding modules, counted from shapes (works on meta)."""
-    from rectrain.train.sharding import embedding_modules
-
     emb = {id(p) for m in embedding_modules(model) for p in m.parameters()}
     return max(1, 6 * sum(p.numel() * p.element_size() for p in model.parameters()
                           if id(p) not in emb))
@@ -261,8 +282,6 @@ def _dense_estimate(model: nn.Module) -> int:
 
 def _explain(e: PlannerError, model: nn.Module, budget: Budget) -> str:
     """A PlannerError as a sentence naming the largest table, its bytes and the budget."""
-    from rectrain.train.sharding import embedding_modules
-
     if getattr(e, "error_type", None) != PlannerErrorType.INSUFFICIENT_STORAGE:
         return f"sharding plan: TorchRec's planner found no plan: {e}"
     sizes = {}

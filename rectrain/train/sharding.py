@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -17,22 +13,12 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from rectrain.config import OptimSpec, ShardingSpec, TrainSpec
-from rectrain.train.planning import GiB, Budget, PlanError, plan_tables  # noqa: F401
-
-log = logging.getLogger(__name__)
+from rectrain.train.planning import (GiB, Budget, PlanError, embedding_modules,  # noqa: F401
+                                     plan_tables, sharders, table_sharders)
 
 _SPARSE_OPT = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
                "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _DENSE_OPT = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-
-
-def sharders() -> list:
-    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
-
-
-def embedding_modules(model: nn.Module) -> list[nn.Module]:
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-    return [m for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
 
 
 #: fused TBE optimisers FBGEMM implements for CPU tables (Adam is GPU-only)
@@ -98,19 +84,6 @@ def budget_for(train: TrainSpec | None, world: int, device_type: str) -> Budget:
                   hbm_bytes=gb(train.gpu_memory_gb) if train else None,
                   ddr_bytes=gb(train.memory_per_worker_gb) if train else None,
                   batch_size=train.batch_size if train else 512)
-
-
-def table_sharders(model: nn.Module) -> list[tuple[str, object]]:
-    """``(table name, sharder of its module)`` for every embedding table of ``model``."""
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    ebc_sharder, ec_sharder = sharders()
-    out = []
-    for m in embedding_modules(model):
-        if isinstance(m, EmbeddingBagCollection):
-            out += [(c.name, ebc_sharder) for c in m.embedding_bag_configs()]
-        else:
-            out += [(c.name, ec_sharder) for c in m.embedding_configs()]
-    return out
 
 
 def shard_model(model: nn.Module, spec: ShardingSpec, optim: OptimSpec,
