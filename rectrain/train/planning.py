@@ -171,22 +171,26 @@ class PlanReport:
         return max((r["perf_ms"] for r in self.storage_per_rank()), default=0.0)
 
     def format(self) -> str:
-        """Shards by table, then storage per rank against its capacity (GiB)."""
-        tier = "hbm_bytes" if self.budget.compute_device != "cpu" else "ddr_bytes"
-        cap_i = 0 if tier == "hbm_bytes" else 1
-        lines = ["table            type               kernel  rank   rows x cols     "
-                 "storage GiB  est. ms"]
+        """Shards by table, then storage per rank against what is available for tables after
+        the reservation and the capacity (GiB; on GPUs HBM and host memory, where TorchRec's
+        UVM kernels keep tables that HBM cannot hold)."""
+        gpu = self.budget.compute_device != "cpu"
+        tiers = [("HBM", "hbm_bytes", 0), ("DDR", "ddr_bytes", 1)] if gpu else \
+            [("DDR", "ddr_bytes", 1)]
+        head = "".join(f" {t} GiB" for t, _, _ in tiers)
+        lines = [f"table            type               kernel             rank       rows x cols "
+                 f"{head}  est. ms"]
         for s in sorted(self.shards, key=lambda s: (s["table"], s["rank"])):
-            lines.append(f"{s['table']:<16} {s['sharding_type']:<18} {s['compute_kernel']:<7} "
-                         f"{s['rank']:>4} {s['rows']:>10} x {s['cols']:<5} "
-                         f"{s[tier] / GiB:>11.4f} {s['perf_ms']:>8.3f}")
-        lines.append(f"storage per rank ({tier[:3].upper()}, GiB): used / available for "
-                     "tables / capacity")
+            gib = "".join(f" {s[k] / GiB:7.3f}" for _, k, _ in tiers)
+            lines.append(f"{s['table']:<16} {s['sharding_type']:<18} {s['compute_kernel']:<18} "
+                         f"{s['rank']:>4} {s['rows']:>10} x {s['cols']:<5}{gib} "
+                         f"{s['perf_ms']:8.3f}")
+        lines.append("storage per rank (GiB): used / available for tables / capacity")
         for r in self.storage_per_rank():
             i = r["rank"]
-            lines.append(f"  rank {i:>3}: {r[tier] / GiB:8.4f} / "
-                         f"{self.available[i][cap_i] / GiB:8.4f} / "
-                         f"{self.capacity[i][cap_i] / GiB:8.2f}   est. {r['perf_ms']:.3f} ms")
+            use = "   ".join(f"{t} {r[k] / GiB:8.3f} / {self.available[i][j] / GiB:8.3f} / "
+                           f"{self.capacity[i][j] / GiB:8.2f}" for t, k, j in tiers)
+            lines.append(f"  rank {i:>3}: {use}   est. {r['perf_ms']:.3f} ms")
         lines.append(f"estimated embedding step time: {self.step_ms():.3f} ms (slowest rank; "
                      f"batch {self.budget.batch_size} per rank, TorchRec's perf model)")
         return "\n".join(lines)
