@@ -83,6 +83,11 @@ def cmd_prepare(cfg: JobConfig, args) -> dict:
 def cmd_train(cfg: JobConfig, args) -> dict:
     from rectrain.launch.ray_launch import train
 
+    if cfg.train.memory_per_worker_gb or cfg.train.gpu_memory_gb:
+        # the workers' plan on the driver first: tables over the budget stop here (PlanError,
+        # exit 2) before Ray starts, not as a worker failure
+        from rectrain.train.plan_cluster import plan_job
+        plan_job(cfg)
     m = train(cfg, getattr(args, "address", None))
     if m.get("task") == "retrieval":  # two-tower, SASRec: full-ranking metrics
         print(f"[rectrain] {_ranking_line(m)} (best epoch {m['best_epoch']}, "

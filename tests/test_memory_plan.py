@@ -152,3 +152,24 @@ def test_plan_topology_and_declared_sizes_errors(tmp_path):
         declared_manifest(tiny_cfg(str(tmp_path)))
     m = declared_manifest(config_from_dict(_hashed_job(str(tmp_path))))
     assert m["tables"]["item"] == 1_000_001 and m["tables"]["user_id"] == 1000
+
+
+def test_train_stops_at_planning_on_the_driver_before_ray(tmp_path, capsys):
+    import yaml
+
+    from rectrain.cli import main
+
+    job = tiny_job(str(tmp_path), train={"num_workers": 2, "memory_per_worker_gb": 0.004})
+    os.makedirs(job["prepared_dir"])
+    m = tiny_manifest()
+    m["tables"]["item"] = ITEM_ROWS
+    with open(os.path.join(job["prepared_dir"], "manifest.json"), "w") as f:
+        json.dump(m, f)
+    path = os.path.join(tmp_path, "job.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(job, f)
+    assert main(["train", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "train.memory_per_worker_gb" in err and "'item'" in err
+    import ray
+    assert not ray.is_initialized()

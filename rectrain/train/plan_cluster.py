@@ -134,8 +134,9 @@ def declared_manifest(cfg: JobConfig) -> dict:
 
 def plan_job(cfg: JobConfig, cluster: ClusterSpec | None = None,
              batch_size: int | None = None, types: list[str] | None = None) -> PlanReport:
-    """Plan ``cfg``'s tables for ``cluster`` (None: the job's own ``train.num_workers`` CPU
-    workers and ``train.memory_per_worker_gb``), ``batch_size`` per rank (default
+    """Plan ``cfg``'s tables for ``cluster`` (None: the job's own ``train.num_workers`` workers,
+    GPUs if ``train.use_gpu`` else CPU, with ``train.memory_per_worker_gb`` /
+    ``gpu_memory_gb``), ``batch_size`` per rank (default
     ``train.batch_size``), ``types`` (default ``sharding.types``). In-process, no devices.
 
     Raises:
@@ -150,9 +151,9 @@ def plan_job(cfg: JobConfig, cluster: ClusterSpec | None = None,
     model = build_model(FeatureLayout(cfg, declared_manifest(cfg)), cfg.model,
                         sparse_device=meta, dense_device=meta)
     b = batch_size or cfg.train.batch_size
-    if cluster is None:
+    if cluster is None:  # train.use_gpu None (GPUs if the cluster has them) plans for CPU
         budget = budget_for(cfg.train.model_copy(update={"batch_size": b}),
-                            cfg.train.num_workers, "cpu")
+                            cfg.train.num_workers, "cuda" if cfg.train.use_gpu else "cpu")
     else:
         budget = cluster.budget(b)
     # the fused sparse optimiser's state is part of each shard's storage estimate
