@@ -48,6 +48,7 @@ USED_NAMES = (
     ("torchrec.distributed.planner.types", "TrainerConfig"),
     ("torchrec.distributed.train_pipeline", "TrainPipelineSparseDist"),
     ("torchrec.distributed.types", "ShardingPlan"),
+    ("torchrec.modules.embedding_configs", "DataType"),
     ("torchrec.modules.embedding_configs", "EmbeddingBagConfig"),
     ("torchrec.modules.embedding_configs", "EmbeddingConfig"),
     ("torchrec.modules.embedding_configs", "PoolingType"),

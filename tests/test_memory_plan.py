@@ -173,3 +173,50 @@ def test_train_stops_at_planning_on_the_driver_before_ray(tmp_path, capsys):
     assert "train.memory_per_worker_gb" in err and "'item'" in err
     import ray
     assert not ray.is_initialized()
+
+
+def _fp16_worker(rank, world, tmp):
+    from rectrain.checkpoint import load_checkpoint, save_checkpoint
+    from rectrain.train.pipeline import Stepper
+    from rectrain.train.sharding import shard_model
+
+    out = {}
+    for dtype in ("fp32", "fp16"):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(tmp, sharding={"types": ["table_wise", "row_wise"],
+                                      "embedding_dtype": dtype},
+                       optim={"sparse": "rowwise_adagrad", "sparse_lr": 0.5})
+        layout = _layout(cfg)
+        model = build_model(layout, cfg.model, sparse_device=torch.device("meta"))
+        dmp, opt, _ = shard_model(model, cfg.sharding, cfg.optim, torch.device("cpu"), cfg.train)
+        shards = {k.split(".")[-2]: t.local_shards()[0].tensor
+                  for k, t in dmp.state_dict().items() if hasattr(t, "local_shards")}
+        batch = layout.to_batch(batch_table(0))
+        rows = batch.sparse["item_id"].values()
+        before = shards["item"][rows].float().clone()
+        losses = [float(loss) for loss, _ in Stepper(dmp, opt, torch.device("cpu")).steps(
+            iter([batch, layout.to_batch(batch_table(1))]))]
+        url = os.path.join(tmp, f"ckpt_{dtype}")
+        save_checkpoint(url, dmp, opt, {"config": {}})
+        # unsharded serving model: fp32 tables loaded from the checkpoint
+        layout.table_dtype = "fp32"
+        plain = build_model(layout, cfg.model)
+        load_checkpoint(url, plain)
+        w = plain.state_dict()["sparse.ec.embeddings.item.weight"]
+        out[dtype] = {"dtype": str(shards["item"].dtype),
+                      "bytes": shards["item"].numel() * shards["item"].element_size(),
+                      "moved": float((shards["item"][rows].float() - before).abs().max()),
+                      "losses": losses, "serve_dtype": str(w.dtype),
+                      "serve_err": float((w - shards["item"].float()).abs().max()),
+                      "logits_finite": bool(torch.isfinite(plain(batch)).all())}
+    return out
+
+
+def test_fp16_tables_halve_memory_train_and_serve_as_fp32(tmp_path):
+    out = spawn(_fp16_worker, 1, str(tmp_path))[0]
+    f32, f16 = out["fp32"], out["fp16"]
+    assert (f32["dtype"], f16["dtype"]) == ("torch.float32", "torch.float16")
+    assert f16["bytes"] * 2 == f32["bytes"] == ITEM_ROWS * 8 * 4
+    for r in (f32, f16):
+        assert r["moved"] > 0 and all(np.isfinite(r["losses"]))  # the fused update ran
+        assert r["serve_dtype"] == "torch.float32" and r["serve_err"] == 0 and r["logits_finite"]

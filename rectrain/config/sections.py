@@ -217,10 +217,15 @@ class TrainSpec(_Model):
 
 
 class ShardingSpec(_Model):
-    """Sharding types offered to TorchRec's planner (table_wise, row_wise, column_wise)."""
+    """Sharding types offered to TorchRec's planner (table_wise, row_wise, column_wise) and the
+    tables' weight precision."""
 
     types: list[Literal["table_wise", "row_wise", "column_wise"]] = Field(["table_wise"],
                                                                          min_length=1)
+    embedding_dtype: Literal["fp32", "fp16"] = Field(
+        "fp32", description="embedding weights' type in training (TorchRec table data_type; "
+                            "FBGEMM's TBE stores fp16 rows and returns fp32 embeddings): fp16 "
+                            "halves table memory; unsharded serving models load them as fp32")
 
 
 class RaySpec(_Model):
