@@ -13,6 +13,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from rectrain.config import OptimSpec, ShardingSpec, TrainSpec
+# sharders, embedding_modules, table_sharders, PlanError: re-exported for callers of this module
 from rectrain.train.planning import (GiB, Budget, PlanError, embedding_modules,  # noqa: F401
                                      plan_tables, sharders, table_sharders)
 
