@@ -301,5 +301,6 @@ def _explain(e: PlannerError, model: nn.Module, budget: Budget) -> str:
             f"({'HBM' if gpu else 'host memory'}); largest table {name!r}: {nbytes:,} bytes "
             f"({nbytes / GiB:.3g} GiB) of weights alone, all tables {sum(sizes.values()):,} "
             f"bytes, before optimiser state and the {RESERVE_FRACTION:.0%} + dense + batch "
-            f"reservation per rank. Raise {field_} or train.num_workers, or lower "
+            f"reservation per rank. Raise {field_} (rectrain plan: --hbm-gb or the "
+            f"topology) or train.num_workers, or lower "
             f"model.embedding_dim / the table's rows (TorchRec: {str(e).splitlines()[0]})")
