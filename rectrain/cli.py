@@ -10,6 +10,7 @@ examples:
   rectrain train --config JOB.yaml --resume [latest|CHECKPOINT_URL]
   rectrain export --checkpoint runs/movielens_din --out model_dir
   rectrain synth --events 10000000 --out data/synth/raw [--seed S --users U --items I]
+  rectrain plan --config jobs/criteo_tb_plan.yaml --topology 2x8:H100   plan without devices
 
 Every verb takes --verbose (show the output of Ray, Ray Train, TorchRec and torch too).
 Ctrl-C stops a run with exit status 130.
@@ -83,6 +84,11 @@ def cmd_prepare(cfg: JobConfig, args) -> dict:
 def cmd_train(cfg: JobConfig, args) -> dict:
     from rectrain.launch.ray_launch import train
 
+    if cfg.train.memory_per_worker_gb or cfg.train.gpu_memory_gb:
+        # the workers' plan on the driver first: tables over the budget stop here (PlanError,
+        # exit 2) before Ray starts, not as a worker failure
+        from rectrain.train.plan_cluster import plan_job
+        plan_job(cfg)
     m = train(cfg, getattr(args, "address", None))
     if m.get("task") == "retrieval":  # two-tower, SASRec: full-ranking metrics
         print(f"[rectrain] {_ranking_line(m)} (best epoch {m['best_epoch']}, "
@@ -172,6 +178,38 @@ def _submit_args(sub) -> None:
             sp.add_argument("--follow", action="store_true", help="stream until the job ends")
 
 
+def _plan_args(sub) -> None:
+    """``rectrain plan``: the sharding plan for a topology (``rectrain/train/plan_cluster.py``)."""
+    sp = sub.add_parser("plan", help="sharding plan, storage per rank and estimated step time "
+                                     "for a cluster (TorchRec planner, no devices needed)")
+    sp.add_argument("--config", required=True, help="job YAML (see jobs/)")
+    sp.add_argument("--topology", default=None, metavar="NODESxGPUS:TYPE",
+                    help="e.g. 2x8:H200, 8x8:H100 (types: H100, H200, A100, A100-40); default: "
+                         "the job's train.num_workers CPU workers")
+    sp.add_argument("--hbm-gb", type=float, default=None, help="HBM per GPU (GB)")
+    sp.add_argument("--intra-gbs", type=float, default=None, help="NVLink GB/s per GPU")
+    sp.add_argument("--inter-gbs", type=float, default=None, help="network GB/s per GPU")
+    sp.add_argument("--batch-size", type=_positive, default=None,
+                    help="batch per rank (default train.batch_size)")
+
+
+def cmd_plan(cfg: JobConfig, args) -> dict:
+    from rectrain.train.plan_cluster import alltoall_bytes, comm_seconds, parse_topology, plan_job
+
+    cluster = (parse_topology(args.topology, args.hbm_gb, args.intra_gbs, args.inter_gbs)
+               if args.topology else None)
+    report = plan_job(cfg, cluster, args.batch_size)
+    where = args.topology or f"{cfg.train.num_workers} CPU workers"
+    print(f"[rectrain] sharding plan of {cfg.name} for {where}:\n{report.format()}", flush=True)
+    traffic = alltoall_bytes(report)
+    line = (f"[rectrain] embedding all-to-all per step: {traffic['per_rank'] / 2**20:,.1f} MiB "
+            f"per rank ({traffic['total'] / 2**30:,.2f} GiB in all)")
+    if cluster is not None:
+        line += f", {comm_seconds(traffic['per_rank'], cluster) * 1e3:.2f} ms at the links' speed"
+    print(line, flush=True)
+    return {"report": report, "traffic": traffic}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rectrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run directory (uses its best checkpoint/) or a checkpoint folder")
     sp.add_argument("--out", required=True, help="output folder (model.pt2, or user.pt2 + item.pt2 for two_tower; serving.json)")
     _submit_args(sub)
+    _plan_args(sub)
     sp = sub.add_parser("synth", help="synthetic behaviour logs (Parquet) with Ray tasks")
     sp.add_argument("--events", type=_positive, required=True, help="number of events")
     sp.add_argument("--out", required=True, help="output folder / fsspec URL")
@@ -307,7 +346,9 @@ def _dispatch(args, sub) -> int:
             return 0
         config = args.config or ("jobs/movielens_din.yaml" if args.verb == "prepare" else None)
         cfg = load_config(config, _overrides(args))
-        if args.verb == "prepare":
+        if args.verb == "plan":
+            cmd_plan(cfg, args)
+        elif args.verb == "prepare":
             cmd_prepare(cfg, args)
         elif args.verb == "train":
             cmd_train(cfg, args)

@@ -26,19 +26,29 @@ import sys
 from importlib import metadata
 
 #: ``(module, attribute)`` rectrain imports from torchrec/fbgemm-gpu (``python -m rectrain.compat``
-#: checks each; keep in step with the imports of rectrain/train/sharding.py, pipeline.py, models/
-#: and data/features.py)
+#: checks each; keep in step with the imports of rectrain/train/sharding.py, planning.py,
+#: pipeline.py, models/ and data/features.py)
 USED_NAMES = (
     ("torchrec.distributed", "DistributedModelParallel"),
     ("torchrec.distributed.embedding", "EmbeddingCollectionSharder"),
     ("torchrec.distributed.embeddingbag", "EmbeddingBagCollectionSharder"),
     ("torchrec.distributed.planner", "EmbeddingShardingPlanner"),
     ("torchrec.distributed.planner", "ParameterConstraints"),
+    ("torchrec.distributed.planner.proposers", "GreedyProposer"),
+    ("torchrec.distributed.planner.proposers", "GridSearchProposer"),
+    ("torchrec.distributed.planner.proposers", "UniformProposer"),
+    ("torchrec.distributed.planner.storage_reservations", "HeuristicalStorageReservation"),
+    ("torchrec.distributed.planner.types", "HardwareConfig"),
     ("torchrec.distributed.planner.types", "KernelConfig"),
+    ("torchrec.distributed.planner.types", "PlannerError"),
+    ("torchrec.distributed.planner.types", "PlannerErrorType"),
+    ("torchrec.distributed.planner.types", "Stats"),
+    ("torchrec.distributed.planner.types", "Topology"),
     ("torchrec.distributed.planner.types", "TopologyFactory"),
     ("torchrec.distributed.planner.types", "TrainerConfig"),
     ("torchrec.distributed.train_pipeline", "TrainPipelineSparseDist"),
     ("torchrec.distributed.types", "ShardingPlan"),
+    ("torchrec.modules.embedding_configs", "DataType"),
     ("torchrec.modules.embedding_configs", "EmbeddingBagConfig"),
     ("torchrec.modules.embedding_configs", "EmbeddingConfig"),
     ("torchrec.modules.embedding_configs", "PoolingType"),

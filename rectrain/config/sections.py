@@ -201,7 +201,14 @@ class TrainSpec(_Model):
     gpus_per_worker: Optional[float] = Field(
         None, gt=0, description="GPUs per worker when GPUs are used (default 1)")
     memory_per_worker_gb: Optional[float] = Field(
-        None, gt=0, description="memory reserved per worker in GiB (Ray logical resource)")
+        None, gt=0, description="memory per worker in GiB: reserved as a Ray logical resource "
+                                "and the host-memory capacity per rank in TorchRec's sharding "
+                                "planner (CPU tables must fit it, less a 15 % margin and the "
+                                "dense/batch reservation; None: TorchRec's 128 GiB)")
+    gpu_memory_gb: Optional[float] = Field(
+        None, gt=0, description="HBM per GPU in GiB for the sharding planner (GPU tables must "
+                                "fit it, less TorchRec's 15 % reservation; None: TorchRec's "
+                                "32 GiB)")
     resources_per_worker: dict[str, float] = Field(
         {}, description="extra custom Ray resources per worker, e.g. {trainer_node: 1}")
     pipeline: Literal["plain", "sparse_dist"] = Field(
@@ -219,10 +226,15 @@ class TrainSpec(_Model):
 
 
 class ShardingSpec(_Model):
-    """Sharding types offered to TorchRec's planner (table_wise, row_wise, column_wise)."""
+    """Sharding types offered to TorchRec's planner (table_wise, row_wise, column_wise) and the
+    tables' weight precision."""
 
     types: list[Literal["table_wise", "row_wise", "column_wise"]] = Field(["table_wise"],
                                                                          min_length=1)
+    embedding_dtype: Literal["fp32", "fp16"] = Field(
+        "fp32", description="embedding weights' type in training (TorchRec table data_type; "
+                            "FBGEMM's TBE stores fp16 rows and returns fp32 embeddings): fp16 "
+                            "halves table memory; unsharded serving models load them as fp32")
 
 
 class RaySpec(_Model):

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_configs import (DataType, EmbeddingBagConfig, EmbeddingConfig,
+                                                PoolingType)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
@@ -127,6 +128,8 @@ class FeatureLayout:
         self.bounds = {f.name: (f.kind, f.table_name, self.num_embeddings[f.table_name])
                        for f in self.pooled + self.sequence}
         self.check_at_door = True  # False only to measure the check's cost (bench)
+        #: tables' weight type, ``sharding.embedding_dtype`` ("fp32" / "fp16")
+        self.table_dtype = cfg.sharding.embedding_dtype
 
     def _tables(self, feats: list[FeatureSpec], make) -> list:
         """One config per table name (first feature's settings), features appended in order."""
@@ -137,7 +140,8 @@ class FeatureLayout:
             else:
                 out[f.table_name] = make(f, name=f.table_name, embedding_dim=self.embedding_dim,
                                          num_embeddings=self.num_embeddings[f.table_name],
-                                         feature_names=[f.name])
+                                         feature_names=[f.name],
+                                         data_type=DataType[self.table_dtype.upper()])
         return list(out.values())
 
     def ebc_tables(self) -> list[EmbeddingBagConfig]:

@@ -62,6 +62,7 @@ def load_model(path: str) -> LoadedModel:
     manifest = load_manifest(cfg.prepared_dir)
     check_same_data(saved.get("data"), manifest, url, cfg.prepared_dir)
     layout = FeatureLayout(cfg, manifest)
+    layout.table_dtype = "fp32"  # unsharded nn.EmbeddingBag would return fp16 to fp32 layers
     model = build_model(layout, cfg.model)
     meta = load_checkpoint(url, model)
     model.eval()

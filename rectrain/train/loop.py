@@ -48,8 +48,9 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
     model = build_model(layout, cfg.model, sparse_device=torch.device("meta"),
                         dense_device=env.device)
     task = make_task(cfg, layout, manifest, model, env)
-    dmp, optimizer, plan = shard_model(model, cfg.sharding, cfg.optim, env.device)
-    _say(env, f"sharding plan ({env.world} ranks):\n{plan}")
+    planned: list = []
+    dmp, optimizer, plan = shard_model(model, cfg.sharding, cfg.optim, env.device, tc, planned)
+    _say(env, f"sharding plan ({env.world} ranks):\n{plan}\n{planned[0].format()}")
     stepper = Stepper(dmp, optimizer, env.device, mode=tc.pipeline, forward_loss=task.loss)
     writer = _writer(env, cfg)
     state = TrainState()

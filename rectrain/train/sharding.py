@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from rectrain.config import OptimSpec, ShardingSpec
-
-log = logging.getLogger(__name__)
+from rectrain.config import OptimSpec, ShardingSpec, TrainSpec
+# sharders, embedding_modules, table_sharders, PlanError: re-exported for callers of this module
+from rectrain.train.planning import (GiB, Budget, PlanError, embedding_modules,  # noqa: F401
+                                     plan_tables, sharders, table_sharders)
 
 _SPARSE_OPT = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
                "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _DENSE_OPT = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-
-
-def sharders() -> list:
-    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
-
-
-def embedding_modules(model: nn.Module) -> list[nn.Module]:
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-    return [m for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
 
 
 #: fused TBE optimisers FBGEMM implements for CPU tables (Adam is GPU-only)
@@ -71,51 +57,55 @@ def apply_sparse_optimizer(model: nn.Module, spec: OptimSpec,
 
 
 def make_plan(model: nn.Module, spec: ShardingSpec, device: torch.device,
-              pg: dist.ProcessGroup | None = None) -> ShardingPlan:
-    """A sharding plan from TorchRec's ``EmbeddingShardingPlanner``, each table restricted to the
-    types in ``spec.types`` that its module's sharder supports on ``device`` (on CPU,
-    EmbeddingBagCollection has no row_wise: such tables fall back to table_wise, logged). The plan
-    is the same on every rank (``collective_plan`` plans on rank 0 and broadcasts)."""
+              pg: dist.ProcessGroup | None = None, train: TrainSpec | None = None):
+    """A sharding plan from TorchRec's ``EmbeddingShardingPlanner``
+    (:func:`rectrain.train.planning.plan_tables`), each table restricted to the types in
+    ``spec.types`` that its module's sharder supports on ``device`` (on CPU,
+    EmbeddingBagCollection has no row_wise: such tables fall back to table_wise, logged), over a
+    topology of this process group's ranks with ``train``'s memory budget
+    (``memory_per_worker_gb`` host memory, ``gpu_memory_gb`` HBM; None: TorchRec's defaults) and
+    batch size. The plan is the same on every rank (planned on rank 0 and broadcast).
+
+    Returns:
+        :class:`~rectrain.train.planning.PlanReport` (``.plan`` is the ``ShardingPlan``).
+
+    Raises:
+        PlanError: the tables do not fit the budget (on every rank, before any allocation).
+    """
     world = dist.get_world_size(pg) if dist.is_initialized() else 1
-    constraints = {}
-    for table, sharder in _table_sharders(model):
-        supported = sharder.sharding_types(device.type)
-        allowed = [t for t in spec.types if t in supported]
-        if not allowed:
-            log.warning("table %s: none of %s supported by %s on %s; using table_wise", table,
-                        spec.types, type(sharder).__name__, device.type)
-            allowed = ["table_wise"]
-        constraints[table] = ParameterConstraints(sharding_types=allowed)
-    topology = TopologyFactory.create_topology(
-        TrainerConfig(world_size=world), kernel_config=KernelConfig(compute_device=device.type))
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    if dist.is_initialized():
-        return planner.collective_plan(model, sharders(), pg or dist.GroupMember.WORLD)
-    return planner.plan(model, sharders())
+    budget = budget_for(train, world, device.type)
+    return plan_tables(model, list(spec.types), budget,
+                       (pg or dist.GroupMember.WORLD) if dist.is_initialized() else None)
 
 
-def _table_sharders(model: nn.Module) -> list[tuple[str, object]]:
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    ebc_sharder, ec_sharder = sharders()
-    out = []
-    for m in embedding_modules(model):
-        if isinstance(m, EmbeddingBagCollection):
-            out += [(c.name, ebc_sharder) for c in m.embedding_bag_configs()]
-        else:
-            out += [(c.name, ec_sharder) for c in m.embedding_configs()]
-    return out
+def budget_for(train: TrainSpec | None, world: int, device_type: str) -> Budget:
+    """The planner's :class:`Budget` of a job's ``train`` section on ``world`` ranks."""
+    gb = lambda x: int(x * GiB) if x is not None else None  # noqa: E731
+    return Budget(world_size=world, compute_device=device_type,
+                  hbm_bytes=gb(train.gpu_memory_gb) if train else None,
+                  ddr_bytes=gb(train.memory_per_worker_gb) if train else None,
+                  batch_size=train.batch_size if train else 512)
 
 
 def shard_model(model: nn.Module, spec: ShardingSpec, optim: OptimSpec,
-                device: torch.device) -> tuple[DistributedModelParallel, CombinedOptimizer,
-                                               ShardingPlan]:
-    """Shard ``model`` (embedding modules on the ``meta`` device) with DMP.
+                device: torch.device, train: TrainSpec | None = None,
+                report: list | None = None) -> tuple[DistributedModelParallel,
+                                                     CombinedOptimizer, ShardingPlan]:
+    """Shard ``model`` (embedding modules on the ``meta`` device) with DMP, planned for
+    ``train``'s memory budget (see :func:`make_plan`); ``report``, if given, gets the
+    :class:`~rectrain.train.planning.PlanReport` appended (storage per rank, perf estimates).
 
     Returns ``(dmp, optimizer, plan)`` where ``optimizer`` combines DMP's fused sparse optimiser
     and a dense optimiser (Adam/AdamW/SGD) over every parameter that has no in-backward optimiser.
+
+    Raises:
+        PlanError: the tables do not fit ``train.memory_per_worker_gb`` / ``gpu_memory_gb``.
     """
     apply_sparse_optimizer(model, optim, device)
-    plan = make_plan(model, spec, device)
+    planned = make_plan(model, spec, device, train=train)
+    if report is not None:
+        report.append(planned)
+    plan = planned.plan
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     kwargs = {"lr": optim.dense_lr}
