@@ -44,7 +44,7 @@ def runs(tmp_path_factory, ray_local):
 def _job(runs, tmp, **over):
     cfg = config_from_dict(runs["job"])
     kw = dict(ranking_run=runs["din"], retrieval_run=runs["two_tower"], users_per_block=7,
-              actors=0, k=5, out=str(tmp))
+              actors=0, k=5, out=str(tmp), evaluate=False)
     kw.update(over)
     return cfg, kw
 
@@ -175,3 +175,40 @@ def test_killed_recommend_actor_resumes_every_user_once(runs, tmp_path, monkeypa
     assert rec.equals(ref)
     n = pc.value_counts(rec["user_id"]).field("counts").to_numpy()
     assert len(n) == 30 and set(n) == {5}  # every user exactly once, k rows each
+
+
+@pytest.mark.slow
+def test_evaluate_holds_the_test_split_out_and_scores_the_lists(runs, tmp_path):
+    """recommend.evaluate: each user's history ends at their valid event (the test event is
+    not shown to the models), all_seen excludes train + valid only, and recommend_metrics.json
+    holds the list metrics of the written lists, most-popular and stage 1's recall."""
+    import json
+
+    from rectrain.serve.list_metrics import evaluate_lists, events_from_prepared, \
+        truth_from_prepared
+
+    prepared = config_from_dict(runs["job"]).prepared_dir
+    held, full = RunContext(runs["din"], holdout=True), RunContext(runs["din"])
+    valid = read_split(prepared, "valid", [USER, ITEM])
+    last = {u: seq[-1] for u, seq in zip(held.user_keys.to_pylist(),
+                                         held.state["hist_item_id"].to_pylist())}
+    enc = read_split(prepared, "valid", [USER, "item_id"])  # encoded ids, as in the sequences
+    assert {u: i for u, i in zip(enc[USER].to_pylist(), enc["item_id"].to_pylist())} == last
+    assert held.state["hist_item_id"] != full.state["hist_item_id"]
+    cfg, kw = _job(runs, tmp_path, evaluate=True, exclude="all_seen", positives="all",
+                   sources=[{"name": "retrieval", "count": 8}, {"name": "popular", "count": 4}])
+    s = recommend_job(cfg, mode="two_stage", **kw)
+    lists = _lists(s)
+    seen = events_from_prepared(prepared, ("train", "valid"))
+    assert not _pairs(lists) & _pairs(seen)
+    m = json.load(open(tmp_path / "recommend_metrics.json"))
+    assert m.keys() == s["list_metrics"].keys() == {"model", "most_popular", "positives", "stage1"}
+    truth = truth_from_prepared(prepared, "test", "all")
+    train = events_from_prepared(prepared, ("train",))
+    direct = evaluate_lists(lists, truth, train, N_ITEMS, 5, "all_seen", seen)
+    assert m["model"]["hr@5"] == pytest.approx(direct["hr@5"])
+    assert m["model"]["ndcg@5"] == pytest.approx(direct["ndcg@5"])
+    assert m["model"]["users_evaluated"] == 30 and m["model"]["recommended_excluded"] == 0
+    assert 0 <= m["most_popular"]["hr@5"] <= 1 and m["most_popular"]["users_evaluated"] == 30
+    assert 8 < m["stage1"]["candidates_per_user"] <= 12  # 8 retrieval + 4 popular, de-duplicated
+    assert m["model"]["hr@5"] <= m["stage1"]["truth_recall"] <= 1  # the lists' ceiling

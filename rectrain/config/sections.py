@@ -289,7 +289,20 @@ class RecommendSpec(_Model):
     k: int = Field(10, ge=1, description="items per user in the final lists")
     exclude: Literal["none", "train", "all_seen"] = Field(
         "train", description="items never recommended: none; train: the user's train-split "
-                             "events; all_seen: every event of the user (train, valid, test)")
+                             "events; all_seen: every event of the user's history (train, "
+                             "valid, and test unless evaluate)")
+    evaluate: bool = Field(
+        True, description="hold the test split out: each user's history, exclusions and "
+                          "popularity from train + valid only, and the lists scored against "
+                          "the test events (recommend_metrics.json: HR/NDCG/recall@k, "
+                          "coverage, Gini, popularity bias, beside most-popular); false: "
+                          "lists from every event (production), no list metrics")
+    reference: Optional[str] = Field(
+        None, description="evaluate, two_stage: top_k.parquet of a brute-force run with the "
+                          "same ranker; stage 1's recall of its top-k is reported")
+    positives: Literal["label", "all"] = Field(
+        "label", description="evaluate: the test events that count as relevant: label (label "
+                             "1, e.g. rating >= 4) or all (every event: next-item protocols)")
     sources: list[RecommendSource] = Field(
         [RecommendSource(name="retrieval")], min_length=1,
         description="two_stage candidate sources in priority order (duplicates keep the first)")

@@ -119,18 +119,27 @@ def _fault_env() -> dict:
 
 
 def evaluate(cfg: JobConfig, spec: RecommendSpec, out: str, summary: dict) -> dict | None:
-    """List quality of a finished recommend run (issue 13, item 4): the call site for
-    ``rectrain.serve.list_metrics.evaluate_lists``.
+    """List quality of a finished recommend run (``recommend.evaluate``): the lists (and
+    two-stage candidates) in ``out`` against the test split of the ranking run's prepared data,
+    beside most-popular (:func:`rectrain.serve.list_report.evaluate_recommend`); printed, and
+    written to ``out/recommend_metrics.json``. None when ``evaluate`` is off."""
+    if not spec.evaluate:
+        return None
+    from rectrain.serve.recommend import run_config
+    from rectrain.serve.list_metrics import catalog_size
+    from rectrain.serve.list_report import evaluate_recommend, format_metrics
 
-    ``lists``: ``out/top_k.parquet`` (user_id, rank, item_id, score, source: the final lists);
-    ``candidates``: ``out/candidates.parquet`` (user_id, item_id, source: every stage-1
-    candidate; None in brute-force mode); ``summary``: users, fallback users, ``exclude``
-    policy, ``k``; the ranking run's prepared data is ``resolve_spec``'s ``ranking_run``'s
-    config ``prepared_dir``. Returns None until the metrics module is wired in here.
-    """
-    lists = storage.read_parquet(storage.join(out, "top_k.parquet"))
-    c = storage.join(out, "candidates.parquet")
-    candidates = storage.read_parquet(c) if spec.mode == "two_stage" and storage.exists(c) \
-        else None
-    del lists, candidates  # evaluate_lists(lists, candidates, ...) goes here
-    return None
+    prepared = run_config(spec.ranking_run).prepared_dir
+    m = evaluate_recommend(out, prepared, spec.k, spec.exclude, spec.positives,
+                           catalog_size(prepared), spec.reference)
+    print(f"[rectrain] list quality against the test split (exclude: {spec.exclude}, "
+          f"positives: {spec.positives}):\n" + format_metrics(
+              {"model lists": m["model"], "most popular": m["most_popular"]}), flush=True)
+    if "stage1" in m:
+        s1 = m["stage1"]
+        ref = s1.get("recall_of_reference_top_k")
+        print(f"[rectrain] stage 1: {s1['candidates_per_user']:.0f} candidates per user hold "
+              f"{s1['truth_recall']:.3f} of the test items"
+              + (f", {ref:.3f} of the brute-force top-{spec.k}" if ref is not None else ""),
+              flush=True)
+    return m

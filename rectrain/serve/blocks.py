@@ -88,7 +88,7 @@ class Recommender:
     @torch.no_grad()
     def __init__(self, spec: RecommendSpec, rows_per_chunk: int = 16384):
         self.spec, self.rows_per_chunk = spec, rows_per_chunk
-        self.rank = RunContext(spec.ranking_run)
+        self.rank = RunContext(spec.ranking_run, holdout=spec.evaluate)
         r = self.rank
         if spec.mode == "two_stage" and r.retrieval:
             raise ValueError(f"recommend.ranking_run: {spec.ranking_run} is a retrieval run "
@@ -96,7 +96,8 @@ class Recommender:
                              f"use mode: brute_force for the retrieval run alone)")
         self.excl = None
         if spec.exclude != "none":
-            self.excl = cand.Exclusion(*r.seen(EXCLUDE_SPLITS[spec.exclude]), r.n_items)
+            splits = r.history if spec.exclude == "all_seen" else EXCLUDE_SPLITS[spec.exclude]
+            self.excl = cand.Exclusion(*r.seen(splits), r.n_items)
         self.popular = np.argsort(-r.popularity, kind="stable")
         names = [s.name for s in spec.sources]
         self.retr = None
@@ -104,7 +105,7 @@ class Recommender:
             self.retr, self.item_map = r, np.arange(r.n_items)
         elif spec.mode == "two_stage" and ("retrieval" in names or spec.explain):
             if spec.retrieval_run:
-                self.retr = RunContext(spec.retrieval_run)
+                self.retr = RunContext(spec.retrieval_run, holdout=spec.evaluate)
                 self.item_map = _key_rows(self.retr.item_keys, r.item_keys)
         if self.retr is not None:
             n, c = self.retr.n_items, rows_per_chunk

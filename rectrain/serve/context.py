@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: splits whose events count as seen, per ``recommend.exclude`` policy
 EXCLUDE_SPLITS = {"none": (), "train": ("train",), "all_seen": ("train", "valid", "test")}
+#: the splits a served user's history comes from: every event, or (``recommend.evaluate``)
+#: the events before the test split, so the lists can be scored against the held-out test
+HISTORY = {False: ("train", "valid", "test"), True: ("train", "valid")}
 
 
 def append_truncate(seq: pa.ListArray, last: np.ndarray, max_len: int) -> pa.ListArray:
@@ -48,13 +51,15 @@ def append_truncate(seq: pa.ListArray, last: np.ndarray, max_len: int) -> pa.Lis
 
 
 def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, str]],
-                 max_len: int, extra: list[str]) -> pa.Table:
+                 max_len: int, extra: list[str],
+                 splits: tuple[str, ...] = ("train", "valid", "test")) -> pa.Table:
     """Per user (rows aligned with ``user_keys``, the raw ids of the users catalog): each
     behaviour sequence ``name`` as it would be for a new event, i.e. the sequence of the user's
     last event with that event's ``source`` id appended (truncated to ``max_len``), plus the
-    last event's ``extra`` columns. Users without events get empty sequences and zeros."""
+    last event's ``extra`` columns, over the events of ``splits``. Users without events there
+    get empty sequences and zeros."""
     cols = list(dict.fromkeys([USER, POS] + [c for pair in sequences for c in pair] + extra))
-    parts = [t for t in (read_split(prepared, s, cols) for s in ("train", "valid", "test")) if t]
+    parts = [t for t in (read_split(prepared, s, cols) for s in splits) if t]
     events = pa.concat_tables(parts)
     order = pc.sort_indices(events, [(USER, "ascending"), (POS, "ascending")])
     ev = events.take(order)
@@ -112,14 +117,17 @@ class RunContext:
     ``catalog/users.parquet`` (a job with no users table) the users are the distinct users of
     the prepared events, sorted by raw id, and every user feature comes from the user's last
     event. Without ``catalog/items.parquet`` the items are the distinct items of the events with
-    the item-side feature columns of their first event.
+    the item-side feature columns of their first event. With ``holdout`` each user's state
+    comes from the train and valid events only (:data:`HISTORY`), as of the start of the test
+    split, so lists can be scored against the test events without the ranker seeing them.
 
     Raises:
         FileNotFoundError: no complete checkpoint, or its prepared data is gone.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, holdout: bool = False):
         loaded = load_model(path)
+        self.history = HISTORY[holdout]
         self.model, self.layout, self.cfg = loaded.model, loaded.layout, loaded.cfg
         self.retrieval = task_of(self.model) == RETRIEVAL
         prepared = self.prepared = self.cfg.prepared_dir
@@ -142,7 +150,8 @@ class RunContext:
         if self.users is None:
             self.users = pa.table({USER: self.user_keys})
         self.state = latest_state(prepared, self.user_keys, self.sequences,
-                                  self.layout.max_sequence_length, self.from_events)
+                                  self.layout.max_sequence_length, self.from_events,
+                                  self.history)
         self.n_users, self.n_items = len(self.user_keys), len(self.item_keys)
         train = read_split(prepared, "train", [USER, ITEM])
         self.train_users = np.zeros(self.n_users, dtype=bool)

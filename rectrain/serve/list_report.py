@@ -68,3 +68,53 @@ def plot_exposure(path: str, exposures: dict[str, np.ndarray], n_items: int) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def evaluate_recommend(out: str, prepared: str, k: int, exclude: str, positives: str,
+                       n_items: int, reference: str | None = None) -> dict:
+    """List quality of a finished ``rectrain recommend --config`` run in ``out`` (its
+    ``top_k.parquet`` and, two-stage, ``candidates.parquet``) against the test split of the
+    ranking run's ``prepared`` data; written to ``out/recommend_metrics.json`` and returned.
+
+    ``model`` and ``most_popular`` (the baseline for the same users and exclusion) are
+    :func:`rectrain.serve.list_metrics.evaluate_lists` results; two-stage runs add ``stage1``:
+    candidates per user, the share of the truth items among the candidates (stage 1's recall
+    at N, the ceiling of the final lists), and, given ``reference`` (the ``top_k.parquet`` of a
+    brute-force run with the same ranker), the share of its top-``k`` that the candidates
+    contain (:func:`~rectrain.serve.list_metrics.stage_recall`). With matplotlib installed,
+    ``out/exposure.png`` (Lorenz curves of item exposure) is written beside it (local ``out``).
+
+    Raises:
+        FileNotFoundError: a split or output file is missing.
+    """
+    import pyarrow.compute as pc
+
+    from rectrain.serve.list_metrics import (evaluate_lists, events_from_prepared,
+                                             item_exposure, most_popular_lists, stage_recall,
+                                             truth_from_prepared)
+
+    lists = storage.read_parquet(storage.join(out, "top_k.parquet"))
+    truth = truth_from_prepared(prepared, "test", positives)
+    train = events_from_prepared(prepared, ("train",))
+    seen = events_from_prepared(prepared, ("train", "valid")) if exclude == "all_seen" else None
+    popular = most_popular_lists(train, pc.unique(lists["user_id"].combine_chunks()), k,
+                                 exclude, seen)
+    result = {"model": evaluate_lists(lists, truth, train, n_items, k, exclude, seen),
+              "most_popular": evaluate_lists(popular, truth, train, n_items, k, exclude, seen),
+              "positives": positives}
+    c = storage.join(out, "candidates.parquet")
+    if storage.exists(c):
+        cand = storage.read_parquet(c, columns=["user_id", "item_id"])
+        n_users = len(pc.unique(cand["user_id"].combine_chunks()))
+        # per user with truth: the share of its truth items among its candidates
+        result["stage1"] = {"candidates_per_user": cand.num_rows / max(1, n_users),
+                            "truth_recall": stage_recall(cand, truth)}
+        if reference:
+            result["stage1"]["recall_of_reference_top_k"] = stage_recall(
+                cand, storage.read_parquet(reference), k)
+    write_metrics(storage.join(out, "recommend_metrics.json"), result)
+    if "://" not in out:
+        plot_exposure(os.path.join(out, "exposure.png"),
+                      {"model": item_exposure(lists, k), "most popular":
+                       item_exposure(popular, k)}, n_items)
+    return result

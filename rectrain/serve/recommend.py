@@ -130,7 +130,8 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     (attention models), each recommendation also lists the ``m`` items of the user's behaviour
     sequence with the largest attention weights for that candidate (``explain_item_ids``,
     ``explain_weights``; see :mod:`rectrain.serve.explain`). Users without train events get the
-    most popular items. ``run_dir`` is a run directory (its best ``checkpoint/``) or a
+    most popular items. Every event is the users' history (production lists, no list metrics:
+    ``recommend --config`` with ``recommend.evaluate`` scores lists). ``run_dir`` is a run directory (its best ``checkpoint/``) or a
     checkpoint folder.
 
     Raises:
@@ -139,7 +140,7 @@ def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk
     retrieval = task_of(run_config(run_dir).model.name) == "retrieval"
     spec = RecommendSpec(mode="brute_force", ranking_run=run_dir, k=k, explain=explain,
                          exclude="all_seen" if retrieval else "train",
-                         users_per_block=users_per_chunk, actors=0)
+                         users_per_block=users_per_chunk, actors=0, evaluate=False)
     path = out or storage.join(run_dir, "recommendations", "top_k.parquet")
     work = f"{path}.blocks-{time.time_ns()}"
     try:
