@@ -133,6 +133,10 @@ def config_from_dict(raw: dict, source: str = "<dict>",
     for side in (ds.users, ds.items):
         if side is not None:
             side.path = _resolve(side.path, base)
+    rec = cfg.recommend
+    for name in ("retrieval_run", "ranking_run", "reference", "out"):
+        if getattr(rec, name):
+            setattr(rec, name, _resolve(getattr(rec, name), base))
     if cfg.checkpoint.resume not in (None, "latest", "auto"):  # a path, not a worker's cwd
         cfg.checkpoint.resume = _resolve(cfg.checkpoint.resume, base)
     return cfg
