@@ -155,10 +155,16 @@ def test_plan_topology_and_declared_sizes_errors(tmp_path):
     assert m["tables"]["item"] == 1_000_001 and m["tables"]["user_id"] == 1000
 
 
-def test_train_stops_at_planning_on_the_driver_before_ray(tmp_path, capsys):
+def test_train_stops_at_planning_on_the_driver_before_ray(tmp_path, capsys, monkeypatch):
     import yaml
 
+    import rectrain.launch.cluster as cluster
     from rectrain.cli import main
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started or joined before the plan was checked")
+
+    monkeypatch.setattr(cluster, "connect", no_ray)  # the one ray.init of the package
 
     job = tiny_job(str(tmp_path), train={"num_workers": 2, "memory_per_worker_gb": 0.004})
     os.makedirs(job["prepared_dir"])
@@ -172,8 +178,6 @@ def test_train_stops_at_planning_on_the_driver_before_ray(tmp_path, capsys):
     assert main(["train", "--config", path]) == 2
     err = capsys.readouterr().err
     assert "train.memory_per_worker_gb" in err and "'item'" in err
-    import ray
-    assert not ray.is_initialized()
 
 
 def _fp16_worker(rank, world, tmp):
