@@ -371,11 +371,13 @@ def test_export_replaces_its_folder_only_when_complete(trained, tmp_path, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_train_that_fails_keeps_the_run_dir_and_one_that_succeeds_replaces_it(
         tmp_path, ray_local, monkeypatch):
-    """Under Ray Train: a run that raises on its first step leaves the earlier run's
-    checkpoint, metrics and predictions as they were (before: deleted up front, predictions
-    left stale); the next, successful run replaces every run output, keeps the user's file."""
+    """Under Ray Train with 2 workers: a run whose rank 1 raises mid-epoch stops with that
+    rank's error (not a collective hang) and leaves the earlier run's checkpoint, metrics and
+    predictions as they were (before: deleted up front, predictions left stale); the next,
+    successful run replaces every run output, keeps the user's file."""
     from rectrain.launch.ray_launch import train
     from rectrain.train.faults import FAULT_ENV
 
@@ -385,9 +387,15 @@ def test_train_that_fails_keeps_the_run_dir_and_one_that_succeeds_replaces_it(
     _old_run(run)
     before = {p: (run / p).read_text() for p in _tree(run)}
     job = _small_job(tmp)
-    monkeypatch.setenv(FAULT_ENV, "0:1:raise")
-    with pytest.raises(Exception):
+    job["train"]["num_workers"] = 2  # 96 rows: 3 steps of 2 x 16
+    monkeypatch.setenv(FAULT_ENV, "1:2:raise")  # rank 1 raises before its 3rd step
+    with pytest.raises(Exception) as e:  # bounded: its peer must not wait forever (timeout)
         train(config_from_dict(job))
+    texts, c = [], e.value
+    while c is not None and len(texts) < 5:  # the message may sit on a wrapped cause
+        texts.append(str(c))
+        c = c.__cause__ or c.__context__
+    assert "injected fault on rank 1 at step 2" in "\n".join(texts)  # the job stops with it
     assert {p: (run / p).read_text() for p in _tree(run) if not p.startswith(".attempts")} \
         == before
     monkeypatch.delenv(FAULT_ENV)

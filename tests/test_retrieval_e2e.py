@@ -1,6 +1,6 @@
 """End to end on tiny synthetic logs: prepare (leave-last-out) -> train SASRec with 2 Ray Train
-workers (sharded item table) -> full-ranking metrics with the most-popular baseline ->
-recommend, checking the outputs a user reads."""
+workers (sharded item table), one of which dies mid-epoch -> full-ranking metrics with the
+most-popular baseline -> recommend, checking the outputs a user reads."""
 
 import json
 
@@ -16,22 +16,38 @@ from tests.support.tiny import N_ITEMS, N_USERS, tiny_cfg, tiny_tables
 
 
 @pytest.mark.slow
-def test_sasrec_tiny_end_to_end(tmp_path, ray_local):
+def test_sasrec_killed_worker_resumes_and_the_run_reads_right(tmp_path, ray_local, monkeypatch):
+    """The ranking jobs' fault-tolerance check for a retrieval model: one of 2 workers kills
+    itself (``os._exit``) after step 5 of the epoch; Ray Train restarts the worker group, which
+    resumes from the step-4 checkpoint and finishes with every row of the epoch trained once and
+    every test user ranked once. Then what a user reads: metrics.json, the predictions (ranks
+    agree with the metrics), and recommend's lists (no seen item, scores descending)."""
     from rectrain.data.sources.movielens import write_raw_logs
+    from rectrain.train.faults import FAULT_ENV, marker_url
 
-    tables = tiny_tables()
+    tables = tiny_tables(n_events=1200)
     write_raw_logs(tables, str(tmp_path / "raw"))
     cfg = tiny_cfg(str(tmp_path),
-                   dataset={"split": {"test": 1, "valid": 1}},
                    model={"name": "sasrec", "embedding_dim": 8, "seq_layers": 1,
                           "retrieval_loss": "in_batch"},
-                   train={"batch_size": 16, "eval_batch_size": 8, "epochs": 2,
-                          "num_workers": 2, "log_every": 100})
+                   train={"batch_size": 16, "eval_batch_size": 8, "epochs": 1,
+                          "num_workers": 2, "log_every": 100},
+                   checkpoint={"every_n_steps": 2, "max_failures": 1})
     m = prepare(cfg)
+    n_train = m["rows_per_split"]["train"]
     n_users = len(set(tables["events"]["user_id"].to_pylist()))
     assert m["rows_per_split"]["test"] == n_users == m["rows_per_split"]["valid"]
-
+    steps = n_train // (2 * 16)
+    assert steps > 6  # the fault is mid-epoch
+    monkeypatch.setenv(FAULT_ENV, "1:5:exit")
     metrics = train(cfg)
+    assert storage_json(marker_url(str(tmp_path / "run"), 1, 5)) == {"step": 5, "rank": 1}
+    ep = metrics["epochs"][0]
+    assert ep["resumed_at_row"] == 4 * 2 * 16
+    assert ep["train_rows"] == steps * 2 * 16
+    assert ep["train_rows"] + ep["train_rows_dropped"] == n_train
+    assert metrics["test"]["users"] == n_users
+
     run = tmp_path / "run"
     assert json.loads((run / "metrics.json").read_text())["test"] == metrics["test"]
     test, pop = metrics["test"], metrics["baseline_most_popular"]["test"]
@@ -53,35 +69,6 @@ def test_sasrec_tiny_end_to_end(tmp_path, ray_local):
     pairs = list(zip(rec["user_id"].to_pylist(), rec["item_id"].to_pylist()))
     assert not seen.intersection(pairs) and len(set(pairs)) == len(pairs)
     assert np.all(np.diff(rec["score"].to_numpy().reshape(N_USERS, 5), axis=1) <= 0)
-
-
-@pytest.mark.slow
-def test_sasrec_killed_worker_resumes_from_checkpoint(tmp_path, ray_local, monkeypatch):
-    """The ranking jobs' fault-tolerance check for a retrieval model: one of 2 workers kills
-    itself (``os._exit``) after step 5 of the epoch; Ray Train restarts the worker group, which
-    resumes from the step-4 checkpoint and finishes with every row of the epoch trained once and
-    every test user ranked once."""
-    from rectrain.data.sources.movielens import write_raw_logs
-    from rectrain.train.faults import FAULT_ENV, marker_url
-
-    tables = tiny_tables(n_events=1200)
-    write_raw_logs(tables, str(tmp_path / "raw"))
-    cfg = tiny_cfg(str(tmp_path),
-                   model={"name": "sasrec", "embedding_dim": 8, "seq_layers": 1},
-                   train={"batch_size": 16, "eval_batch_size": 8, "epochs": 1,
-                          "num_workers": 2, "log_every": 100},
-                   checkpoint={"every_n_steps": 2, "max_failures": 1})
-    n_train = prepare(cfg)["rows_per_split"]["train"]
-    steps = n_train // (2 * 16)
-    assert steps > 6  # the fault is mid-epoch
-    monkeypatch.setenv(FAULT_ENV, "1:5:exit")
-    metrics = train(cfg)
-    assert storage_json(marker_url(str(tmp_path / "run"), 1, 5)) == {"step": 5, "rank": 1}
-    ep = metrics["epochs"][0]
-    assert ep["resumed_at_row"] == 4 * 2 * 16
-    assert ep["train_rows"] == steps * 2 * 16
-    assert ep["train_rows"] + ep["train_rows_dropped"] == n_train
-    assert metrics["test"]["users"] == len(set(tables["events"]["user_id"].to_pylist()))
 
 
 def storage_json(url):

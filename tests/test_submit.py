@@ -103,10 +103,16 @@ def test_submit_prepare_and_train_end_to_end(ray_cluster, cluster_prepared):
     manifest = json.load(open(os.path.join(folder, "prepared", "manifest.json")))
     assert manifest["rows_read"] == 900 and manifest["rows_used"] + manifest["rows_rejected"] == 900
 
-    # train through the CLI, address from RAY_ADDRESS, extra arguments quoted through
+    # train through the CLI, address from RAY_ADDRESS, extra arguments quoted through; one
+    # worker per node (STRICT_SPREAD over the head and the worker node)
+    job = yaml.safe_load(open(spec))
+    job["train"]["placement_strategy"] = "STRICT_SPREAD"
+    spread = os.path.join(folder, "spread.yaml")
+    with open(spread, "w") as f:
+        yaml.safe_dump(job, f)
     os.environ["RAY_ADDRESS"] = addr
     try:
-        rc, out = _cli("submit", spec, "--verb", "train", "--working-dir", ROOT,
+        rc, out = _cli("submit", spread, "--verb", "train", "--working-dir", ROOT,
                        "--args=--seed 3 --run-dir " + shlex.quote(folder + "/run seed3"))
         job_id = out.strip().splitlines()[0]
         assert rc == 0 and job_id.startswith("raysubmit_")
@@ -119,7 +125,15 @@ def test_submit_prepare_and_train_end_to_end(ray_cluster, cluster_prepared):
     assert metrics["world_size"] == 2 and metrics["test_rows"] == manifest["rows_per_split"]["test"]
     assert 0.0 < metrics["test_auc"] < 1.0 and metrics["train_samples_per_s"] > 0
     assert f"test AUC {metrics['test_auc']:.4f}" in logs  # the logs and metrics.json agree
-    assert [w["rank"] for w in metrics["workers"]] == [0, 1]
+    workers = metrics["workers"]
+    assert [w["rank"] for w in workers] == [0, 1] and metrics["num_nodes"] == 2
+    nodes = {n["node_id"]: n["resources_total"] for n in ray_cluster.nodes()}
+    # distinct node ids, one the head (custom resource rectrain_head), one the worker node
+    assert len({w["node_id"] for w in workers}) == 2
+    assert sorted("rectrain_head" in nodes[w["node_id"]] for w in workers) == [False, True]
+    # (local_rank/node_rank are not checked: Ray Train groups workers by node IP, and both
+    # raylets of this test share the machine's IP)
+    assert metrics["test_logloss"] > 0
     # the quoted folder name "job $(touch PWNED); echo x" never reached a shell
     assert not any("PWNED" in f for _, _, fs in os.walk(ray_cluster.tmp) for f in fs)
     assert not os.path.exists(os.path.join(ROOT, "PWNED"))

@@ -165,20 +165,3 @@ def test_ray_train_awkward_files_equal_steps_and_every_row_once(awkward_prepared
     got = pred[key].sort_values(key).to_numpy()
     exp = want.sort_values(["_user", "_item", "_ts"]).to_numpy()
     assert (got == exp).all() and len(got) == 60  # each test row scored exactly once
-
-
-@pytest.mark.timeout(420)  # the bound: a failing rank must not leave its peer waiting forever
-def test_ray_train_one_failing_rank_stops_the_job_with_its_error(awkward_prepared, monkeypatch):
-    from rectrain.launch.ray_launch import train
-
-    tmp, _ = awkward_prepared
-    monkeypatch.setenv("RECTRAIN_FAULT", "1:3:raise")  # rank 1 raises before its 4th step
-    with pytest.raises(Exception) as e:
-        train(_job(tmp, "run_fault"))
-    texts, c = [], e.value
-    while c is not None and len(texts) < 5:  # the message may sit on a wrapped cause
-        texts.append(str(c))
-        c = c.__cause__ or c.__context__
-    text = "\n".join(texts)
-    assert "injected fault on rank 1 at step 3" in text
-    assert not (tmp / "run_fault" / "metrics.json").exists()
