@@ -86,6 +86,9 @@ class DatasetSpec(_Model):
     label: LabelSpec
     sequence_length: int = Field(50, ge=1, description="max behaviour-sequence length")
     split: SplitSpec = SplitSpec()
+    vocab_from: Optional[str] = Field(
+        None, description="prepared folder, run directory or checkpoint whose vocabularies "
+                          "this prepare extends (known values keep their ids; see docs/data.md)")
     on_invalid: Literal["error", "skip", "oov"] = Field(
         "error", description="bad rows: raise (naming file, column, row, value), skip and count, "
                              "or oov: map unknown ids and null list elements to id 0 (counted "
@@ -148,6 +151,10 @@ class FeatureSpec(_Model):
                              "size = distinct values + 1); hash: 1 + stable hash mod hash_buckets "
                              "(unbounded id spaces, fixed table size, collisions counted)")
     hash_buckets: Optional[int] = Field(None, ge=1, description="table size - 1 for hash")
+    capacity: Optional[int] = Field(
+        None, ge=1, description="vocab: reserved rows (table size = capacity + 1, fixed "
+                                "across prepares); values beyond it map to the OOV row 0, "
+                                "counted in the manifest's vocab_growth (docs/data.md)")
 
     @model_validator(mode="after")
     def _hash_needs_buckets(self) -> "FeatureSpec":
@@ -156,6 +163,10 @@ class FeatureSpec(_Model):
         if self.encoding == "hash" and self.kind in ("dense", "sequence"):
             raise ValueError(f"feature {self.name!r}: encoding hash is for sparse/multi_hot "
                              f"features (a sequence uses its source feature's encoding)")
+        if self.capacity is not None and (self.encoding != "vocab"
+                                          or self.kind not in ("sparse", "multi_hot")):
+            raise ValueError(f"feature {self.name!r}: capacity is for sparse/multi_hot features "
+                             f"with encoding vocab (a sequence uses its source's table)")
         return self
 
     @property

@@ -36,7 +36,8 @@ from rectrain.data.prepare.sequences import (build_sequences, merge_dense_stats,
                                              sequence_buckets, write_train)
 from rectrain.data.prepare.validate import DataValidationError, check_event_schemas, check_paths
 from rectrain.data.prepare.vocab import (Vocabularies, encode_side_features, event_vocabularies,
-                                         feature_roles, read_side_tables)
+                                         feature_roles, previous_vocabularies,
+                                         read_side_tables)
 
 __all__ = ["DataValidationError", "build_sequences", "prepare"]
 
@@ -50,6 +51,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     Writes under ``cfg.prepared_dir``: ``{train,valid,test}/*.parquet`` (train globally
     shuffled with ``cfg.train.seed``), ``catalog/{users,items}.parquet`` (encoded side
     features per id), ``vocab/<feature>.parquet`` (raw value -> id) and ``manifest.json``.
+    With ``dataset.vocab_from`` the vocabularies extend that folder's (known values keep
+    their ids) and features with a ``capacity`` get fixed table sizes (docs/data.md).
     ``num_buckets`` user buckets (bucket tasks); output files of at most ``rows_per_file`` rows.
 
     Raises:
@@ -67,7 +70,9 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     read_tasks = describe(groups, sizes, spec.events)
     side = read_side_tables(spec)
     roles = feature_roles(cfg, side)
-    vocab = Vocabularies()
+    vocab = Vocabularies(previous=previous_vocabularies(
+        spec.vocab_from, [f.name for f in cfg.features
+                          if f.kind in ("sparse", "multi_hot") and f.encoding == "vocab"]))
     encode_side_features(cfg, side, roles, vocab)
     event_feats = [f for f in cfg.features if roles.get(f.name) == "events"]
     col_types = check_event_schemas(event_files, spec, [f.source for f in event_feats])

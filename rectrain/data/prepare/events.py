@@ -17,13 +17,16 @@ import pyarrow.compute as pc
 
 from rectrain.config import DatasetSpec, FeatureSpec, JobConfig
 from rectrain.data import storage
-from rectrain.data.encode import encode, hash_encode
+from rectrain.data.encode import encode, hash_encode, oov_count
 from rectrain.data.prepare.validate import (ROW, DataValidationError, check_event_values,
                                             drop_null_required, fail_or_mask, null_list_elements)
 from rectrain.data.prepare.vocab import UID, SideTables, Vocabularies, transform
 from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, TS, USER
 
 BUCKET, FILE = "_bucket", "_file"  # user bucket of a row; index of its events file
+#: key prefix, in a task's ``null_values`` counts, of a feature's values sent to the OOV row
+#: (moved to the manifest's ``vocab_growth`` by :func:`read_events`)
+OOV_PREFIX = "oov:"
 
 
 def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: list[str],
@@ -215,6 +218,10 @@ def _encode_features(t: pa.Table, path: str, feats: list[FeatureSpec],
                 out[f.name] = hash_encode(col, f.hash_buckets)
             else:
                 out[f.name] = encode(col, event_vocabs[f.name])
+                if f.capacity is not None:  # values the full table had no row for
+                    n_oov = oov_count(col, out[f.name])
+                    if n_oov:
+                        nulls[f"{OOV_PREFIX}{f.name}"] += n_oov
     return out
 
 
@@ -273,8 +280,12 @@ def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocab
     for s in file_stats:
         rejected.update(s["rejected"])
         remapped.update(s["remapped"])
+    oov: Counter = Counter()
     for g in group_stats:
-        nulls.update(g["null_values"])
+        for k, n in g["null_values"].items():
+            (oov if k.startswith(OOV_PREFIX) else nulls)[k.removeprefix(OOV_PREFIX)] += n
+    for name, n in oov.items():
+        vocab.growth[name]["oov_rows"] += n
     rows_read = sum(s["rows_read"] for s in file_stats)
     nonempty = [r[0] for r, g in zip(refs, group_stats) if any(s["rows_used"] for s in g["files"])]
     if not nonempty:

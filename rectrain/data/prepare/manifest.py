@@ -73,15 +73,17 @@ def text_embeddings(cfg: JobConfig, side: SideTables, vocab: Vocabularies) -> di
 
 
 def table_sizes(cfg: JobConfig, vocab: Vocabularies) -> dict[str, int]:
-    """Rows of each embedding table: the largest vocabulary (or hash range) + 1 (id 0) over
-    the features that share it; a sequence feature uses its source feature's ids."""
+    """Rows of each embedding table: the largest vocabulary (or hash range, or ``capacity``)
+    + 1 (id 0) over the features that share it; a sequence feature uses its source
+    feature's ids."""
     tables: dict[str, int] = {}
     for f in cfg.features:
         if f.kind in ("dense", "text_embedding"):
             continue
         src = f.source if f.kind == "sequence" else f.name
+        cap = next((g.capacity for g in cfg.features if g.name == src), None)
         size = (vocab.hashing[src]["buckets"] + 1 if src in vocab.hashing
-                else len(vocab.vocabs[src]) + 1)
+                else (cap if cap is not None else len(vocab.vocabs[src])) + 1)
         tables[f.table_name] = max(tables.get(f.table_name, 0), size)
     return tables
 
@@ -98,6 +100,8 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
                  "num_embeddings": tables.get(f.table_name), "pooling": f.pooling}
                 for f in cfg.features]
     digests = {name: vocab_digest(v) for name, v in vocab.vocabs.items()}
+    vocabularies = {name: {"size": len(v), "digest": digests[name]}
+                    for name, v in vocab.vocabs.items()}
     return Manifest(
         name=cfg.name,
         schema=schema,
@@ -127,4 +131,7 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
         seconds=seconds,
         config=cfg.model_dump(mode="json"),
         fingerprint=fingerprint(schema, tables, features, vocab.hashing, digests),
+        vocabularies=vocabularies,
+        vocab_growth={"vocab_from": cfg.dataset.vocab_from, "features": vocab.growth}
+        if vocab.growth else {},
     )
