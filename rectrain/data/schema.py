@@ -217,6 +217,10 @@ class Manifest:
     #: {vocab_from, features: {feature: {known, seen, new, oov_values, capacity, size,
     #: oov_rows}}} for features with a capacity or a previous vocabulary; {} otherwise
     vocab_growth: dict = field(default_factory=dict)
+    #: a window prepare's edges and counts (prepare/windows.py): {index, num_windows,
+    #: boundaries, cumulative, train, valid, test ([start, end) unix s), rows_before,
+    #: rows_after (read, history only)}; {} without dataset.windows
+    window: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The manifest as the JSON object stored on disk (a shallow dict of the fields)."""

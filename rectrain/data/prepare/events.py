@@ -153,7 +153,8 @@ def read_events_group(paths: list[str], file_ids: list[int], spec: DatasetSpec,
                 files = [{"file": p, **blank} for p in paths]
                 for i, k in zip(full, n):
                     files[i].update(rows_read=int(k), rows_used=int(k), schema=table.schema)
-                return table, {"files": files, "null_values": st.get("null_values", {})}
+                return table, {"files": files, "null_values": st.get("null_values", {}),
+                               "ts": _ts_range(table)}
     outs = [_file_table(t, p, i, spec, event_cols, side, keys, event_vocabs, features,
                         num_buckets, col_types) for t, p, i in zip(tables, paths, file_ids)]
     nulls: Counter = Counter()
@@ -162,7 +163,16 @@ def read_events_group(paths: list[str], file_ids: list[int], spec: DatasetSpec,
     used = [t for t, st in outs if st["rows_used"]]
     table = (pa.concat_tables(used, promote_options="permissive") if len(used) > 1
              else used[0] if used else pa.table({}))
-    return table, {"files": [st for _, st in outs], "null_values": dict(nulls)}
+    return table, {"files": [st for _, st in outs], "null_values": dict(nulls),
+                   "ts": _ts_range(table)}
+
+
+def _ts_range(table: pa.Table) -> list[int] | None:
+    """[min, max] of the read rows' timestamps (unix s), None without rows."""
+    if not table.num_rows:
+        return None
+    mm = pc.min_max(table[TS])
+    return [mm["min"].as_py(), mm["max"].as_py()]
 
 
 def _join_rows(t: pa.Table, path: str, spec: DatasetSpec, side: dict[str, pa.Table],
@@ -236,6 +246,7 @@ class EventCounts:
     rejected: Counter
     remapped: Counter
     null_values: Counter  # "events.<feature>" -> rows with a null value (id 0 / empty list)
+    ts_range: list[int] | None = None  # [min, max] timestamp of the used rows (unix s)
 
 
 def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocabularies,
@@ -291,4 +302,6 @@ def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocab
     if not nonempty:
         raise DataValidationError(f"{spec.events}: no usable event rows ({rows_read} read, "
                                   f"rejected {dict(rejected)})")
-    return EventCounts(file_stats, nonempty, rows_read, rejected, remapped, nulls)
+    ranges = [g["ts"] for g in group_stats if g.get("ts")]
+    ts_range = [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None
+    return EventCounts(file_stats, nonempty, rows_read, rejected, remapped, nulls, ts_range)

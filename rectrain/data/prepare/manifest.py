@@ -16,7 +16,8 @@ from rectrain.data.schema import ITEM, SPLITS, USER, Manifest, fingerprint, voca
 
 def check_row_accounting(out: str, events: EventCounts, bucket_stats: list[dict]
                          ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """Every row read is in exactly one split or rejected, and the Parquet footers of the
+    """Every row read is in exactly one split, rejected, or (a window prepare) outside the
+    prepared windows (history only), and the Parquet footers of the
     written files add up to the counted rows of their split.
     Returns ``(rows per split, {split: {file url: rows}})``.
 
@@ -25,9 +26,11 @@ def check_row_accounting(out: str, events: EventCounts, bucket_stats: list[dict]
     """
     split_counts = {name: sum(b["rows"][name] for b in bucket_stats) for name in SPLITS}
     rows_used, n_rejected = sum(split_counts.values()), sum(events.rejected.values())
-    if events.rows_read != rows_used + n_rejected:
+    n_outside = sum(sum(b.get("outside", {}).values()) for b in bucket_stats)
+    if events.rows_read != rows_used + n_rejected + n_outside:
         raise AssertionError(f"row accounting broken: read {events.rows_read} != used "
-                             f"{rows_used} + rejected {n_rejected}")
+                             f"{rows_used} + rejected {n_rejected} + outside the window "
+                             f"{n_outside}")
     files_per_split: dict[str, dict[str, int]] = {}
     for name in SPLITS:
         url = storage.join(out, name)
@@ -91,7 +94,7 @@ def table_sizes(cfg: JobConfig, vocab: Vocabularies) -> dict[str, int]:
 def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: Vocabularies,
                    events: EventCounts, bucket_stats: list[dict], split_counts: dict[str, int],
                    files_per_split: dict, dense_stats: dict, text: dict,
-                   seconds: dict[str, float]) -> Manifest:
+                   seconds: dict[str, float], window: dict | None = None) -> Manifest:
     """Assemble the manifest from the stages' results (nothing is read or checked here)."""
     tables = table_sizes(cfg, vocab)
     fs = events.file_stats
@@ -132,6 +135,9 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
         config=cfg.model_dump(mode="json"),
         fingerprint=fingerprint(schema, tables, features, vocab.hashing, digests),
         vocabularies=vocabularies,
+        window={**window, **{f"rows_{k}": sum(b.get("outside", {}).get(k, 0)
+                                               for b in bucket_stats)
+                             for k in ("before", "after")}} if window else {},
         vocab_growth={"vocab_from": cfg.dataset.vocab_from, "features": vocab.growth}
         if vocab.growth else {},
     )
