@@ -43,6 +43,8 @@ def _overrides(args) -> dict:
     if getattr(args, "resume", None) is not None:
         r = args.resume
         o.setdefault("checkpoint", {})["resume"] = r if r in ("latest", "auto") else _abs(r)
+    if getattr(args, "warm_start", None) is not None:
+        o.setdefault("checkpoint", {})["warm_start"] = _abs(args.warm_start)
     if getattr(args, "address", None) is not None:  # the config's CPU/GPU rules see the cluster
         o.setdefault("ray", {})["address"] = args.address
     return o
@@ -247,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--resume", nargs="?", const="latest", default=None,
                     metavar="latest|URL", help="continue from the run's latest checkpoint "
                     "(or a checkpoint/run directory URL) at the exact step")
+    sp.add_argument("--warm-start", default=None, metavar="RUN_OR_CHECKPOINT",
+                    help="start from another run's weights and optimiser state (new epoch, "
+                    "step and best) on data that extends its vocabularies")
     sp = sub.add_parser("run", help="prepare + train + recommend (the main job)")
     ray_args(sp)
     train_args(sp)

@@ -301,6 +301,11 @@ class CheckpointSpec(_Model):
     resume: Optional[str] = Field(
         None, description="'latest' (newest complete checkpoint of run_dir), a checkpoint "
                           "URL, or 'auto' (latest if any, else a fresh start); None: fresh")
+    warm_start: Optional[str] = Field(
+        None, description="a run directory (its best checkpoint, else its latest) or "
+                          "checkpoint URL whose weights and optimiser state start this run; "
+                          "epoch, step and best start afresh; the prepared data must equal or "
+                          "extend the checkpoint's (docs/checkpoints.md)")
     max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures: "
                                                     "worker-group restarts from the latest "
                                                     "checkpoint (-1: unlimited)")
