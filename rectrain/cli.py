@@ -8,6 +8,8 @@ examples:
   rectrain recommend --checkpoint runs/movielens_din --k 10
   rectrain recommend --config JOB.yaml [--mode two_stage --candidates 200 --actors 2]
   rectrain train --config JOB.yaml --resume [latest|CHECKPOINT_URL]
+  rectrain train --config JOB.yaml --warm-start RUN_OR_CHECKPOINT
+  rectrain continual --config JOB.yaml [--policies warm,scratch,never]   window loop
   rectrain export --checkpoint runs/movielens_din --out model_dir
   rectrain synth --events 10000000 --out data/synth/raw [--seed S --users U --items I]
   rectrain plan --config jobs/criteo_tb_plan.yaml --topology 2x8:H100   plan without devices
@@ -43,6 +45,8 @@ def _overrides(args) -> dict:
     if getattr(args, "resume", None) is not None:
         r = args.resume
         o.setdefault("checkpoint", {})["resume"] = r if r in ("latest", "auto") else _abs(r)
+    if getattr(args, "warm_start", None) is not None:
+        o.setdefault("checkpoint", {})["warm_start"] = _abs(args.warm_start)
     if getattr(args, "address", None) is not None:  # the config's CPU/GPU rules see the cluster
         o.setdefault("ray", {})["address"] = args.address
     return o
@@ -235,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--run-dir", default=None, help="override run_dir")
         sp.add_argument("--seed", type=int, default=None, help="override train.seed")
 
+    sp = sub.add_parser("continual", help="train on window T, evaluate on T+1, for every "
+                                          "window (dataset.windows; docs/protocol.md)")
+    ray_args(sp)
+    train_args(sp)
+    sp.add_argument("--policies", default="warm",
+                    help="comma list of warm, scratch, never (default warm)")
+    sp.add_argument("--max-windows", type=_positive, default=None,
+                    help="stop after this many windows")
     sp = sub.add_parser("prepare", help="raw logs -> samples + manifest (Ray Data)")
     sp.add_argument("source", nargs="?", default=None,
                     help="dataset adapter to run first (movielens-100k, synth)")
@@ -247,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--resume", nargs="?", const="latest", default=None,
                     metavar="latest|URL", help="continue from the run's latest checkpoint "
                     "(or a checkpoint/run directory URL) at the exact step")
+    sp.add_argument("--warm-start", default=None, metavar="RUN_OR_CHECKPOINT",
+                    help="start from another run's weights and optimiser state (new epoch, "
+                    "step and best) on data that extends its vocabularies")
     sp = sub.add_parser("run", help="prepare + train + recommend (the main job)")
     ray_args(sp)
     train_args(sp)
@@ -357,6 +372,11 @@ def _dispatch(args, sub) -> int:
             cmd_prepare(cfg, args)
         elif args.verb == "train":
             cmd_train(cfg, args)
+        elif args.verb == "continual":
+            from rectrain.launch.continual import continual, table_text
+            rows = continual(cfg, [p.strip() for p in args.policies.split(",") if p.strip()],
+                             getattr(args, "address", None), args.max_windows)
+            print(table_text(rows), flush=True)
         elif args.verb == "run":
             t0 = time.perf_counter()
             args.source = None

@@ -52,6 +52,34 @@ class SplitSpec(_Model):
     valid: int = Field(10, ge=0)
 
 
+class WindowSpec(_Model):
+    """Time windows of the event log (``dataset.windows``, docs/protocol.md): ``size`` (a
+    duration such as ``7d``, ``12h``, or seconds) from ``start`` (unix s; default the first
+    event's timestamp), or explicit ``boundaries`` (unix s, ascending: window i is
+    ``[b_i, b_{i+1})``)."""
+
+    size: Optional[str] = Field(None, description="window length: <n>s|m|h|d|w or seconds")
+    start: Optional[int] = Field(None, description="start of window 0 (unix s); default the "
+                                                   "first event's timestamp")
+    boundaries: Optional[list[int]] = Field(None, min_length=2,
+                                            description="explicit window edges (unix s)")
+    valid_fraction: float = Field(0.5, ge=0.0, le=1.0, description="the first part of window "
+                                  "N+1 (by time) that is valid; the rest is test")
+    cumulative: bool = Field(False, description="train on windows 0..N, not window N alone")
+
+    @model_validator(mode="after")
+    def _size_or_boundaries(self) -> "WindowSpec":
+        if (self.size is None) == (self.boundaries is None):
+            raise ValueError("set exactly one of size, boundaries")
+        if self.boundaries is not None and any(
+                b >= c for b, c in zip(self.boundaries, self.boundaries[1:])):
+            raise ValueError("boundaries must be strictly ascending")
+        if self.size is not None:
+            from rectrain.data.prepare.windows import parse_duration
+            parse_duration(self.size)
+        return self
+
+
 class SynthSource(_Model):
     """Sizes of a synthetic log written by ``rectrain synth`` (``dataset.source: synth``); see
     :class:`rectrain.data.sources.synth.SynthSpec` for the meaning and the other parameters."""
@@ -86,6 +114,13 @@ class DatasetSpec(_Model):
     label: LabelSpec
     sequence_length: int = Field(50, ge=1, description="max behaviour-sequence length")
     split: SplitSpec = SplitSpec()
+    windows: Optional[WindowSpec] = Field(
+        None, description="cut the log into time windows; with `window: N` prepare writes "
+                          "train = window N, valid/test = window N+1 (docs/protocol.md)")
+    window: Optional[int] = Field(None, ge=0, description="the window a prepare writes")
+    vocab_from: Optional[str] = Field(
+        None, description="prepared folder, run directory or checkpoint whose vocabularies "
+                          "this prepare extends (known values keep their ids; see docs/data.md)")
     on_invalid: Literal["error", "skip", "oov"] = Field(
         "error", description="bad rows: raise (naming file, column, row, value), skip and count, "
                              "or oov: map unknown ids and null list elements to id 0 (counted "
@@ -148,6 +183,10 @@ class FeatureSpec(_Model):
                              "size = distinct values + 1); hash: 1 + stable hash mod hash_buckets "
                              "(unbounded id spaces, fixed table size, collisions counted)")
     hash_buckets: Optional[int] = Field(None, ge=1, description="table size - 1 for hash")
+    capacity: Optional[int] = Field(
+        None, ge=1, description="vocab: reserved rows (table size = capacity + 1, fixed "
+                                "across prepares); values beyond it map to the OOV row 0, "
+                                "counted in the manifest's vocab_growth (docs/data.md)")
 
     @model_validator(mode="after")
     def _hash_needs_buckets(self) -> "FeatureSpec":
@@ -156,6 +195,10 @@ class FeatureSpec(_Model):
         if self.encoding == "hash" and self.kind in ("dense", "sequence"):
             raise ValueError(f"feature {self.name!r}: encoding hash is for sparse/multi_hot "
                              f"features (a sequence uses its source feature's encoding)")
+        if self.capacity is not None and (self.encoding != "vocab"
+                                          or self.kind not in ("sparse", "multi_hot")):
+            raise ValueError(f"feature {self.name!r}: capacity is for sparse/multi_hot features "
+                             f"with encoding vocab (a sequence uses its source's table)")
         return self
 
     @property
@@ -258,6 +301,11 @@ class CheckpointSpec(_Model):
     resume: Optional[str] = Field(
         None, description="'latest' (newest complete checkpoint of run_dir), a checkpoint "
                           "URL, or 'auto' (latest if any, else a fresh start); None: fresh")
+    warm_start: Optional[str] = Field(
+        None, description="a run directory (its best checkpoint, else its latest) or "
+                          "checkpoint URL whose weights and optimiser state start this run; "
+                          "epoch, step and best start afresh; the prepared data must equal or "
+                          "extend the checkpoint's (docs/checkpoints.md)")
     max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures: "
                                                     "worker-group restarts from the latest "
                                                     "checkpoint (-1: unlimited)")

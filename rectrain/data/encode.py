@@ -68,6 +68,53 @@ def build_vocab(arr) -> pa.Array:
     return pc.take(values, pc.sort_indices(values))
 
 
+def grow_vocab(arr, previous: pa.Array | None, capacity: int | None,
+               where: str = "") -> tuple[pa.Array, dict]:
+    """A vocabulary that extends ``previous`` (raw values in id order, id = index + 1) with
+    the values of ``arr`` it lacks, never renumbering: known values keep their id, new ones
+    (sorted ascending) take the next ids up to ``capacity`` values, the rest stay out of the
+    vocabulary and encode to id 0 (:func:`encode`), the counted out-of-vocabulary row.
+    ``previous=None``, ``capacity=None`` is :func:`build_vocab`.
+
+    Returns ``(vocab, report)``; report: ``{"known", "seen", "new", "oov_values",
+    "capacity", "size"}`` (distinct values: in ``previous``, in ``arr``, admitted now, left
+    out for want of room; ``size`` = ``len(vocab)``).
+
+    Raises:
+        ValueError: ``previous`` holds more values than ``capacity`` (``where`` names the
+            feature), or ``arr``'s values cannot be cast to ``previous``'s type.
+    """
+    seen = build_vocab(arr)
+    if previous is None:
+        previous = seen.slice(0, 0)
+    elif capacity is not None and len(previous) > capacity:
+        raise ValueError(f"{where}: capacity {capacity} is below the {len(previous)} values of "
+                         f"the vocabulary it extends; capacity may only grow with a new table")
+    elif len(seen) and seen.type != previous.type:
+        try:
+            seen = pc.cast(seen, previous.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ValueError(f"{where}: values of type {seen.type} cannot extend a vocabulary "
+                             f"of type {previous.type}: {e}") from None
+    new = pc.filter(seen, pc.invert(pc.is_in(seen, value_set=previous))) if len(previous) \
+        else seen
+    room = len(new) if capacity is None else max(0, capacity - len(previous))
+    admitted = min(room, len(new))
+    vocab = pa.concat_arrays([previous, new.slice(0, admitted)]) if len(previous) else \
+        new.slice(0, admitted)
+    vocab = vocab.take(pa.array(np.arange(len(vocab))))  # compact buffers: stable digests
+    return vocab, {"known": len(previous), "seen": len(seen), "new": int(admitted),
+                   "oov_values": int(len(new) - admitted), "capacity": capacity,
+                   "size": len(vocab)}
+
+
+def oov_count(arr, ids) -> int:
+    """Values (list elements for a list column) of ``arr`` that are not null yet encoded to id
+    0 in ``ids`` (same shape, from :func:`encode`): the rows sent to the OOV row."""
+    a, i = _flat(arr), _flat(ids)
+    return int(pc.sum(pc.and_(pc.is_valid(a), pc.equal(i, 0))).as_py() or 0)
+
+
 def _per_element(arr, fn):
     """``(arr, lists)``: ``arr`` as one Arrow array, and for a list column ``fn`` applied to its
     flattened elements under its own offsets as ``list<...>`` (a null list becomes an empty

@@ -82,35 +82,83 @@ def fingerprint(schema: dict, tables: dict, features: list, hashing: dict,
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _structure(manifest: dict) -> str:
+    """The fingerprint of a manifest without its vocabularies: schema, table sizes, features
+    and hashing settings."""
+    return fingerprint(manifest.get("schema", {}), manifest.get("tables", {}),
+                       manifest.get("features", []), manifest.get("hashing", {}), {})
+
+
 def data_identity(manifest: dict) -> dict:
-    """``{"fingerprint", "tables"}`` of a manifest dict, stored in every checkpoint's meta.
+    """``{"fingerprint", "tables", "structure", "vocabularies"}`` of a manifest dict, stored
+    in every checkpoint's meta.
 
     ``fingerprint`` is the one prepare wrote (vocabularies included); a manifest without one
     (written by hand or by an older rectrain) gets a fingerprint of its schema, tables and
-    features only."""
-    fp = manifest.get("fingerprint") or fingerprint(
-        manifest.get("schema", {}), manifest.get("tables", {}), manifest.get("features", []),
-        manifest.get("hashing", {}), {})
-    return {"fingerprint": fp, "tables": dict(manifest.get("tables", {}))}
+    features only. ``structure`` is that vocabulary-free fingerprint and ``vocabularies``
+    the manifest's ``{feature: {size, digest}}``: what :func:`extension_problems` needs to
+    prove that later data extends these vocabularies."""
+    fp = manifest.get("fingerprint") or _structure(manifest)
+    return {"fingerprint": fp, "tables": dict(manifest.get("tables", {})),
+            "structure": _structure(manifest),
+            "vocabularies": dict(manifest.get("vocabularies", {}))}
+
+
+def extension_problems(saved: dict, manifest: dict, prepared_dir: str) -> list[str]:
+    """Why the prepared data (``manifest`` of ``prepared_dir``) does not continue the id
+    mapping of ``saved`` (a checkpoint's :func:`data_identity`); empty when it does.
+
+    Prefix-compatible: equal schema, table sizes, features and hashing, and every saved
+    vocabulary of n values equal to the first n values of the same feature's vocabulary now
+    (``prepared_dir/vocab/<feature>.parquet``, by :func:`vocab_digest`), so every id the
+    checkpoint was trained on means the same raw value and new values only took free rows.
+    """
+    if not saved.get("vocabularies") or "structure" not in saved:
+        return ["the checkpoint records no vocabularies (written before vocab growth)"]
+    now = data_identity(manifest)
+    out = []
+    if saved["structure"] != now["structure"]:
+        old_t, new_t = saved.get("tables", {}), now["tables"]
+        out += [f"table {t}: {old_t.get(t)} rows at the checkpoint, {new_t.get(t)} now"
+                for t in sorted(set(old_t) | set(new_t)) if old_t.get(t) != new_t.get(t)] \
+            or ["same table sizes, other schema, features or hashing"]
+    for name, v in sorted(saved["vocabularies"].items()):
+        n, url = v["size"], storage.join(prepared_dir, "vocab", f"{name}.parquet")
+        if not storage.exists(url):
+            out.append(f"feature {name}: no vocabulary now")
+            continue
+        values = storage.read_parquet(url).sort_by("id")["value"].combine_chunks()
+        if len(values) < n:
+            out.append(f"feature {name}: {n} values at the checkpoint, {len(values)} now")
+        elif vocab_digest(values.slice(0, n).take(pa.array(range(n)))) != v["digest"]:
+            out.append(f"feature {name}: its first {n} values differ (renumbered)")
+    return out
 
 
 def check_same_data(saved: dict | None, manifest: dict, checkpoint: str,
-                    prepared_dir: str) -> None:
-    """Stop when the prepared data changed since the checkpoint was written.
+                    prepared_dir: str) -> str:
+    """Stop when the prepared data changed since the checkpoint was written, unless it only
+    extends the checkpoint's vocabularies (:func:`extension_problems`: ``dataset.vocab_from``
+    with a ``capacity``, docs/data.md).
 
     ``saved``: the checkpoint meta's ``data`` (:func:`data_identity` at save time; None for a
     checkpoint written before fingerprints, which is not checked); ``manifest``: the prepared
-    folder's manifest now.
+    folder's manifest now. Returns ``"same"`` (or ``"unchecked"`` for ``saved=None``) or
+    ``"extends"``.
 
     Raises:
-        ValueError: the fingerprints differ; names the checkpoint, the prepared folder and each
-            table whose size changed.
+        ValueError: the fingerprints differ and the data does not extend the checkpoint's;
+            names the checkpoint, the prepared folder and each table or vocabulary that
+            changed.
     """
     if not saved:
-        return
+        return "unchecked"
     now = data_identity(manifest)
     if saved["fingerprint"] == now["fingerprint"]:
-        return
+        return "same"
+    problems = extension_problems(saved, manifest, prepared_dir)
+    if not problems:
+        return "extends"
     old_t, new_t = saved.get("tables", {}), now["tables"]
     diff = [f"table {t}: {old_t.get(t)} rows at the checkpoint, {new_t.get(t)} now"
             for t in sorted(set(old_t) | set(new_t)) if old_t.get(t) != new_t.get(t)]
@@ -120,7 +168,9 @@ def check_same_data(saved: dict | None, manifest: dict, checkpoint: str,
         f"{now['fingerprint'][:12]} now: " + ("; ".join(diff) if diff else
                                               "same table sizes, other vocabularies or schema")
         + "), so its ids would mean other things; prepare into another prepared_dir for the "
-          "new data, or train afresh (no --resume)")
+          "new data, or train afresh (no --resume); to continue on new data, prepare it with "
+          "dataset.vocab_from and a capacity per feature (not a prefix: "
+        + "; ".join(problems) + ")")
 
 
 @dataclass
@@ -162,6 +212,15 @@ class Manifest:
     #: how the events files were read: {tasks, files, files_per_task: {min, max, mean},
     #: task_bytes, task_files, small_files, mean_file_bytes} (prepare/readtasks.py)
     read_tasks: dict = field(default_factory=dict)
+    #: feature -> {size, digest} of each saved vocabulary (vocab/<feature>.parquet)
+    vocabularies: dict[str, dict] = field(default_factory=dict)
+    #: {vocab_from, features: {feature: {known, seen, new, oov_values, capacity, size,
+    #: oov_rows}}} for features with a capacity or a previous vocabulary; {} otherwise
+    vocab_growth: dict = field(default_factory=dict)
+    #: a window prepare's edges and counts (prepare/windows.py): {index, num_windows,
+    #: boundaries, cumulative, train, valid, test ([start, end) unix s), rows_before,
+    #: rows_after (read, history only)}; {} without dataset.windows
+    window: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The manifest as the JSON object stored on disk (a shallow dict of the fields)."""

@@ -131,6 +131,8 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
         "train_seconds": state.train_seconds, "worker_seconds": time.perf_counter() - t_start,
         "world_size": env.world, "epochs": state.history,
     }
+    if ckpt.warm_started:
+        metrics["warm_start"] = ckpt.warm_started
     if env.rank == 0:
         storage.write_parquet(predictions, storage.join(cfg.run_dir, "predictions",
                                                         "test.parquet"))

@@ -105,7 +105,8 @@ def parse_topology(text: str, hbm_gb: float | None = None, intra_gbs: float | No
 
 def declared_manifest(cfg: JobConfig) -> dict:
     """The manifest fields the model needs, from ``cfg.prepared_dir``'s manifest when it exists,
-    else from the job: table rows = ``hash_buckets + 1`` of hashed features, dense stats 0/1.
+    else from the job: table rows = ``hash_buckets + 1`` of hashed features (``capacity + 1``
+    of vocab features with a capacity), dense stats 0/1.
 
     Raises:
         ValueError: no manifest and a sparse feature with ``encoding: vocab`` (its table size is
@@ -119,12 +120,13 @@ def declared_manifest(cfg: JobConfig) -> dict:
     tables: dict[str, int] = {}
     for i, f in enumerate(cfg.features):
         if f.kind in ("sparse", "multi_hot"):
-            if f.encoding != "hash":
+            if f.encoding != "hash" and f.capacity is None:
                 raise ValueError(f"features.{i}: feature {f.name!r} has encoding vocab and "
                                  f"{cfg.prepared_dir} has no manifest.json, so its table size "
                                  f"is unknown: run rectrain prepare, or declare the size with "
-                                 f"encoding: hash and hash_buckets")
-            tables[f.table_name] = max(tables.get(f.table_name, 0), f.hash_buckets + 1)
+                                 f"a capacity or with encoding: hash and hash_buckets")
+            rows = (f.hash_buckets if f.encoding == "hash" else f.capacity) + 1
+            tables[f.table_name] = max(tables.get(f.table_name, 0), rows)
         elif f.kind == "text_embedding":
             raise ValueError(f"features.{i}: text_embedding features need prepared data")
     return {"tables": tables,

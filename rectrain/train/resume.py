@@ -93,16 +93,38 @@ def resolve_resume(run_dir: str, resume: str | None) -> str | None:
                             f"run directory with checkpoints/step-*")
 
 
+def resolve_warm_start(source: str) -> str:
+    """The checkpoint ``checkpoint.warm_start`` names: a checkpoint URL itself, else the run
+    directory's best checkpoint (``source/checkpoint``), else its newest periodic one.
+
+    Raises:
+        FileNotFoundError: none of these is complete (names the field and ``source``).
+    """
+    if is_complete(source):
+        return source
+    best = storage.join(source, "checkpoint")
+    if is_complete(best):
+        return best
+    ckpts = list_checkpoints(source)
+    if ckpts:
+        return ckpts[-1][1]
+    raise FileNotFoundError(f"checkpoint.warm_start: {source} is neither a complete checkpoint "
+                            f"(meta.json) nor a run directory with checkpoint/ or "
+                            f"checkpoints/step-*")
+
+
 def prepare_run(cfg):
-    """Driver side, before workers start: ``latest``/URL in ``checkpoint.resume`` are resolved
-    now (a missing checkpoint fails before any worker starts); None and ``auto`` stay.
-    Returns a copy of ``cfg`` with the resolved ``checkpoint.resume``. The run then writes
+    """Driver side, before workers start: ``latest``/URL in ``checkpoint.resume`` and
+    ``checkpoint.warm_start`` are resolved now (a missing checkpoint fails before any worker
+    starts); None and ``auto`` stay. Returns a copy of ``cfg`` with them resolved. The run then writes
     into an attempt folder (:func:`rectrain.train.attempt.start_attempt`), so nothing of the
     previous run is deleted before this one succeeds."""
     cfg = cfg.model_copy(deep=True)
     ck = cfg.checkpoint
     if ck.resume not in (None, "auto"):
         ck.resume = resolve_resume(cfg.run_dir, ck.resume)
+    if ck.warm_start is not None:
+        ck.warm_start = resolve_warm_start(ck.warm_start)
     return cfg
 
 
@@ -140,6 +162,8 @@ class Checkpointer:
                                   columns) if self.deterministic else None)
         self._t_epoch = 0.0
         self.manifest = load_manifest(cfg.prepared_dir)
+        #: {"from": checkpoint URL, "data": "same"|"extends"|"unchecked"} after a warm start
+        self.warm_started: dict | None = None
 
     # ---------------------------------------------------------------- restore
     def restore(self, state: TrainState) -> bool:
@@ -156,10 +180,11 @@ class Checkpointer:
                 _remove_old_run(self.cfg.run_dir)
             if dist.is_initialized():
                 dist.barrier()
-            return False
-        url = resolve_resume(self.cfg.run_dir, self.spec.resume)
-        if url is None:
-            return False
+            url = None
+        else:
+            url = resolve_resume(self.cfg.run_dir, self.spec.resume)
+        if url is None:  # a run restarted after a failure resumes its own checkpoint instead
+            return self._warm_start() if self.spec.warm_start else False
         # before DCP: other table sizes would fail deep inside it, equal ones load silently
         check_same_data(storage.read_json(storage.join(url, "meta.json")).get("data"),
                         self.manifest, url, self.cfg.prepared_dir)
@@ -192,6 +217,24 @@ class Checkpointer:
             print(f"[rectrain] resumed from {url}: epoch {state.epoch}, row {state.rows_done} "
                   f"of the epoch, step {state.step} (saved with {p['world_size']} workers, now "
                   f"{env.world})", flush=True)
+        return True
+
+    def _warm_start(self) -> bool:
+        """Load ``checkpoint.warm_start``'s model and optimiser state (collective; DCP
+        reshards to this world size and plan); epoch, step, best and history stay fresh.
+
+        Raises:
+            ValueError: the prepared data neither equals nor extends the checkpoint's
+                (:func:`rectrain.data.schema.check_same_data`).
+        """
+        url = resolve_warm_start(self.spec.warm_start)
+        how = check_same_data(storage.read_json(storage.join(url, "meta.json")).get("data"),
+                              self.manifest, url, self.cfg.prepared_dir)
+        load_checkpoint(url, self.dmp, self.optimizer)
+        self.warm_started = {"from": url, "data": how}
+        if self.env.rank == 0:
+            print(f"[rectrain] warm start from {url} (prepared data: {how}); epoch, step and "
+                  f"best start afresh", flush=True)
         return True
 
     # ---------------------------------------------------------------- data

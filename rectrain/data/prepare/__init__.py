@@ -32,11 +32,13 @@ from rectrain.data.prepare import manifest as mf
 from rectrain.data.schema import empty_split_reason
 from rectrain.data.prepare.events import read_events
 from rectrain.data.prepare.readtasks import describe, group_files
+from rectrain.data.prepare.windows import window_bounds
 from rectrain.data.prepare.sequences import (build_sequences, merge_dense_stats,
                                              sequence_buckets, write_train)
 from rectrain.data.prepare.validate import DataValidationError, check_event_schemas, check_paths
 from rectrain.data.prepare.vocab import (Vocabularies, encode_side_features, event_vocabularies,
-                                         feature_roles, read_side_tables)
+                                         feature_roles, previous_vocabularies,
+                                         read_side_tables)
 
 __all__ = ["DataValidationError", "build_sequences", "prepare"]
 
@@ -50,6 +52,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     Writes under ``cfg.prepared_dir``: ``{train,valid,test}/*.parquet`` (train globally
     shuffled with ``cfg.train.seed``), ``catalog/{users,items}.parquet`` (encoded side
     features per id), ``vocab/<feature>.parquet`` (raw value -> id) and ``manifest.json``.
+    With ``dataset.vocab_from`` the vocabularies extend that folder's (known values keep
+    their ids) and features with a ``capacity`` get fixed table sizes (docs/data.md).
     ``num_buckets`` user buckets (bucket tasks); output files of at most ``rows_per_file`` rows.
 
     Raises:
@@ -67,7 +71,9 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     read_tasks = describe(groups, sizes, spec.events)
     side = read_side_tables(spec)
     roles = feature_roles(cfg, side)
-    vocab = Vocabularies()
+    vocab = Vocabularies(previous=previous_vocabularies(
+        spec.vocab_from, [f.name for f in cfg.features
+                          if f.kind in ("sparse", "multi_hot") and f.encoding == "vocab"]))
     encode_side_features(cfg, side, roles, vocab)
     event_feats = [f for f in cfg.features if roles.get(f.name) == "events"]
     col_types = check_event_schemas(event_files, spec, [f.source for f in event_feats])
@@ -76,8 +82,9 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     events = read_events(cfg, event_files, side, vocab, col_types, event_feats, num_buckets,
                          groups)
     t_read = time.perf_counter()
+    window = (window_bounds(spec, *events.ts_range) if spec.windows is not None else None)
     storage.remove(out)  # only now: a job that fails validation leaves the last good output
-    buckets = sequence_buckets(cfg, events, num_buckets, rows_per_file)
+    buckets = sequence_buckets(cfg, events, num_buckets, rows_per_file, window)
     t_seq = time.perf_counter()
     write_train(cfg, buckets, rows_per_file)
     t_train = time.perf_counter()
@@ -91,14 +98,25 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
                "shuffle_write_train": round(t_train - t_seq, 3),
                "total": round(time.perf_counter() - t0, 3)}
     manifest = mf.build_manifest(cfg, markers, side, vocab, events, buckets.stats, split_counts,
-                                 files_per_split, dense_stats, text, seconds)
+                                 files_per_split, dense_stats, text, seconds, window)
     manifest.read_tasks = read_tasks
     manifest.save(out)  # kept also when a split is empty: its counts explain why
     # valid and test only: an empty train split (every user short) is a legal prepare result
     # (counted in the manifest), which `rectrain train` rejects on its driver
-    reason = empty_split_reason(split_counts, cfg.dataset.split.model_dump(),
-                                manifest.rows_used, out, ("valid", "test"))
+    reason = (empty_split_reason(split_counts, cfg.dataset.split.model_dump(),
+                                 manifest.rows_used, out, ("valid", "test")) if window is None
+              else _empty_window_reason(split_counts, window, out))
     if reason:
         raise ValueError(reason)
     log.info("prepared %s: %s", out, split_counts)
     return manifest.to_dict()
+
+
+def _empty_window_reason(split_counts: dict[str, int], window: dict, out: str) -> str | None:
+    """Why a window prepare cannot be trained on (valid or test of window N+1 empty)."""
+    empty = [s for s in ("valid", "test") if not split_counts[s]]
+    if not empty:
+        return None
+    return (f"{out}: the {' and '.join(empty)} split of window {window['index'] + 1} "
+            f"({', '.join(f'{s} {window[s]}' for s in empty)}, unix s) is empty: change "
+            f"dataset.windows (size, boundaries or valid_fraction) or dataset.window")

@@ -17,13 +17,16 @@ import pyarrow.compute as pc
 
 from rectrain.config import DatasetSpec, FeatureSpec, JobConfig
 from rectrain.data import storage
-from rectrain.data.encode import encode, hash_encode
+from rectrain.data.encode import encode, hash_encode, oov_count
 from rectrain.data.prepare.validate import (ROW, DataValidationError, check_event_values,
                                             drop_null_required, fail_or_mask, null_list_elements)
 from rectrain.data.prepare.vocab import UID, SideTables, Vocabularies, transform
 from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, TS, USER
 
 BUCKET, FILE = "_bucket", "_file"  # user bucket of a row; index of its events file
+#: key prefix, in a task's ``null_values`` counts, of a feature's values sent to the OOV row
+#: (moved to the manifest's ``vocab_growth`` by :func:`read_events`)
+OOV_PREFIX = "oov:"
 
 
 def read_events_file(path: str, file_id: int, spec: DatasetSpec, event_cols: list[str],
@@ -150,7 +153,8 @@ def read_events_group(paths: list[str], file_ids: list[int], spec: DatasetSpec,
                 files = [{"file": p, **blank} for p in paths]
                 for i, k in zip(full, n):
                     files[i].update(rows_read=int(k), rows_used=int(k), schema=table.schema)
-                return table, {"files": files, "null_values": st.get("null_values", {})}
+                return table, {"files": files, "null_values": st.get("null_values", {}),
+                               "ts": _ts_range(table)}
     outs = [_file_table(t, p, i, spec, event_cols, side, keys, event_vocabs, features,
                         num_buckets, col_types) for t, p, i in zip(tables, paths, file_ids)]
     nulls: Counter = Counter()
@@ -159,7 +163,16 @@ def read_events_group(paths: list[str], file_ids: list[int], spec: DatasetSpec,
     used = [t for t, st in outs if st["rows_used"]]
     table = (pa.concat_tables(used, promote_options="permissive") if len(used) > 1
              else used[0] if used else pa.table({}))
-    return table, {"files": [st for _, st in outs], "null_values": dict(nulls)}
+    return table, {"files": [st for _, st in outs], "null_values": dict(nulls),
+                   "ts": _ts_range(table)}
+
+
+def _ts_range(table: pa.Table) -> list[int] | None:
+    """[min, max] of the read rows' timestamps (unix s), None without rows."""
+    if not table.num_rows:
+        return None
+    mm = pc.min_max(table[TS])
+    return [mm["min"].as_py(), mm["max"].as_py()]
 
 
 def _join_rows(t: pa.Table, path: str, spec: DatasetSpec, side: dict[str, pa.Table],
@@ -215,6 +228,10 @@ def _encode_features(t: pa.Table, path: str, feats: list[FeatureSpec],
                 out[f.name] = hash_encode(col, f.hash_buckets)
             else:
                 out[f.name] = encode(col, event_vocabs[f.name])
+                if f.capacity is not None:  # values the full table had no row for
+                    n_oov = oov_count(col, out[f.name])
+                    if n_oov:
+                        nulls[f"{OOV_PREFIX}{f.name}"] += n_oov
     return out
 
 
@@ -229,6 +246,7 @@ class EventCounts:
     rejected: Counter
     remapped: Counter
     null_values: Counter  # "events.<feature>" -> rows with a null value (id 0 / empty list)
+    ts_range: list[int] | None = None  # [min, max] timestamp of the used rows (unix s)
 
 
 def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocabularies,
@@ -273,11 +291,17 @@ def read_events(cfg: JobConfig, files: list[str], side: SideTables, vocab: Vocab
     for s in file_stats:
         rejected.update(s["rejected"])
         remapped.update(s["remapped"])
+    oov: Counter = Counter()
     for g in group_stats:
-        nulls.update(g["null_values"])
+        for k, n in g["null_values"].items():
+            (oov if k.startswith(OOV_PREFIX) else nulls)[k.removeprefix(OOV_PREFIX)] += n
+    for name, n in oov.items():
+        vocab.growth[name]["oov_rows"] += n
     rows_read = sum(s["rows_read"] for s in file_stats)
     nonempty = [r[0] for r, g in zip(refs, group_stats) if any(s["rows_used"] for s in g["files"])]
     if not nonempty:
         raise DataValidationError(f"{spec.events}: no usable event rows ({rows_read} read, "
                                   f"rejected {dict(rejected)})")
-    return EventCounts(file_stats, nonempty, rows_read, rejected, remapped, nulls)
+    ranges = [g["ts"] for g in group_stats if g.get("ts")]
+    ts_range = [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None
+    return EventCounts(file_stats, nonempty, rows_read, rejected, remapped, nulls, ts_range)

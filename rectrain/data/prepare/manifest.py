@@ -16,7 +16,8 @@ from rectrain.data.schema import ITEM, SPLITS, USER, Manifest, fingerprint, voca
 
 def check_row_accounting(out: str, events: EventCounts, bucket_stats: list[dict]
                          ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """Every row read is in exactly one split or rejected, and the Parquet footers of the
+    """Every row read is in exactly one split, rejected, or (a window prepare) outside the
+    prepared windows (history only), and the Parquet footers of the
     written files add up to the counted rows of their split.
     Returns ``(rows per split, {split: {file url: rows}})``.
 
@@ -25,9 +26,11 @@ def check_row_accounting(out: str, events: EventCounts, bucket_stats: list[dict]
     """
     split_counts = {name: sum(b["rows"][name] for b in bucket_stats) for name in SPLITS}
     rows_used, n_rejected = sum(split_counts.values()), sum(events.rejected.values())
-    if events.rows_read != rows_used + n_rejected:
+    n_outside = sum(sum(b.get("outside", {}).values()) for b in bucket_stats)
+    if events.rows_read != rows_used + n_rejected + n_outside:
         raise AssertionError(f"row accounting broken: read {events.rows_read} != used "
-                             f"{rows_used} + rejected {n_rejected}")
+                             f"{rows_used} + rejected {n_rejected} + outside the window "
+                             f"{n_outside}")
     files_per_split: dict[str, dict[str, int]] = {}
     for name in SPLITS:
         url = storage.join(out, name)
@@ -73,15 +76,17 @@ def text_embeddings(cfg: JobConfig, side: SideTables, vocab: Vocabularies) -> di
 
 
 def table_sizes(cfg: JobConfig, vocab: Vocabularies) -> dict[str, int]:
-    """Rows of each embedding table: the largest vocabulary (or hash range) + 1 (id 0) over
-    the features that share it; a sequence feature uses its source feature's ids."""
+    """Rows of each embedding table: the largest vocabulary (or hash range, or ``capacity``)
+    + 1 (id 0) over the features that share it; a sequence feature uses its source
+    feature's ids."""
     tables: dict[str, int] = {}
     for f in cfg.features:
         if f.kind in ("dense", "text_embedding"):
             continue
         src = f.source if f.kind == "sequence" else f.name
+        cap = next((g.capacity for g in cfg.features if g.name == src), None)
         size = (vocab.hashing[src]["buckets"] + 1 if src in vocab.hashing
-                else len(vocab.vocabs[src]) + 1)
+                else (cap if cap is not None else len(vocab.vocabs[src])) + 1)
         tables[f.table_name] = max(tables.get(f.table_name, 0), size)
     return tables
 
@@ -89,7 +94,7 @@ def table_sizes(cfg: JobConfig, vocab: Vocabularies) -> dict[str, int]:
 def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: Vocabularies,
                    events: EventCounts, bucket_stats: list[dict], split_counts: dict[str, int],
                    files_per_split: dict, dense_stats: dict, text: dict,
-                   seconds: dict[str, float]) -> Manifest:
+                   seconds: dict[str, float], window: dict | None = None) -> Manifest:
     """Assemble the manifest from the stages' results (nothing is read or checked here)."""
     tables = table_sizes(cfg, vocab)
     fs = events.file_stats
@@ -98,6 +103,8 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
                  "num_embeddings": tables.get(f.table_name), "pooling": f.pooling}
                 for f in cfg.features]
     digests = {name: vocab_digest(v) for name, v in vocab.vocabs.items()}
+    vocabularies = {name: {"size": len(v), "digest": digests[name]}
+                    for name, v in vocab.vocabs.items()}
     return Manifest(
         name=cfg.name,
         schema=schema,
@@ -127,4 +134,10 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
         seconds=seconds,
         config=cfg.model_dump(mode="json"),
         fingerprint=fingerprint(schema, tables, features, vocab.hashing, digests),
+        vocabularies=vocabularies,
+        window={**window, **{f"rows_{k}": sum(b.get("outside", {}).get(k, 0)
+                                               for b in bucket_stats)
+                             for k in ("before", "after")}} if window else {},
+        vocab_growth={"vocab_from": cfg.dataset.vocab_from, "features": vocab.growth}
+        if vocab.growth else {},
     )

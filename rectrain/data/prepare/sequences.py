@@ -20,11 +20,12 @@ from rectrain.data.encode import positions_in_lists
 from rectrain.data.prepare.events import BUCKET, FILE, EventCounts
 from rectrain.data.prepare.validate import ROW
 from rectrain.data.prepare.vocab import UID
+from rectrain.data.prepare.windows import AFTER, BEFORE, split_codes
 from rectrain.data.schema import POS, SPLIT, SPLITS, TS
 
 
 def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: int,
-                    n_test: int, n_valid: int) -> pa.Table:
+                    n_test: int, n_valid: int, window: dict | None = None) -> pa.Table:
     """Behaviour sequences and chronological split for whole users (vectorised).
 
     ``t`` holds all events of some users. Each user's events are ordered by
@@ -32,7 +33,10 @@ def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: i
     ``seq_features``, the ``source`` ids of that user's up to ``max_len`` strictly earlier events,
     most recent last, as a ``list<int64>`` column ``name``. ``_pos`` is the event's 0-based
     position in its user's history; ``_split`` is 2 (test) for the user's last ``n_test``
-    events, 1 (valid) for the ``n_valid`` before, else 0 (train).
+    events, 1 (valid) for the ``n_valid`` before, else 0 (train); with ``window`` (the
+    edges of :func:`.windows.window_bounds`) it is the event's time split instead
+    (:func:`.windows.split_codes`: 3 and 4 are events before and after the prepared windows,
+    which only feed the sequences).
     """
     if t.num_rows == 0:
         return t
@@ -49,7 +53,8 @@ def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: i
     pos = np.arange(n, dtype=np.int64) - starts[group]
     sizes = np.diff(np.append(starts, n))
     from_end = sizes[group] - 1 - pos
-    split = np.where(from_end < n_test, 2, np.where(from_end < n_test + n_valid, 1, 0))
+    split = (split_codes(t[TS].to_numpy(), window) if window is not None else
+             np.where(from_end < n_test, 2, np.where(from_end < n_test + n_valid, 1, 0)))
     lengths = np.minimum(pos, max_len)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -76,11 +81,12 @@ class Buckets:
 
 
 def sequence_buckets(cfg: JobConfig, events: EventCounts, num_buckets: int,
-                     rows_per_file: int) -> Buckets:
+                     rows_per_file: int, window: dict | None = None) -> Buckets:
     """Slice every read table by user bucket, then per bucket (a Ray task): sequences, split,
     ``valid/b<bucket>-K`` and ``test/b<bucket>-K`` Parquet files of at most ``rows_per_file``
     rows under ``cfg.prepared_dir``, train rows dealt over the parts. Releases
-    ``events.tables`` once they are handed to the tasks."""
+    ``events.tables`` once they are handed to the tasks. ``window``: the time split of
+    :func:`.windows.window_bounds` (None: the per-user split of ``dataset.split``)."""
     import ray
 
     spec = cfg.dataset
@@ -98,7 +104,7 @@ def sequence_buckets(cfg: JobConfig, events: EventCounts, num_buckets: int,
     seq_task = ray.remote(_sequence_bucket).options(num_returns=n_parts + 1)
     bucket_refs = [seq_task.remote(b, cfg.prepared_dir, schema, seq_features,
                                    spec.sequence_length, spec.split.test, spec.split.valid,
-                                   dense_names, n_parts, cfg.train.seed, rows_per_file,
+                                   dense_names, n_parts, cfg.train.seed, rows_per_file, window,
                                    *[parts[b] for parts in part_refs])
                    for b in range(num_buckets)]
     stats = ray.get([refs[0] for refs in bucket_refs])
@@ -169,22 +175,26 @@ def _write_chunks(t: pa.Table, folder: str, stem: str, rows_per_file: int) -> di
 
 def _sequence_bucket(bucket: int, out: str, schema: pa.Schema, seq_features, max_len: int,
                      n_test: int, n_valid: int, dense_names: list[str], n_parts: int, seed: int,
-                     rows_per_file: int, *parts: pa.Table) -> tuple:
+                     rows_per_file: int, window: dict | None, *parts: pa.Table) -> tuple:
     """One user bucket: :func:`build_sequences` over all its events, valid/test rows written to
     ``out/{valid,test}/b<bucket>-K.parquet``, train rows dealt at random (``seed``, bucket)
     over ``n_parts`` tables. Every bucket's input is cast to ``schema`` (the read tables'
     unified schema), so all output files agree on column types whatever the raw files' widths.
     Returns ``(stats, part_0, ..., part_{n_parts-1})``; stats: rows per split, per dense
     feature the train count, mean and sum of squared deviations (see :func:`merge_dense_stats`)
-    and nulls over all rows, the output schema."""
+    and nulls over all rows, the output schema, and ``outside``: {before, after} rows of a
+    ``window`` prepare that feed only the sequences."""
     parts = [p for p in parts if p.num_rows]
     stats = {"rows": {name: 0 for name in SPLITS}, "schema": None,
+             "outside": {"before": 0, "after": 0},
              "dense": {n: {"n": 0, "mean": 0.0, "m2": 0.0, "missing": 0} for n in dense_names}}
     if not parts:
         return (stats, *[None] * n_parts)
     t = pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
-    t = build_sequences(t, seq_features, max_len, n_test, n_valid)
+    t = build_sequences(t, seq_features, max_len, n_test, n_valid, window)
     split = t[SPLIT].to_numpy()
+    stats["outside"] = {"before": int((split == BEFORE).sum()),
+                        "after": int((split == AFTER).sum())}
     body = t.drop_columns([SPLIT, UID])
     stats["schema"] = {n: str(ty) for n, ty in zip(body.schema.names, body.schema.types)}
     for code, name in enumerate(SPLITS):

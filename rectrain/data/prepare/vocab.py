@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from rectrain.config import DatasetSpec, FeatureSpec, JobConfig
 from rectrain.data import storage
-from rectrain.data.encode import apply_transform, build_vocab, encode, hash_collisions, hash_encode
+from rectrain.data.encode import (apply_transform, build_vocab, encode, grow_vocab,
+                                  hash_collisions, hash_encode, oov_count)
 from rectrain.data.prepare.validate import (DataValidationError, locate, null_list_elements,
                                             read_side_table)
 
@@ -47,6 +48,64 @@ class Vocabularies:
     vocabs: dict[str, pa.Array] = field(default_factory=dict)
     event: dict[str, pa.Array] = field(default_factory=dict)
     hashing: dict[str, dict] = field(default_factory=dict)
+    #: feature -> the vocabulary this prepare extends (``dataset.vocab_from``), id order
+    previous: dict[str, pa.Array] = field(default_factory=dict)
+    #: feature -> its growth report (:func:`rectrain.data.encode.grow_vocab`), plus
+    #: ``oov_rows`` (values sent to id 0 for want of room), for features with a capacity or
+    #: a previous vocabulary
+    growth: dict[str, dict] = field(default_factory=dict)
+
+    def build(self, f: FeatureSpec, col) -> pa.Array:
+        """The vocabulary of feature ``f`` over ``col``: sorted distinct values, or, with a
+        previous vocabulary or ``f.capacity``, the grown one (:func:`grow_vocab`)."""
+        prev = self.previous.get(f.name)
+        if prev is None and f.capacity is None:
+            return build_vocab(col)
+        v, report = grow_vocab(col, prev, f.capacity, f"feature {f.name!r}")
+        self.growth[f.name] = {**report, "oov_rows": 0}
+        return v
+
+
+def previous_vocabularies(source: str | None, names: list[str]) -> dict[str, pa.Array]:
+    """The vocabularies (raw values in id order) of ``names`` saved under ``source``'s
+    ``vocab/<feature>.parquet``: ``source`` is a prepared folder (holds ``manifest.json``) or
+    a run directory / checkpoint whose ``meta.json`` config names one (``dataset.vocab_from``).
+    A feature without a saved vocabulary starts empty. ``{}`` for ``source=None``.
+
+    Raises:
+        FileNotFoundError: ``source`` is neither (the message names it and the field).
+    """
+    if source is None:
+        return {}
+    prepared = resolve_prepared(source)
+    out = {}
+    for name in names:
+        url = storage.join(prepared, "vocab", f"{name}.parquet")
+        if storage.exists(url):
+            t = storage.read_parquet(url).sort_by("id")
+            out[name] = t["value"].combine_chunks()
+    return out
+
+
+def resolve_prepared(source: str) -> str:
+    """The prepared folder ``source`` names: itself when it holds ``manifest.json``, else the
+    ``prepared_dir`` in the job config of the checkpoint at ``source``, ``source/checkpoint``
+    (a run's best) or its newest ``source/checkpoints/step-*``.
+
+    Raises:
+        FileNotFoundError: none of these exists (names ``source``).
+    """
+    if storage.exists(storage.join(source, "manifest.json")):
+        return source
+    from rectrain.train.resume import list_checkpoints
+
+    for ck in [source, storage.join(source, "checkpoint")] + \
+            [u for _, u in reversed(list_checkpoints(source))]:
+        meta = storage.join(ck, "meta.json")
+        if storage.exists(meta):
+            return storage.read_json(meta)["config"]["prepared_dir"]
+    raise FileNotFoundError(f"dataset.vocab_from: {source} is neither a prepared folder "
+                            f"(manifest.json) nor a run directory or checkpoint (meta.json)")
 
 
 def transform(f: FeatureSpec, col, where: str):
@@ -125,8 +184,10 @@ def encode_side_features(cfg: JobConfig, side: SideTables, roles: dict[str, str]
             side.encoded[role][f.name] = hash_encode(col, f.hash_buckets)
             vocab.hashing[f.name] = hash_collisions(col, f.hash_buckets)
         else:
-            vocab.vocabs[f.name] = build_vocab(col)
+            vocab.vocabs[f.name] = vocab.build(f, col)
             side.encoded[role][f.name] = encode(col, vocab.vocabs[f.name])
+            if f.name in vocab.growth:  # side rows whose value found no room
+                vocab.growth[f.name]["oov_rows"] = oov_count(col, side.encoded[role][f.name])
 
 
 def event_vocabularies(files: list[str], spec: DatasetSpec, event_feats: list[FeatureSpec],
@@ -146,7 +207,7 @@ def event_vocabularies(files: list[str], spec: DatasetSpec, event_feats: list[Fe
                 vocab.hashing[f.name] = hash_collisions(transform(f, uniq, spec.events),
                                                         f.hash_buckets)
             elif f.source == c and f.kind != "dense":
-                vocab.event[f.name] = build_vocab(transform(f, uniq, spec.events))
+                vocab.event[f.name] = vocab.build(f, transform(f, uniq, spec.events))
         if need_uid and c == spec.user_column:
             vocab.event[UID] = build_vocab(uniq)
     vocab.vocabs.update({k: v for k, v in vocab.event.items() if k != UID})
