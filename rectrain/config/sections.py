@@ -4,6 +4,8 @@ type or an out-of-range value is a validation error naming the dotted field."""
 
 from __future__ import annotations
 
+import re
+
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -52,6 +54,23 @@ class SplitSpec(_Model):
     valid: int = Field(10, ge=0)
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str | int) -> int:
+    """Seconds of ``"7d"``, ``"12h"``, ``"30m"``, ``"45s"``, ``"2w"`` or a plain integer.
+
+    Raises:
+        ValueError: anything else, or a duration below one second (names
+            ``dataset.windows.size``).
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", str(text))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"dataset.windows.size: {text!r} is not a duration such as 7d, 12h, "
+                         f"30m, 45s, 2w or a positive number of seconds")
+    return int(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
 class WindowSpec(_Model):
     """Time windows of the event log (``dataset.windows``, docs/protocol.md): ``size`` (a
     duration such as ``7d``, ``12h``, or seconds) from ``start`` (unix s; default the first
@@ -75,7 +94,6 @@ class WindowSpec(_Model):
                 b >= c for b, c in zip(self.boundaries, self.boundaries[1:])):
             raise ValueError("boundaries must be strictly ascending")
         if self.size is not None:
-            from rectrain.data.prepare.windows import parse_duration
             parse_duration(self.size)
         return self
 

@@ -9,6 +9,8 @@ the collision report (:func:`rectrain.data.encode.hash_collisions`).
 
 from __future__ import annotations
 
+import posixpath
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,10 +99,11 @@ def resolve_prepared(source: str) -> str:
     """
     if storage.exists(storage.join(source, "manifest.json")):
         return source
-    from rectrain.train.resume import list_checkpoints
-
-    for ck in [source, storage.join(source, "checkpoint")] + \
-            [u for _, u in reversed(list_checkpoints(source))]:
+    fs, root = storage.url_to_fs(storage.join(source, "checkpoints"))
+    steps = sorted(fs.glob(root.rstrip("/") + "/step-*/meta.json")) if fs.exists(root) else []
+    newest_first = [storage.join(source, "checkpoints", posixpath.basename(posixpath.dirname(m)))
+                    for m in reversed(steps)]  # step-NNNNNNNN: the name sorts by step
+    for ck in [source, storage.join(source, "checkpoint")] + newest_first:
         meta = storage.join(ck, "meta.json")
         if storage.exists(meta):
             return storage.read_json(meta)["config"]["prepared_dir"]

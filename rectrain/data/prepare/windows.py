@@ -15,28 +15,13 @@ is the driver's, e.g. ``rectrain continual``).
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+from rectrain.config.sections import parse_duration
+
 
 #: the split codes of :func:`split_codes` (0..2 are rectrain.data.schema.SPLITS)
 BEFORE, AFTER = 3, 4
-
-
-def parse_duration(text: str | int) -> int:
-    """Seconds of ``"7d"``, ``"12h"``, ``"30m"``, ``"45s"``, ``"2w"`` or a plain integer.
-
-    Raises:
-        ValueError: anything else, or a duration below one second (names
-            ``dataset.windows.size``).
-    """
-    m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", str(text))
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"dataset.windows.size: {text!r} is not a duration such as 7d, 12h, "
-                         f"30m, 45s, 2w or a positive number of seconds")
-    return int(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
 def window_bounds(spec, ts_min: int, ts_max: int) -> dict:
