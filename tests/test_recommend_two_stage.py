@@ -36,6 +36,35 @@ def test_exact_index_is_blockwise_topk_and_faiss_recalls_it():
         assert recall >= 0.8, (kind, recall)
 
 
+def test_retrieval_searches_each_user_for_its_own_need_not_the_heaviest():
+    from rectrain.serve import candidates as cand
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(500, 8)).astype(np.float32)
+    q = rng.normal(size=(6, 8)).astype(np.float32)
+    # user row 3 has 300 excluded items, the others 0..4
+    lists = [rng.choice(500, size=c, replace=False) for c in (0, 2, 4, 300, 1, 3)]
+    indptr = np.r_[0, np.cumsum([len(x) for x in lists])]
+    excl = cand.Exclusion(indptr, np.concatenate([np.sort(x) for x in lists]), 500)
+    asked = []
+
+    class Recording(ExactIndex):
+        def search(self, queries, n):
+            asked.append((len(queries), n))
+            return super().search(queries, n)
+
+    users = np.arange(6)
+    u, i, s = cand.retrieval(Recording(v), q, users, np.arange(500), 10, excl, 0, 6)
+    full = q @ v.T
+    for r in users:
+        full[r, lists[r]] = -np.inf
+    ref = np.argsort(-full, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(u, np.repeat(users, 10)) and np.array_equal(i, ref.reshape(-1))
+    np.testing.assert_allclose(s, np.take_along_axis(full, ref, 1).reshape(-1), rtol=1e-5)
+    # needs 10 + excluded: the 5 light users in one search of 14 items, user 3 alone for 310
+    assert sorted(asked) == [(1, 310), (5, 14)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ray_local):
     return tiny_recommend_runs(str(tmp_path_factory.mktemp("rec")))
@@ -93,6 +122,13 @@ def test_retrieval_alone_by_the_exact_index_equals_the_full_score_matrix(runs, t
     users, items = _reference_retrieval_top_k(runs["two_tower"], 5)
     assert np.array_equal(rec["user_id"].to_numpy(), np.repeat(users, 5))
     assert np.array_equal(rec["item_id"].to_numpy().reshape(-1, 5), items)
+    # two_stage with the retriever as ranking run: the retriever alone through `index`
+    cfg, kw = _job(runs, tmp_path / "ts", ranking_run=runs["two_tower"], exclude="all_seen")
+    ts = recommend_job(cfg, mode="two_stage", index="exact", **kw)
+    assert _lists(ts).select(["user_id", "rank", "item_id"]).equals(
+        rec.select(["user_id", "rank", "item_id"]))
+    assert not os.path.exists(tmp_path / "ts" / "candidates.parquet")
+    assert ts["rows"] == rec.num_rows and ts["block_seconds"] >= 0
 
 
 def _pairs(t, cols=("user_id", "item_id")):

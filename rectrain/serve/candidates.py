@@ -84,15 +84,32 @@ def retrieval(index, user_vectors: np.ndarray, user_rows: np.ndarray, item_map: 
     (ranking-run rows in ``[lo, hi)``, one per row of ``user_vectors`` float32 ``[b, d]``).
 
     ``item_map``: ranking-run item row of each index row (-1: not in the ranking run's
-    catalogue). The index is asked for ``n`` + the most excluded items of any user in the block
-    + the unmapped items, so exclusion never leaves a user short. Returns ``(u, i, score)``.
+    catalogue). Each user asks the index for ``n`` + their own excluded items + the unmapped
+    items, so exclusion never leaves a user short; users are searched in groups of similar
+    need (powers of two), so one heavy user does not widen the search of the whole block (the
+    search cost is ``O(k)`` per query, and HNSW's ``efSearch`` follows ``k``). Returns
+    ``(u, i, score)``, grouped by user in the order of ``user_rows``, best first.
     """
-    extra = (int(excl.counts(lo, hi).max(initial=0)) if excl is not None else 0) + \
-        int((item_map < 0).sum())
-    scores, ids = index.search(user_vectors, n + extra)
-    u = np.repeat(user_rows, ids.shape[1])
-    i = np.where(ids >= 0, item_map[np.maximum(ids, 0)], -1).reshape(-1)
-    s = (scores / temperature).reshape(-1)
+    need = np.full(len(user_rows), n + int((item_map < 0).sum()), dtype=np.int64)
+    if excl is not None:
+        need += excl.indptr[user_rows + 1] - excl.indptr[user_rows]
+    group = np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64)
+    us, ids_all, ss = [], [], []
+    for g in np.unique(group):
+        rows = np.flatnonzero(group == g)
+        scores, ids = index.search(user_vectors[rows], int(need[rows].max()))
+        us.append(np.repeat(rows, ids.shape[1]))
+        ids_all.append(ids.reshape(-1))
+        ss.append(scores.reshape(-1))
+    if not us:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, np.zeros(0, dtype=np.float32)
+    pos = np.concatenate(us)
+    order = np.argsort(pos, kind="stable")  # back to the order of user_rows, ranks kept
+    ids, s = np.concatenate(ids_all)[order], np.concatenate(ss)[order]
+    u = user_rows[pos[order]]
+    i = np.where(ids >= 0, item_map[np.maximum(ids, 0)], -1)
+    s = s / temperature
     ok = i >= 0
     if excl is not None:
         ok &= ~excl.mask(u, np.maximum(i, 0), lo, hi)
