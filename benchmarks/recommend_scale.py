@@ -153,6 +153,7 @@ def rec_over(work: str, mode: str, candidates: int, actors: int, block: int) -> 
     if mode == "two_tower":
         # two_stage with the retriever as ranking run: the retriever alone through HNSW
         return {**common, "mode": "two_stage", "ranking_run": f"{work}/two_tower",
+                "retrieval_run": f"{work}/two_tower",
                 "out": f"{work}/rec_two_tower"}
     return {**common, "mode": "two_stage", "ranking_run": f"{work}/din",
             "retrieval_run": f"{work}/two_tower", "candidates": candidates,

@@ -98,6 +98,22 @@ def test_two_stage_with_the_whole_catalogue_equals_brute_force(runs, tmp_path):
     assert cands.num_rows == ts["candidates_per_user"] * 30
 
 
+@pytest.mark.slow
+def test_last_events_read_file_by_file_equal_the_whole_split_sorted(runs):
+    from rectrain.data.schema import POS
+    from rectrain.serve.context import _last_events
+
+    prepared = config_from_dict(runs["job"]).prepared_dir
+    cols = [USER, POS, "hist_item_id", ITEM]
+    splits = ("train", "valid", "test")
+    ev = pa.concat_tables([read_split(prepared, s, cols) for s in splits])
+    ev = ev.take(pc.sort_indices(ev, [(USER, "ascending"), (POS, "ascending")]))
+    u = ev[USER].to_numpy()
+    ref = ev.take(pa.array(np.flatnonzero(np.r_[u[1:] != u[:-1], True])))
+    got = _last_events(prepared, splits, cols)
+    assert got.num_rows == 30 and got.to_pylist() == ref.to_pylist()
+
+
 def _reference_retrieval_top_k(run: str, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The former single-process retrieval_top_k: the full [users, items] score matrix, every
     event's item excluded, torch.topk per user -> (user ids, item ids) [users, k]."""
