@@ -250,6 +250,10 @@ def main(argv=None) -> dict:
     p.add_argument("--users-per-block", type=int, default=4096)
     p.add_argument("--max-two-stage-s", type=float, default=600.0)
     p.add_argument("--no-two-stage", action="store_true")
+    p.add_argument("--two-stage-max-users", type=int, default=None,
+                   help="skip two-stage at sizes above this many users (time budget)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of an earlier OUT/recommend_scale.json (other sizes)")
     p.add_argument("--small", action="store_true", help="also the 100k-event / 10k-item case")
     p.add_argument("--small-users", type=int, default=5000)
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -272,12 +276,25 @@ def main(argv=None) -> dict:
                      "index": "hnsw", "index_params": HNSW, "din": DIN, "two_tower": TWO_TOWER,
                      "weights": "seeded initial weights, no training"},
         "data": {}, "rows": [], "skipped": []}
+    if a.append and os.path.exists(f"{out}/recommend_scale.json"):
+        with open(f"{out}/recommend_scale.json") as f:
+            old = json.load(f)
+        result.update({k: old[k] for k in ("data", "rows", "skipped")})
+    if a.small:
+        data, rows = run_size(out, a.small_users, 10_000, 100_000, [("two_stage", 200)],
+                              a.actors, 1024, "small")
+        result["data"]["small"] = data
+        result["rows"] += rows
+        write_report(out, result)
     for users in a.sizes:
         size = f"u{users}"
         methods = [("two_tower", 0)]
         prev = [r for r in result["rows"] if r["method"].startswith("two-stage")]
         if a.no_two_stage:
             result["skipped"].append(f"{size} two-stage: --no-two-stage")
+        elif a.two_stage_max_users is not None and users > a.two_stage_max_users:
+            result["skipped"].append(f"{size} two-stage: above --two-stage-max-users "
+                                     f"{a.two_stage_max_users:,} (time budget)")
         elif prev and prev[-1]["wall_s"] * users / prev[-1]["users"] > a.max_two_stage_s:
             est = prev[-1]["wall_s"] * users / prev[-1]["users"]
             result["skipped"].append(f"{size} two-stage: extrapolated {est:.0f} s > "
@@ -288,12 +305,8 @@ def main(argv=None) -> dict:
                               a.actors, a.users_per_block, size)
         result["data"][size] = data
         result["rows"] += rows
+        result["rows"].sort(key=lambda r: (r["size"] != "small", r["users"], r["method"]))
         write_report(out, result)
-    if a.small:
-        data, rows = run_size(out, a.small_users, 10_000, 100_000, [("two_stage", 200)],
-                              a.actors, 1024, "small")
-        result["data"]["small"] = data
-        result["rows"] += rows
     write_report(out, result)
     print(open(f"{out}/recommend_scale.md").read(), flush=True)
     return result

@@ -63,6 +63,12 @@ def test_retrieval_searches_each_user_for_its_own_need_not_the_heaviest():
     np.testing.assert_allclose(s, np.take_along_axis(full, ref, 1).reshape(-1), rtol=1e-5)
     # needs 10 + excluded: the 5 light users in one search of 14 items, user 3 alone for 310
     assert sorted(asked) == [(1, 310), (5, 14)]
+    # above ann_max_k, user 3 is scored exactly against the vectors, not searched
+    asked.clear()
+    got = cand.retrieval(Recording(v), q, users, np.arange(500), 10, excl, 0, 6, 1.0, v,
+                         ann_max_k=100)
+    assert asked == [(5, 14)] and np.array_equal(got[1], i)
+    np.testing.assert_allclose(got[2], s, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

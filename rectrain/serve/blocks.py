@@ -113,7 +113,8 @@ class Recommender:
                 for a in range(0, n, c)])
             # a retrieval run alone: brute force = the exact index, two_stage = ``index``
             kind = "exact" if r.retrieval and spec.mode == "brute_force" else spec.index
-            self.index = build_index(self.item_vectors.float().numpy(), kind, **spec.index_params)
+            self.vectors = self.item_vectors.float().numpy()
+            self.index = build_index(self.vectors, kind, **spec.index_params)
         self.recent = r.recent(self._count("recent")) if "recent" in names else None
 
     def _count(self, name: str) -> int:
@@ -149,7 +150,7 @@ class Recommender:
             if s.name == "retrieval":
                 uu, q = self._user_vectors(users)
                 u, i, _ = cand.retrieval(self.index, q, uu, self.item_map, n, self.excl, lo, hi,
-                                         self.retr.model.temperature)
+                                         self.retr.model.temperature, self.vectors)
             elif s.name == "popular":
                 u, i = cand.popular(self.popular, n, self.excl, lo, hi)
             else:
@@ -168,7 +169,7 @@ class Recommender:
         if r.retrieval:  # the retriever alone: its index's top-k is the list
             u, q = self._user_vectors(np.arange(lo, hi)[r.train_users[lo:hi]])
             u, i, s = cand.retrieval(self.index, q, u, self.item_map, k, self.excl, lo, hi,
-                                     r.model.temperature)
+                                     r.model.temperature, self.vectors)
             src = np.full(len(u), SOURCE_NAMES.index("brute_force"), np.int8)
             n_cand = len(u)
         else:
