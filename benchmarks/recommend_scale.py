@@ -250,6 +250,8 @@ def main(argv=None) -> dict:
     p.add_argument("--users-per-block", type=int, default=4096)
     p.add_argument("--max-two-stage-s", type=float, default=600.0)
     p.add_argument("--no-two-stage", action="store_true")
+    p.add_argument("--only-two-stage", action="store_true",
+                   help="with --append: add the two-stage runs of sizes measured before")
     p.add_argument("--two-stage-max-users", type=int, default=None,
                    help="skip two-stage at sizes above this many users (time budget)")
     p.add_argument("--append", action="store_true",
@@ -288,8 +290,9 @@ def main(argv=None) -> dict:
         write_report(out, result)
     for users in a.sizes:
         size = f"u{users}"
-        methods = [("two_tower", 0)]
-        prev = [r for r in result["rows"] if r["method"].startswith("two-stage")]
+        methods = [] if a.only_two_stage else [("two_tower", 0)]
+        prev = [r for r in result["rows"] if r["method"].startswith("two-stage")
+                and r["size"] != "small" and r["users"] < users]
         if a.no_two_stage:
             result["skipped"].append(f"{size} two-stage: --no-two-stage")
         elif a.two_stage_max_users is not None and users > a.two_stage_max_users:

@@ -71,6 +71,20 @@ def test_retrieval_searches_each_user_for_its_own_need_not_the_heaviest():
     np.testing.assert_allclose(got[2], s, rtol=1e-5)
 
 
+def test_popular_skips_each_users_own_exclusions():
+    from rectrain.serve import candidates as cand
+
+    order = np.array([5, 3, 9, 0, 1, 2, 4, 6, 7, 8])  # item rows by popularity
+    seen = [[5, 3, 9, 0, 1, 2, 4], [], [3]]  # user 0 has seen the 7 most popular
+    indptr = np.r_[0, np.cumsum([len(x) for x in seen])]
+    excl = cand.Exclusion(indptr, np.concatenate([np.sort(x) for x in seen]).astype(np.int64),
+                          10)
+    u, i = cand.popular(order, 2, excl, 0, 3)
+    assert u.tolist() == [0, 0, 1, 1, 2, 2] and i.tolist() == [6, 7, 5, 3, 5, 9]
+    u, i = cand.popular(order, 4, excl, 0, 1)  # fewer eligible items than n
+    assert u.tolist() == [0, 0, 0] and i.tolist() == [6, 7, 8]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ray_local):
     return tiny_recommend_runs(str(tmp_path_factory.mktemp("rec")))
