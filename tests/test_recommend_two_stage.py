@@ -36,6 +36,55 @@ def test_exact_index_is_blockwise_topk_and_faiss_recalls_it():
         assert recall >= 0.8, (kind, recall)
 
 
+def test_retrieval_searches_each_user_for_its_own_need_not_the_heaviest():
+    from rectrain.serve import candidates as cand
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(500, 8)).astype(np.float32)
+    q = rng.normal(size=(6, 8)).astype(np.float32)
+    # user row 3 has 300 excluded items, the others 0..4
+    lists = [rng.choice(500, size=c, replace=False) for c in (0, 2, 4, 300, 1, 3)]
+    indptr = np.r_[0, np.cumsum([len(x) for x in lists])]
+    excl = cand.Exclusion(indptr, np.concatenate([np.sort(x) for x in lists]), 500)
+    asked = []
+
+    class Recording(ExactIndex):
+        def search(self, queries, n):
+            asked.append((len(queries), n))
+            return super().search(queries, n)
+
+    users = np.arange(6)
+    u, i, s = cand.retrieval(Recording(v), q, users, np.arange(500), 10, excl, 0, 6)
+    full = q @ v.T
+    for r in users:
+        full[r, lists[r]] = -np.inf
+    ref = np.argsort(-full, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(u, np.repeat(users, 10)) and np.array_equal(i, ref.reshape(-1))
+    np.testing.assert_allclose(s, np.take_along_axis(full, ref, 1).reshape(-1), rtol=1e-5)
+    # needs 10 + excluded: the 5 light users in one search of 14 items, user 3 alone for 310
+    assert sorted(asked) == [(1, 310), (5, 14)]
+    # above ann_max_k, user 3 is scored exactly against the vectors, not searched
+    asked.clear()
+    got = cand.retrieval(Recording(v), q, users, np.arange(500), 10, excl, 0, 6, 1.0, v,
+                         ann_max_k=100)
+    assert asked == [(5, 14)] and np.array_equal(got[1], i)
+    np.testing.assert_allclose(got[2], s, rtol=1e-5)
+
+
+def test_popular_skips_each_users_own_exclusions():
+    from rectrain.serve import candidates as cand
+
+    order = np.array([5, 3, 9, 0, 1, 2, 4, 6, 7, 8])  # item rows by popularity
+    seen = [[5, 3, 9, 0, 1, 2, 4], [], [3]]  # user 0 has seen the 7 most popular
+    indptr = np.r_[0, np.cumsum([len(x) for x in seen])]
+    excl = cand.Exclusion(indptr, np.concatenate([np.sort(x) for x in seen]).astype(np.int64),
+                          10)
+    u, i = cand.popular(order, 2, excl, 0, 3)
+    assert u.tolist() == [0, 0, 1, 1, 2, 2] and i.tolist() == [6, 7, 5, 3, 5, 9]
+    u, i = cand.popular(order, 4, excl, 0, 1)  # fewer eligible items than n
+    assert u.tolist() == [0, 0, 0] and i.tolist() == [6, 7, 8]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ray_local):
     return tiny_recommend_runs(str(tmp_path_factory.mktemp("rec")))
@@ -69,6 +118,22 @@ def test_two_stage_with_the_whole_catalogue_equals_brute_force(runs, tmp_path):
     assert cands.num_rows == ts["candidates_per_user"] * 30
 
 
+@pytest.mark.slow
+def test_last_events_read_file_by_file_equal_the_whole_split_sorted(runs):
+    from rectrain.data.schema import POS
+    from rectrain.serve.context import _last_events
+
+    prepared = config_from_dict(runs["job"]).prepared_dir
+    cols = [USER, POS, "hist_item_id", ITEM]
+    splits = ("train", "valid", "test")
+    ev = pa.concat_tables([read_split(prepared, s, cols) for s in splits])
+    ev = ev.take(pc.sort_indices(ev, [(USER, "ascending"), (POS, "ascending")]))
+    u = ev[USER].to_numpy()
+    ref = ev.take(pa.array(np.flatnonzero(np.r_[u[1:] != u[:-1], True])))
+    got = _last_events(prepared, splits, cols)
+    assert got.num_rows == 30 and got.to_pylist() == ref.to_pylist()
+
+
 def _reference_retrieval_top_k(run: str, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The former single-process retrieval_top_k: the full [users, items] score matrix, every
     event's item excluded, torch.topk per user -> (user ids, item ids) [users, k]."""
@@ -93,6 +158,13 @@ def test_retrieval_alone_by_the_exact_index_equals_the_full_score_matrix(runs, t
     users, items = _reference_retrieval_top_k(runs["two_tower"], 5)
     assert np.array_equal(rec["user_id"].to_numpy(), np.repeat(users, 5))
     assert np.array_equal(rec["item_id"].to_numpy().reshape(-1, 5), items)
+    # two_stage with the retriever as ranking run: the retriever alone through `index`
+    cfg, kw = _job(runs, tmp_path / "ts", ranking_run=runs["two_tower"], exclude="all_seen")
+    ts = recommend_job(cfg, mode="two_stage", index="exact", **kw)
+    assert _lists(ts).select(["user_id", "rank", "item_id"]).equals(
+        rec.select(["user_id", "rank", "item_id"]))
+    assert not os.path.exists(tmp_path / "ts" / "candidates.parquet")
+    assert ts["rows"] == rec.num_rows and ts["block_seconds"] >= 0
 
 
 def _pairs(t, cols=("user_id", "item_id")):

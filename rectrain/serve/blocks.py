@@ -81,8 +81,10 @@ class Recommender:
 
     ``spec.ranking_run`` must be set (the driver fills in the job's run_dir). Brute force
     scores every eligible item with that run's model; two-stage scores the merged candidates
-    of ``spec.sources``. Memory per block: ``users_per_block x n_items`` pairs at most (brute
-    force), ``users_per_block x (candidates + excluded)`` (two-stage); never users x items.
+    of ``spec.sources``; with a retrieval run as ``ranking_run``, two-stage is that run alone
+    through ``spec.index`` (no second stage; brute force: the exact index). Memory per block:
+    ``users_per_block x n_items`` pairs at most (brute force), ``users_per_block x
+    (candidates + excluded)`` (two-stage); never users x items.
     """
 
     @torch.no_grad()
@@ -90,10 +92,6 @@ class Recommender:
         self.spec, self.rows_per_chunk = spec, rows_per_chunk
         self.rank = RunContext(spec.ranking_run, holdout=spec.evaluate)
         r = self.rank
-        if spec.mode == "two_stage" and r.retrieval:
-            raise ValueError(f"recommend.ranking_run: {spec.ranking_run} is a retrieval run "
-                             f"({r.cfg.model.name}); two_stage ranks with a ranking model (or "
-                             f"use mode: brute_force for the retrieval run alone)")
         self.excl = None
         if spec.exclude != "none":
             splits = r.history if spec.exclude == "all_seen" else EXCLUDE_SPLITS[spec.exclude]
@@ -113,8 +111,10 @@ class Recommender:
                 self.retr.model(self.retr.batch(np.zeros(min(c, n - a), np.int64),
                                                 np.arange(a, min(a + c, n))), n_queries=0)[1]
                 for a in range(0, n, c)])
-            kind = "exact" if r.retrieval else spec.index
-            self.index = build_index(self.item_vectors.float().numpy(), kind, **spec.index_params)
+            # a retrieval run alone: brute force = the exact index, two_stage = ``index``
+            kind = "exact" if r.retrieval and spec.mode == "brute_force" else spec.index
+            self.vectors = self.item_vectors.float().numpy()
+            self.index = build_index(self.vectors, kind, **spec.index_params)
         self.recent = r.recent(self._count("recent")) if "recent" in names else None
 
     def _count(self, name: str) -> int:
@@ -150,7 +150,7 @@ class Recommender:
             if s.name == "retrieval":
                 uu, q = self._user_vectors(users)
                 u, i, _ = cand.retrieval(self.index, q, uu, self.item_map, n, self.excl, lo, hi,
-                                         self.retr.model.temperature)
+                                         self.retr.model.temperature, self.vectors)
             elif s.name == "popular":
                 u, i = cand.popular(self.popular, n, self.excl, lo, hi)
             else:
@@ -166,10 +166,10 @@ class Recommender:
         if out is not None:
             _fault(out, block)
         r, spec, k = self.rank, self.spec, self.spec.k
-        if spec.mode == "brute_force" and r.retrieval:
+        if r.retrieval:  # the retriever alone: its index's top-k is the list
             u, q = self._user_vectors(np.arange(lo, hi)[r.train_users[lo:hi]])
             u, i, s = cand.retrieval(self.index, q, u, self.item_map, k, self.excl, lo, hi,
-                                     r.model.temperature)
+                                     r.model.temperature, self.vectors)
             src = np.full(len(u), SOURCE_NAMES.index("brute_force"), np.int8)
             n_cand = len(u)
         else:

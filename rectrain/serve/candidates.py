@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rectrain.data.encode import positions_in_lists
 from rectrain.serve.context import rank_in_runs
 
 SOURCES = ("retrieval", "popular", "recent")
@@ -64,10 +65,15 @@ def cap(u: np.ndarray, i: np.ndarray, n: int, excl: Exclusion | None, lo: int,
 def popular(order: np.ndarray, n: int, excl: Exclusion | None, lo: int,
             hi: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``n`` most popular eligible items for each user row in ``[lo, hi)``; ``order``:
-    item rows by decreasing train popularity."""
-    extra = int(excl.counts(lo, hi).max(initial=0)) if excl is not None else 0
-    top = order[:n + extra]
-    return cap(np.repeat(np.arange(lo, hi), len(top)), np.tile(top, hi - lo), n, excl, lo, hi)
+    item rows by decreasing train popularity. Each user takes ``n`` + their own excluded
+    items from the head of ``order`` (pairs: users x n + the block's excluded items, not
+    users x the block's largest history)."""
+    take = np.full(hi - lo, n, dtype=np.int64)
+    if excl is not None:
+        take += excl.counts(lo, hi)
+    take = np.minimum(take, len(order))
+    u = np.repeat(np.arange(lo, hi), take)
+    return cap(u, order[positions_in_lists(take)], n, excl, lo, hi)
 
 
 def recent(indptr: np.ndarray, items: np.ndarray, n: int, excl: Exclusion | None, lo: int,
@@ -79,26 +85,79 @@ def recent(indptr: np.ndarray, items: np.ndarray, n: int, excl: Exclusion | None
 
 def retrieval(index, user_vectors: np.ndarray, user_rows: np.ndarray, item_map: np.ndarray,
               n: int, excl: Exclusion | None, lo: int, hi: int,
-              temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              temperature: float = 1.0, vectors: np.ndarray | None = None,
+              ann_max_k: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``n`` eligible items by ``<u, v> / temperature`` for the users ``user_rows``
     (ranking-run rows in ``[lo, hi)``, one per row of ``user_vectors`` float32 ``[b, d]``).
 
     ``item_map``: ranking-run item row of each index row (-1: not in the ranking run's
-    catalogue). The index is asked for ``n`` + the most excluded items of any user in the block
-    + the unmapped items, so exclusion never leaves a user short. Returns ``(u, i, score)``.
+    catalogue). Each user asks the index for ``n`` + their own excluded items + the unmapped
+    items, so exclusion never leaves a user short; users are searched in groups of similar
+    need (powers of two), so one heavy user does not widen the search of the whole block (the
+    search cost is ``O(k)`` per query, and HNSW's ``efSearch`` follows ``k``). Returns
+    ``(u, i, score)``, grouped by user in the order of ``user_rows``, best first.
+
+    Users who need more than ``ann_max_k`` items (a heavy user who has seen much of the
+    catalogue) are scored exactly instead, against ``vectors`` (the index's item vectors
+    float32 ``[n_index, d]``), a few rows at a time: an ANN search that deep costs more time
+    and memory (HNSW's ``efSearch`` = k) than one pass over the catalogue.
     """
-    extra = (int(excl.counts(lo, hi).max(initial=0)) if excl is not None else 0) + \
-        int((item_map < 0).sum())
-    scores, ids = index.search(user_vectors, n + extra)
-    u = np.repeat(user_rows, ids.shape[1])
-    i = np.where(ids >= 0, item_map[np.maximum(ids, 0)], -1).reshape(-1)
-    s = (scores / temperature).reshape(-1)
+    need = np.full(len(user_rows), n + int((item_map < 0).sum()), dtype=np.int64)
+    if excl is not None:
+        need += excl.indptr[user_rows + 1] - excl.indptr[user_rows]
+    heavy = need > ann_max_k if vectors is not None else np.zeros(len(need), dtype=bool)
+    group = np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64)
+    us, ids_all, ss = [], [], []
+    for g in np.unique(group[~heavy]):
+        rows = np.flatnonzero((group == g) & ~heavy)
+        scores, ids = index.search(user_vectors[rows], int(need[rows].max()))
+        us.append(np.repeat(rows, ids.shape[1]))
+        ids_all.append(ids.reshape(-1))
+        ss.append(scores.reshape(-1))
+    step = max(1, (1 << 22) // max(1, len(item_map)))  # rows x items <= 4M floats
+    rows_h = np.flatnonzero(heavy)
+    for a in range(0, len(rows_h), step):
+        rows = rows_h[a:a + step]
+        scores, ids = _exact_top(vectors, user_vectors[rows], user_rows[rows], item_map, n,
+                                 excl)
+        us.append(np.repeat(rows, ids.shape[1]))
+        ids_all.append(ids.reshape(-1))
+        ss.append(scores.reshape(-1))
+    if not us:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, np.zeros(0, dtype=np.float32)
+    pos = np.concatenate(us)
+    order = np.argsort(pos, kind="stable")  # back to the order of user_rows, ranks kept
+    ids, s = np.concatenate(ids_all)[order], np.concatenate(ss)[order]
+    u = user_rows[pos[order]]
+    i = np.where(ids >= 0, item_map[np.maximum(ids, 0)], -1)
+    s = s / temperature
     ok = i >= 0
     if excl is not None:
         ok &= ~excl.mask(u, np.maximum(i, 0), lo, hi)
     u, i, s = u[ok], i[ok], s[ok]
     keep = rank_in_runs(u) < n
     return u[keep], i[keep], s[keep]
+
+
+def _exact_top(vectors: np.ndarray, q: np.ndarray, users: np.ndarray, item_map: np.ndarray,
+               n: int, excl: Exclusion | None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``n`` index rows of queries ``q`` ``[b, d]`` (ranking-run user rows ``users``)
+    with unmapped and excluded items removed first: ``(scores [b, n], ids [b, n])``, -inf / -1
+    where a user has fewer eligible items; ties by lower index row."""
+    s = q @ vectors.T
+    s[:, item_map < 0] = -np.inf
+    if excl is not None:
+        to_index = np.full(excl.n_items, -1, dtype=np.int64)
+        ok = item_map >= 0
+        to_index[item_map[ok]] = np.flatnonzero(ok)
+        for r, u in enumerate(users):  # b <= a few rows, one vectorised mask each
+            seen = to_index[excl.items[excl.indptr[u]:excl.indptr[u + 1]]]
+            s[r, seen[seen >= 0]] = -np.inf
+    n = min(n, s.shape[1])
+    ids = np.argsort(-s, axis=1, kind="stable")[:, :n]
+    top = np.take_along_axis(s, ids, 1)
+    return top.astype(np.float32), np.where(np.isfinite(top), ids, -1)
 
 
 def merge(parts: list[tuple[int, np.ndarray, np.ndarray]], n_items: int

@@ -59,13 +59,7 @@ def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, 
     last event's ``extra`` columns, over the events of ``splits``. Users without events there
     get empty sequences and zeros."""
     cols = list(dict.fromkeys([USER, POS] + [c for pair in sequences for c in pair] + extra))
-    parts = [t for t in (read_split(prepared, s, cols) for s in splits) if t]
-    events = pa.concat_tables(parts)
-    order = pc.sort_indices(events, [(USER, "ascending"), (POS, "ascending")])
-    ev = events.take(order)
-    users = ev[USER].to_numpy()
-    last = np.flatnonzero(np.r_[users[1:] != users[:-1], True])  # last row of each user
-    ev = ev.take(pa.array(last))
+    ev = _last_events(prepared, splits, cols)
     state = {name: append_truncate(ev[name].combine_chunks(), ev[src].to_numpy(), max_len)
              for name, src in sequences}
     state.update({c: ev[c] for c in extra})
@@ -78,6 +72,41 @@ def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, 
             pc.cast(pa.array(np.zeros(len(col), dtype=np.int64)), col.type)
         out[c] = pc.if_else(has, col, empty)
     return pa.table(out)
+
+
+def _last_events(prepared: str, splits: tuple[str, ...], cols: list[str]) -> pa.Table:
+    """``cols`` of each user's last event (largest ``POS``) over ``splits``, one row per user
+    sorted by user id. Two passes, so memory is O(events) ints plus one file, not every
+    event's behaviour sequences: (user, position) of every event, then the full columns of
+    the chosen rows, file by file.
+
+    Raises:
+        ValueError: the splits have no event files.
+    """
+    from rectrain.data.door import prepared_bounds, read_checked
+
+    bounds = prepared_bounds(prepared)
+    files = [f for s in splits if storage.exists(storage.join(prepared, s))
+             for f in storage.list_parquet_files(storage.join(prepared, s))[0]]
+    if not files:
+        raise ValueError(f"{prepared}: no event files in splits {list(splits)}")
+    keys = [read_checked([f], [USER, POS], bounds) for f in files]
+    user = np.concatenate([t[USER].to_numpy() for t in keys])
+    pos = np.concatenate([t[POS].to_numpy() for t in keys])
+    file = np.repeat(np.arange(len(files)), [t.num_rows for t in keys])
+    row = np.concatenate([np.arange(t.num_rows) for t in keys])
+    del keys
+    order = np.lexsort((pos, user))
+    u = user[order]
+    last = order[np.r_[u[1:] != u[:-1], True]]  # last event of each user, by user id
+    sel_file, sel_row = file[last], row[last]
+    where, parts = [], []
+    for f in np.unique(sel_file):
+        m = np.flatnonzero(sel_file == f)
+        parts.append(read_checked([files[f]], cols, bounds).take(pa.array(sel_row[m])))
+        where.append(m)
+    ev = pa.concat_tables(parts)
+    return ev.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
 
 
 def _padded(seq: pa.ListArray, width: int) -> np.ndarray:

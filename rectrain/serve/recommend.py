@@ -14,11 +14,13 @@ the final lists with :func:`finalize`.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from rectrain.config import config_from_dict
 from rectrain.config.sections import RecommendSpec
@@ -48,9 +50,11 @@ def plan_blocks(spec: RecommendSpec) -> list[tuple[int, int, int]]:
 
 
 def do_block(rec: Recommender, out: str, block: int, lo: int, hi: int) -> dict:
-    """Compute and write one block (lists, and the stage-1 candidates in two-stage mode)."""
+    """Compute and write one block (lists, and the stage-1 candidates in two-stage mode);
+    ``ms``: its wall milliseconds (compute and write)."""
+    t0 = time.perf_counter()
     table, stats = rec.block(block, lo, hi, out)
-    if rec.spec.mode == "two_stage":
+    if rec.spec.mode == "two_stage" and not rec.rank.retrieval:
         u, i, src = rec.candidates(lo, hi)
         write_block(pa.table({"user_id": rec.rank.user_keys.take(pa.array(u)),
                               "item_id": rec.rank.item_keys.take(pa.array(i)),
@@ -60,7 +64,8 @@ def do_block(rec: Recommender, out: str, block: int, lo: int, hi: int) -> dict:
     write_block(table, block_url(out, block))
     # ru_maxrss: KiB on Linux; the process's peak so far (models, index, the largest block)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"block": block, **stats, "peak_rss_mb": int(peak)}
+    return {"block": block, **stats, "peak_rss_mb": int(peak),
+            "ms": int(1000 * (time.perf_counter() - t0))}
 
 
 def run_blocks(spec: RecommendSpec, out: str, progress=None,
@@ -93,17 +98,14 @@ def finalize(out: str, blocks: list[tuple[int, int, int]], stats: list[dict],
     missing = [b for b, _, _ in blocks if not block_done(block_url(out, b))]
     if missing:
         raise RuntimeError(f"{out}: recommend blocks {missing[:10]} have no output file")
-    lists = pa.concat_tables([storage.read_parquet(block_url(out, b)) for b, _, _ in blocks])
-    _write(lists, storage.join(out, "top_k.parquet"))
-    if spec.mode == "two_stage":
-        c = storage.join(out, "candidates")
-        _write(pa.concat_tables([storage.read_parquet(block_url(c, b)) for b, _, _ in blocks]),
-               storage.join(out, "candidates.parquet"))
+    rows, fb_users = _concat([block_url(out, b) for b, _, _ in blocks],
+                             storage.join(out, "top_k.parquet"), _fallback_users)
+    c = storage.join(out, "candidates")
+    if spec.mode == "two_stage" and storage.exists(c):  # not for a retrieval run alone
+        _concat([block_url(c, b) for b, _, _ in blocks], storage.join(out, "candidates.parquet"))
     n_users = blocks[-1][2] if blocks else 0
-    is_fb = pc.equal(pc.cast(lists["source"], pa.string()), "fallback")
-    fb_users = len(pc.unique(lists.filter(is_fb)["user_id"])) if lists.num_rows else 0
     summary = {"mode": spec.mode, "users": n_users, "fallback_users": fb_users,
-               "rows": lists.num_rows, "blocks": len(blocks),
+               "rows": rows, "blocks": len(blocks),
                "blocks_skipped": len(blocks) - len(stats),
                "candidates_per_user": (sum(s["candidates"] for s in stats) /
                                        max(1, sum(s["users"] - s["fallback_users"]
@@ -111,6 +113,8 @@ def finalize(out: str, blocks: list[tuple[int, int, int]], stats: list[dict],
                "k": spec.k, "exclude": spec.exclude, "lists": storage.join(out, "top_k.parquet")}
     if stats:
         summary["peak_rss_mb_per_process"] = max(s["peak_rss_mb"] for s in stats)
+        # the blocks' own time, summed over processes: users/s without start-up and loading
+        summary["block_seconds"] = sum(s.get("ms", 0) for s in stats) / 1000
     if wall_s is not None:
         summary["wall_s"] = wall_s
         summary["users_per_s"] = sum(s["users"] for s in stats) / wall_s if wall_s else None
@@ -120,6 +124,35 @@ def finalize(out: str, blocks: list[tuple[int, int, int]], stats: list[dict],
 
 def _write(table: pa.Table, url: str) -> None:
     write_block(table, url)
+
+
+def _fallback_users(t: pa.Table) -> int:
+    is_fb = pc.equal(pc.cast(t["source"], pa.string()), "fallback")
+    return len(pc.unique(t.filter(is_fb)["user_id"])) if t.num_rows else 0
+
+
+def _concat(urls: list[str], dest: str, count=None) -> tuple[int, int]:
+    """Stream the block files ``urls`` into one Parquet file ``dest`` (one block in memory at a
+    time, so the driver never holds every user's rows; temporary name, then renamed); returns
+    ``(rows, sum of count(block table))``."""
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    fs, path = storage.url_to_fs(tmp)
+    rows = counted = 0
+    writer = None
+    with fs.open(path, "wb") as f:
+        try:
+            for url in urls:
+                t = storage.read_parquet(url)
+                if writer is None:
+                    writer = pq.ParquetWriter(f, t.schema)
+                writer.write_table(t.cast(writer.schema))
+                rows += t.num_rows
+                counted += count(t) if count else 0
+        finally:
+            if writer is not None:
+                writer.close()
+    storage.move(tmp, dest)
+    return rows, counted
 
 
 def recommend(run_dir: str, k: int = 10, out: str | None = None, users_per_chunk: int = 256,
