@@ -66,19 +66,9 @@ def test_cli_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
 
 def _run_inprocess(job: dict) -> dict:
     """``loop.run`` on one gloo rank in this process (no Ray)."""
-    import torch.distributed as dist
+    from tests.support.dist import run_one_rank
 
-    from rectrain.train import loop
-    from rectrain.train.env import file_env
-    from tests.support.ports import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        cfg = config_from_dict(job)
-        return loop.run(cfg, file_env(cfg, 0, 1))
-    finally:
-        dist.destroy_process_group()
+    return run_one_rank(job)
 
 
 def _small_job(tmp, **over):

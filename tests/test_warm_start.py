@@ -18,19 +18,10 @@ from tests.support.tiny import tiny_job
 
 
 def _run_inprocess(job: dict) -> dict:
-    import torch.distributed as dist
+    """``loop.run`` on one gloo rank in this process (no Ray)."""
+    from tests.support.dist import run_one_rank
 
-    from rectrain.train import loop
-    from rectrain.train.env import file_env
-    from tests.support.ports import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        cfg = config_from_dict(job)
-        return loop.run(cfg, file_env(cfg, 0, 1))
-    finally:
-        dist.destroy_process_group()
+    return run_one_rank(job)
 
 
 def _job(tmp, prepared, run, **over):

@@ -95,3 +95,21 @@ def assemble(per_rank: list[dict]) -> dict:
                 out[r0:r0 + t.shape[0], c0:c0 + t.shape[1]] = t
         full[k] = out
     return full
+
+
+def run_one_rank(job: dict) -> dict:
+    """``rectrain.train.loop.run`` of a job dict on one gloo rank in this process (no Ray);
+    returns the run's metrics."""
+    import torch.distributed as dist
+
+    from rectrain.config import config_from_dict
+    from rectrain.train import loop
+    from rectrain.train.env import file_env
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        cfg = config_from_dict(job)
+        return loop.run(cfg, file_env(cfg, 0, 1))
+    finally:
+        dist.destroy_process_group()
