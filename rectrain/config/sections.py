@@ -337,6 +337,11 @@ class RecommendSource(_Model):
                                                           "(default: recommend.candidates)")
 
 
+#: ``recommend.index_params`` names (rectrain/serve/index.py build_index)
+INDEX_PARAMS = ("nlist", "nprobe", "m", "ef_search", "ef_construction", "threads",
+                "items_per_block")
+
+
 class RecommendSpec(_Model):
     """``rectrain recommend --config JOB.yaml``: top-k lists for every user (docs/recommend.md).
 
@@ -393,4 +398,11 @@ class RecommendSpec(_Model):
             raise ValueError(f"recommend.sources: duplicate source in {names}")
         if self.mode == "two_stage" and "retrieval" in names and not self.retrieval_run:
             raise ValueError("recommend.retrieval_run: the retrieval source needs a run")
+        for key, value in self.index_params.items():  # faiss aborts the process on some
+            if key not in INDEX_PARAMS:
+                raise ValueError(f"recommend.index_params.{key}: unknown parameter; known: "
+                                 f"{', '.join(INDEX_PARAMS)}")
+            low = 2 if key == "m" else 1
+            if value < low:
+                raise ValueError(f"recommend.index_params.{key}: {value} must be >= {low}")
         return self

@@ -64,11 +64,16 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
 
     Raises:
         FileNotFoundError: a run has no complete checkpoint.
+        ValueError: see :func:`check_spec`; ``out`` holds blocks of other settings
+            (:func:`rectrain.serve.blocks.claim_out`).
         ray.exceptions.RayError: a block failed (the blocks already written stay).
     """
+    from rectrain.serve.blocks import claim_out
     from rectrain.serve.recommend import finalize, plan_blocks, run_blocks
 
     spec, out = resolve_spec(cfg, **over)
+    check_spec(spec)
+    claim_out(out, spec)
     t0 = time.perf_counter()
     blocks = plan_blocks(spec)
     todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
@@ -88,6 +93,39 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
     if metrics is not None:
         summary["list_metrics"] = metrics
     return summary
+
+
+def check_spec(spec: RecommendSpec) -> None:
+    """Checks of the runs that need only their stored configs, before any model is loaded.
+
+    Raises:
+        FileNotFoundError: a run has no complete checkpoint.
+        ValueError: ``retrieval_run`` is not a retrieval model (two-tower, SASRec), or
+            ``evaluate`` is on and the ranking run's prepared data has no test split.
+    """
+    from rectrain.models import task_of
+    from rectrain.serve.recommend import run_config
+
+    ranker = run_config(spec.ranking_run)
+    names = [s.name for s in spec.sources]
+    if spec.retrieval_run and spec.mode == "two_stage" and ("retrieval" in names
+                                                          or spec.explain):
+        name = run_config(spec.retrieval_run).model.name
+        if task_of(name) != "retrieval":
+            raise ValueError(f"recommend.retrieval_run: {spec.retrieval_run} is a {name} run "
+                             f"(a ranking model); stage 1 needs a retrieval run (two_tower, "
+                             f"sasrec): give one, or use it as recommend.ranking_run")
+    if spec.evaluate and not _has_files(storage.join(ranker.prepared_dir, "test")):
+        raise ValueError(f"recommend.evaluate: {ranker.prepared_dir} (the prepared data of "
+                         f"recommend.ranking_run {spec.ranking_run}) has no test/ split to "
+                         f"score the lists against; set recommend.evaluate: false")
+
+
+def _has_files(url: str) -> bool:
+    try:
+        return bool(storage.list_parquet_files(url)[0])
+    except FileNotFoundError:
+        return False
 
 
 def _run_ray(spec: RecommendSpec, out: str, todo, address, bar, max_restarts: int) -> list[dict]:

@@ -27,7 +27,7 @@ from rectrain.config.sections import RecommendSpec
 from rectrain.data import storage
 from rectrain.models import task_of
 from rectrain.serve.blocks import (SOURCE_NAMES, Recommender, block_done, block_url,
-                                   write_block)
+                                   claim_out, write_block)
 from rectrain.serve.context import append_truncate, latest_state, serve_users  # noqa: F401
 from rectrain.serve.loading import checkpoint_url
 
@@ -73,6 +73,7 @@ def run_blocks(spec: RecommendSpec, out: str, progress=None,
     """All blocks of ``spec`` in this process, skipping blocks already written; returns the
     summary of :func:`finalize` (with ``wall_s`` counted from ``wall_from``, a
     ``time.perf_counter()``). ``progress(users)`` is called after each block."""
+    claim_out(out, spec)
     blocks = plan_blocks(spec)
     todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
     stats = []
