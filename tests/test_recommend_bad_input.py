@@ -5,6 +5,8 @@ clear error naming the field before any model is loaded or block written, and no
 import glob
 import os
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -92,3 +94,20 @@ def test_out_with_blocks_of_other_settings_is_refused_and_kept(runs, tmp_path):
     os.remove(out / "recommend_spec.json")  # blocks of an earlier release: settings unknown
     with pytest.raises(ValueError, match="unrecorded settings"):
         _rec(runs, out)
+
+
+def test_user_who_saw_every_item_is_counted_not_silently_dropped(tmp_path, capsys):
+    r = _runs(str(tmp_path / "r"))
+    f = sorted(glob.glob(f"{tmp_path}/r/prepared/train/*.parquet"))[0]
+    t = pq.read_table(f)
+    items = pc.unique(pa.concat_tables(
+        [pq.read_table(x, columns=["_item"]) for x in glob.glob(f"{tmp_path}/r/prepared/*/*")])
+        ["_item"])
+    extra = t.slice(0, len(items))  # user 7 has a train event of every item
+    extra = extra.set_column(extra.column_names.index("_user"), "_user",
+                             pa.array(np.full(len(items), 7)))
+    extra = extra.set_column(extra.column_names.index("_item"), "_item", items)
+    pq.write_table(pa.concat_tables([t, extra]), f)
+    s = _rec(r, tmp_path / "o", exclude="all_seen", k=5)
+    assert s["users"] == 30 and s["users_without_list"] == 1 and s["rows"] == 29 * 5
+    assert "1 of 30 users get no list" in capsys.readouterr().out

@@ -18,6 +18,7 @@ import os
 import resource
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -99,13 +100,18 @@ def finalize(out: str, blocks: list[tuple[int, int, int]], stats: list[dict],
     missing = [b for b, _, _ in blocks if not block_done(block_url(out, b))]
     if missing:
         raise RuntimeError(f"{out}: recommend blocks {missing[:10]} have no output file")
-    rows, fb_users = _concat([block_url(out, b) for b, _, _ in blocks],
-                             storage.join(out, "top_k.parquet"), _fallback_users)
+    rows, c = _concat([block_url(out, b) for b, _, _ in blocks],
+                      storage.join(out, "top_k.parquet"), _user_counts)
+    fb_users, listed = (int(c[0]), int(c[1])) if np.ndim(c) else (0, 0)
     c = storage.join(out, "candidates")
     if spec.mode == "two_stage" and storage.exists(c):  # not for a retrieval run alone
         _concat([block_url(c, b) for b, _, _ in blocks], storage.join(out, "candidates.parquet"))
     n_users = blocks[-1][2] if blocks else 0
+    if n_users > listed:  # every eligible item excluded for them: no row at all
+        print(f"[rectrain] {n_users - listed} of {n_users} users get no list: every item is "
+              f"excluded for them (recommend.exclude: {spec.exclude})", flush=True)
     summary = {"mode": spec.mode, "users": n_users, "fallback_users": fb_users,
+               "users_without_list": n_users - listed,
                "rows": rows, "blocks": len(blocks),
                "blocks_skipped": len(blocks) - len(stats),
                "candidates_per_user": (sum(s["candidates"] for s in stats) /
@@ -127,15 +133,18 @@ def _write(table: pa.Table, url: str) -> None:
     write_block(table, url)
 
 
-def _fallback_users(t: pa.Table) -> int:
+def _user_counts(t: pa.Table) -> np.ndarray:
+    """``[fallback users, users with rows]`` of one block (each user is in one block)."""
+    if not t.num_rows:
+        return np.zeros(2, dtype=np.int64)
     is_fb = pc.equal(pc.cast(t["source"], pa.string()), "fallback")
-    return len(pc.unique(t.filter(is_fb)["user_id"])) if t.num_rows else 0
+    return np.array([len(pc.unique(t.filter(is_fb)["user_id"])), len(pc.unique(t["user_id"]))])
 
 
 def _concat(urls: list[str], dest: str, count=None) -> tuple[int, int]:
     """Stream the block files ``urls`` into one Parquet file ``dest`` (one block in memory at a
     time, so the driver never holds every user's rows; temporary name, then renamed); returns
-    ``(rows, sum of count(block table))``."""
+    ``(rows, sum of count(block table))`` (``count`` may return an array: summed per element)."""
     tmp = f"{dest}.tmp-{os.getpid()}"
     fs, path = storage.url_to_fs(tmp)
     rows = counted = 0
