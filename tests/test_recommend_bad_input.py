@@ -111,3 +111,28 @@ def test_user_who_saw_every_item_is_counted_not_silently_dropped(tmp_path, capsy
     s = _rec(r, tmp_path / "o", exclude="all_seen", k=5)
     assert s["users"] == 30 and s["users_without_list"] == 1 and s["rows"] == 29 * 5
     assert "1 of 30 users get no list" in capsys.readouterr().out
+
+
+def test_bad_out_gone_data_short_candidates_and_bad_flags_are_one_line_errors(runs, tmp_path):
+    import json
+    import shutil
+
+    afile = tmp_path / "lists.parquet"
+    afile.write_text("mine")
+    with pytest.raises(ValueError, match=r"recommend.out: .* is a file"):
+        _rec(runs, afile)
+    assert afile.read_text() == "mine"
+    with pytest.raises(ValueError, match=r"recommend.candidates: .* at most 2 .* k: 3"):
+        _rec(runs, tmp_path / "c", mode="two_stage", retrieval_run=runs["two_tower"],
+             candidates=2)
+    with pytest.raises(ValueError, match=r"^recommend.actors: .*greater than or equal to 0, "
+                                         r"got -1$"):
+        _rec(runs, tmp_path / "a", actors=-1)
+    moved = shutil.copytree(runs["din"], tmp_path / "din")
+    meta = moved / "checkpoint" / "meta.json"
+    m = json.loads(meta.read_text())
+    m["config"]["prepared_dir"] = str(tmp_path / "gone")
+    meta.write_text(json.dumps(m))
+    with pytest.raises(FileNotFoundError, match=r"recommend.ranking_run: .*gone.*manifest"):
+        _rec(runs, tmp_path / "g", ranking_run=str(moved))
+    assert not any(os.path.exists(tmp_path / d) for d in "cag")

@@ -55,8 +55,13 @@ def claim_out(out: str, spec: RecommendSpec) -> None:
     never mixes in (or deletes) those of other settings.
 
     Raises:
-        ValueError: ``out/blocks`` holds block files of other (or unrecorded) settings.
+        ValueError: ``out`` is a file, or ``out/blocks`` holds block files of other (or
+            unrecorded) settings.
     """
+    fs, path = storage.url_to_fs(out)
+    if fs.exists(path) and not fs.isdir(path):
+        raise ValueError(f"recommend.out: {out} is a file; recommend writes a folder (top_k."
+                         f"parquet, blocks/, summary.json): give a folder path")
     url = storage.join(out, "recommend_spec.json")
     want = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_IN_LISTS}
     want["index_params"].pop("threads", None)
