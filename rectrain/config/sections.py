@@ -154,6 +154,13 @@ class DatasetSpec(_Model):
                                    "9999-12-31 and milliseconds read as seconds (None: no "
                                    "upper bound)")
 
+    @model_validator(mode="after")
+    def _window_needs_windows(self) -> "DatasetSpec":
+        if self.window is not None and self.windows is None:  # else silently the whole log
+            raise ValueError(f"dataset.window: {self.window} is set but dataset.windows is not; "
+                             f"add windows (e.g. windows: {{size: 7d}}) or remove window")
+        return self
+
 
 class Transform(_Model):
     """A vectorised transform applied to a source column before encoding (exactly one field)."""
