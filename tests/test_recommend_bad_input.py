@@ -89,7 +89,8 @@ def test_out_with_blocks_of_other_settings_is_refused_and_kept(runs, tmp_path):
         _rec(runs, out, k=5)
     with pytest.raises(ValueError, match=r"recommend.mode: 'brute_force' there"):
         _rec(runs, out, mode="two_stage", retrieval_run=runs["two_tower"])
-    assert sorted(os.listdir(out / "blocks")) == blocks and (out / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(out / "blocks")) == blocks
+    assert (out / "notes.txt").read_text() == "mine"
     assert pq.read_table(out / "top_k.parquet")["rank"].to_numpy().max() == 3
     os.remove(out / "recommend_spec.json")  # blocks of an earlier release: settings unknown
     with pytest.raises(ValueError, match="unrecorded settings"):
