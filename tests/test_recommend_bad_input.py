@@ -137,3 +137,13 @@ def test_bad_out_gone_data_short_candidates_and_bad_flags_are_one_line_errors(ru
     with pytest.raises(FileNotFoundError, match=r"recommend.ranking_run: .*gone.*manifest"):
         _rec(runs, tmp_path / "g", ranking_run=str(moved))
     assert not any(os.path.exists(tmp_path / d) for d in "cag")
+
+
+def test_short_lists_from_an_ivf_index_that_probes_few_items_are_counted(runs, tmp_path,
+                                                                          capsys):
+    # 50 items in 50 lists, 2 probed: about 2 items found per user, k = 3
+    s = _rec(runs, tmp_path / "ivf", mode="two_stage", retrieval_run=runs["two_tower"],
+             index="ivf", index_params={"nlist": 1000, "nprobe": 2}, candidates=3,
+             sources=[{"name": "retrieval"}], exclude="none")
+    assert s["users_with_short_list"] > 0 and s["rows"] < 30 * 3
+    assert f"{s['users_with_short_list']} of 30 users get fewer than k=3" in capsys.readouterr().out

@@ -101,17 +101,25 @@ def finalize(out: str, blocks: list[tuple[int, int, int]], stats: list[dict],
     if missing:
         raise RuntimeError(f"{out}: recommend blocks {missing[:10]} have no output file")
     rows, c = _concat([block_url(out, b) for b, _, _ in blocks],
-                      storage.join(out, "top_k.parquet"), _user_counts)
-    fb_users, listed = (int(c[0]), int(c[1])) if np.ndim(c) else (0, 0)
+                      storage.join(out, "top_k.parquet"),
+                      lambda t: _user_counts(t, spec.k))
+    fb_users, listed, short = (int(x) for x in c) if np.ndim(c) else (0, 0, 0)
     c = storage.join(out, "candidates")
     if spec.mode == "two_stage" and storage.exists(c):  # not for a retrieval run alone
         _concat([block_url(c, b) for b, _, _ in blocks], storage.join(out, "candidates.parquet"))
     n_users = blocks[-1][2] if blocks else 0
+    if short:
+        print(f"[rectrain] {short} of {n_users} users get fewer than k={spec.k} items (fewer "
+              f"eligible items, or the index found fewer: raise index_params nprobe / "
+              f"ef_search)", flush=True)
     if n_users > listed:  # every eligible item excluded for them: no row at all
         print(f"[rectrain] {n_users - listed} of {n_users} users get no list: every item is "
               f"excluded for them (recommend.exclude: {spec.exclude})", flush=True)
     summary = {"mode": spec.mode, "users": n_users, "fallback_users": fb_users,
                "users_without_list": n_users - listed,
+               # fewer eligible items than k, or an approximate index (IVF: nprobe lists)
+               # that found fewer
+               "users_with_short_list": short,
                "rows": rows, "blocks": len(blocks),
                "blocks_skipped": len(blocks) - len(stats),
                "candidates_per_user": (sum(s["candidates"] for s in stats) /
@@ -133,12 +141,15 @@ def _write(table: pa.Table, url: str) -> None:
     write_block(table, url)
 
 
-def _user_counts(t: pa.Table) -> np.ndarray:
-    """``[fallback users, users with rows]`` of one block (each user is in one block)."""
+def _user_counts(t: pa.Table, k: int) -> np.ndarray:
+    """``[fallback users, users with rows, users with 1..k-1 rows]`` of one block (each user
+    is in one block)."""
     if not t.num_rows:
-        return np.zeros(2, dtype=np.int64)
+        return np.zeros(3, dtype=np.int64)
     is_fb = pc.equal(pc.cast(t["source"], pa.string()), "fallback")
-    return np.array([len(pc.unique(t.filter(is_fb)["user_id"])), len(pc.unique(t["user_id"]))])
+    per_user = pc.value_counts(t["user_id"]).field("counts").to_numpy()
+    return np.array([len(pc.unique(t.filter(is_fb)["user_id"])), len(per_user),
+                     int((per_user < k).sum())])
 
 
 def _concat(urls: list[str], dest: str, count=None) -> tuple[int, int]:
