@@ -102,3 +102,22 @@ def test_ids_survive_two_prepares_new_ids_take_free_rows_overflow_is_counted(tmp
                for p in extension_problems(saved, m3, str(tmp_path / "p3")))
     with pytest.raises(ValueError, match="renumbered"):
         check_same_data(saved, m3, "ck", str(tmp_path / "p3"))
+
+
+def test_capacity_overflow_warns_and_vocab_from_a_run_whose_data_is_gone_stops(tmp_path, caplog):
+    import json
+    import logging
+
+    from rectrain.data.prepare.vocab import Vocabularies, previous_vocabularies
+
+    f = config_from_dict(tiny_job(str(tmp_path))).features[1].model_copy(update={"capacity": 2})
+    with caplog.at_level(logging.WARNING, logger="rectrain.data.prepare.vocab"):
+        assert len(Vocabularies().build(f, pa.array([5, 6, 7, 8]))) == 2
+    assert "feature 'item_id': capacity 2 is full (2 values); 2 more distinct values go to " \
+           "the OOV row 0" in caplog.text
+    ck = tmp_path / "run" / "checkpoint"
+    ck.mkdir(parents=True)
+    (ck / "meta.json").write_text(json.dumps({"config": {"prepared_dir": str(tmp_path / "gone")}}))
+    with pytest.raises(FileNotFoundError, match=r"dataset.vocab_from: .*run was prepared into "
+                                                r".*gone, which is gone"):
+        previous_vocabularies(str(tmp_path / "run"), ["item_id"])

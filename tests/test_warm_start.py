@@ -88,3 +88,26 @@ def test_warm_start_source_is_resolved_on_the_driver(tmp_path):
     from rectrain import cli
     args = cli._overrides(type("A", (), {"warm_start": "rel/run"})())
     assert args["checkpoint"]["warm_start"] == os.path.join(os.getcwd(), "rel/run")
+
+
+def test_warm_start_from_other_tables_stops_on_the_driver(tmp_path):
+    """A warm start from a run whose embedding tables have other sizes fails in prepare_run
+    (before Ray starts), naming the table, not in every worker after start-up."""
+    from rectrain.train.resume import prepare_run
+    from tests.support.recommend_runs import save_untrained
+
+    write_prepared(str(tmp_path / "p1"))
+    run1 = save_untrained(_job(tmp_path, tmp_path / "p1", tmp_path / "run1"),
+                          str(tmp_path / "run1"))
+    write_prepared(str(tmp_path / "p2"))
+    m = json.loads((tmp_path / "p2" / "manifest.json").read_text())
+    m["tables"]["item"] += 10
+    (tmp_path / "p2" / "manifest.json").write_text(json.dumps(m))
+    cfg = config_from_dict(_job(tmp_path, tmp_path / "p2", tmp_path / "run2",
+                                checkpoint={"warm_start": run1}))
+    with pytest.raises(ValueError, match=r"changed since.*table item: 51 rows at the checkpoint, "
+                                         r"61 now.*--warm-start"):
+        prepare_run(cfg)
+    same = config_from_dict(_job(tmp_path, tmp_path / "p1", tmp_path / "run3",
+                                 checkpoint={"warm_start": run1}))
+    assert prepare_run(same).checkpoint.warm_start.endswith("checkpoint")

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rectrain.config import config_from_dict
+from rectrain.config.load import ConfigError
 from rectrain.data.prepare.windows import parse_duration, split_codes, window_bounds
 from tests.support.tiny import SEQ_LEN, tiny_job, tiny_tables
 
@@ -98,3 +99,16 @@ def test_window_prepares_split_by_time_sequences_span_windows_ids_stay(tmp_path,
     from rectrain.data.schema import check_same_data, data_identity
     assert check_same_data(data_identity(m1), m2, "ck", str(tmp_path / "w2")) in ("same",
                                                                                   "extends")
+
+
+def test_window_settings_that_match_no_events_are_named():
+    with pytest.raises(ConfigError, match=r"dataset.window: 3 is set but dataset.windows is not"):
+        config_from_dict(tiny_job("/t", dataset={"window": 3}))
+    late = config_from_dict(tiny_job("/t", dataset={"windows": {"size": "1d", "start": 10**10},
+                                                    "window": 0})).dataset
+    with pytest.raises(ValueError, match=r"dataset.windows.start: 10000000000 is after the "
+                                         r"last event \(1040"):
+        window_bounds(late, 1000, 1040)
+    one = config_from_dict(tiny_job("/t", dataset={"windows": {"size": "1d"}, "window": 0}))
+    with pytest.raises(ValueError, match=r"dataset.windows: .* makes 1 window"):
+        window_bounds(one.dataset, 1000, 1040)

@@ -154,6 +154,13 @@ class DatasetSpec(_Model):
                                    "9999-12-31 and milliseconds read as seconds (None: no "
                                    "upper bound)")
 
+    @model_validator(mode="after")
+    def _window_needs_windows(self) -> "DatasetSpec":
+        if self.window is not None and self.windows is None:  # else silently the whole log
+            raise ValueError(f"dataset.window: {self.window} is set but dataset.windows is not; "
+                             f"add windows (e.g. windows: {{size: 7d}}) or remove window")
+        return self
+
 
 class Transform(_Model):
     """A vectorised transform applied to a source column before encoding (exactly one field)."""
@@ -337,6 +344,11 @@ class RecommendSource(_Model):
                                                           "(default: recommend.candidates)")
 
 
+#: ``recommend.index_params`` names (rectrain/serve/index.py build_index)
+INDEX_PARAMS = ("nlist", "nprobe", "m", "ef_search", "ef_construction", "threads",
+                "items_per_block")
+
+
 class RecommendSpec(_Model):
     """``rectrain recommend --config JOB.yaml``: top-k lists for every user (docs/recommend.md).
 
@@ -393,4 +405,11 @@ class RecommendSpec(_Model):
             raise ValueError(f"recommend.sources: duplicate source in {names}")
         if self.mode == "two_stage" and "retrieval" in names and not self.retrieval_run:
             raise ValueError("recommend.retrieval_run: the retrieval source needs a run")
+        for key, value in self.index_params.items():  # faiss aborts the process on some
+            if key not in INDEX_PARAMS:
+                raise ValueError(f"recommend.index_params.{key}: unknown parameter; known: "
+                                 f"{', '.join(INDEX_PARAMS)}")
+            low = 2 if key == "m" else 1
+            if value < low:
+                raise ValueError(f"recommend.index_params.{key}: {value} must be >= {low}")
         return self

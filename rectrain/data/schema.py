@@ -168,7 +168,7 @@ def check_same_data(saved: dict | None, manifest: dict, checkpoint: str,
         f"{now['fingerprint'][:12]} now: " + ("; ".join(diff) if diff else
                                               "same table sizes, other vocabularies or schema")
         + "), so its ids would mean other things; prepare into another prepared_dir for the "
-          "new data, or train afresh (no --resume); to continue on new data, prepare it with "
+          "new data, or train afresh (without --resume / --warm-start); to continue on new data, prepare it with "
           "dataset.vocab_from and a capacity per feature (not a prefix: "
         + "; ".join(problems) + ")")
 

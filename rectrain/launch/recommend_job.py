@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from rectrain.config import JobConfig
@@ -51,7 +52,14 @@ def resolve_spec(cfg: JobConfig, **over) -> tuple[RecommendSpec, str]:
     data = cfg.recommend.model_dump()
     data.update({k: v for k, v in over.items() if v is not None})
     data["ranking_run"] = data.get("ranking_run") or cfg.run_dir
-    spec = RecommendSpec(**data)
+    try:
+        spec = RecommendSpec(**data)
+    except ValidationError as e:  # an override (flag) the job's own validation never saw
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in ("recommend", *err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ValueError(msg if msg.startswith("recommend.") else
+                         f"{field}: {msg}, got {err.get('input')!r}") from None
     return spec, spec.out or storage.join(cfg.run_dir, "recommendations")
 
 
@@ -64,11 +72,16 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
 
     Raises:
         FileNotFoundError: a run has no complete checkpoint.
+        ValueError: see :func:`check_spec`; ``out`` holds blocks of other settings
+            (:func:`rectrain.serve.blocks.claim_out`).
         ray.exceptions.RayError: a block failed (the blocks already written stay).
     """
+    from rectrain.serve.blocks import claim_out
     from rectrain.serve.recommend import finalize, plan_blocks, run_blocks
 
     spec, out = resolve_spec(cfg, **over)
+    check_spec(spec)
+    claim_out(out, spec)
     t0 = time.perf_counter()
     blocks = plan_blocks(spec)
     todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
@@ -88,6 +101,57 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
     if metrics is not None:
         summary["list_metrics"] = metrics
     return summary
+
+
+def check_spec(spec: RecommendSpec) -> None:
+    """Checks of the runs that need only their stored configs, before any model is loaded.
+
+    Raises:
+        FileNotFoundError: a run has no complete checkpoint, or its prepared data is gone.
+        ValueError: ``retrieval_run`` is not a retrieval model (two-tower, SASRec), or
+            ``evaluate`` is on and the ranking run's prepared data has no test split, or the
+            two-stage sources give fewer than ``k`` candidates per user.
+    """
+    from rectrain.models import task_of
+    from rectrain.serve.recommend import run_config
+
+    ranker = run_config(spec.ranking_run)
+    _check_prepared("ranking_run", spec.ranking_run, ranker.prepared_dir)
+    names = [s.name for s in spec.sources]
+    if spec.retrieval_run and spec.mode == "two_stage" and ("retrieval" in names
+                                                          or spec.explain):
+        retr = run_config(spec.retrieval_run)
+        _check_prepared("retrieval_run", spec.retrieval_run, retr.prepared_dir)
+        name = retr.model.name
+        if task_of(name) != "retrieval":
+            raise ValueError(f"recommend.retrieval_run: {spec.retrieval_run} is a {name} run "
+                             f"(a ranking model); stage 1 needs a retrieval run (two_tower, "
+                             f"sasrec): give one, or use it as recommend.ranking_run")
+    total = {s.name: s.count or spec.candidates for s in spec.sources}
+    if spec.mode == "two_stage" and task_of(ranker.model.name) != "retrieval" and \
+            sum(total.values()) < spec.k:
+        raise ValueError(f"recommend.candidates: the sources give at most {sum(total.values())} "
+                         f"candidates per user ({total}), fewer than k: {spec.k}, so every "
+                         f"list would be short; raise recommend.candidates (or the sources' "
+                         f"count) to at least k")
+    if spec.evaluate and not _has_files(storage.join(ranker.prepared_dir, "test")):
+        raise ValueError(f"recommend.evaluate: {ranker.prepared_dir} (the prepared data of "
+                         f"recommend.ranking_run {spec.ranking_run}) has no test/ split to "
+                         f"score the lists against; set recommend.evaluate: false")
+
+
+def _check_prepared(field: str, run: str, prepared: str) -> None:
+    if not storage.exists(storage.join(prepared, "manifest.json")):
+        raise FileNotFoundError(f"recommend.{field}: {run} was trained on the prepared data "
+                                f"{prepared}, which is gone (no manifest.json); prepare the "
+                                f"job into that prepared_dir again, or give another run")
+
+
+def _has_files(url: str) -> bool:
+    try:
+        return bool(storage.list_parquet_files(url)[0])
+    except FileNotFoundError:
+        return False
 
 
 def _run_ray(spec: RecommendSpec, out: str, todo, address, bar, max_restarts: int) -> list[dict]:

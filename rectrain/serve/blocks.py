@@ -45,6 +45,42 @@ def write_block(table: pa.Table, url: str) -> None:
     storage.move(tmp, url)
 
 
+#: spec fields that do not change the lists (how they are computed, where they go)
+_NOT_IN_LISTS = ("actors", "out")
+
+
+def claim_out(out: str, spec: RecommendSpec) -> None:
+    """Record ``spec`` in ``out/recommend_spec.json``, or check that the blocks already under
+    ``out/blocks`` were made with the same settings, so a rerun resumes its own blocks and
+    never mixes in (or deletes) those of other settings.
+
+    Raises:
+        ValueError: ``out`` is a file, or ``out/blocks`` holds block files of other (or
+            unrecorded) settings.
+    """
+    fs, path = storage.url_to_fs(out)
+    if fs.exists(path) and not fs.isdir(path):
+        raise ValueError(f"recommend.out: {out} is a file; recommend writes a folder (top_k."
+                         f"parquet, blocks/, summary.json): give a folder path")
+    url = storage.join(out, "recommend_spec.json")
+    want = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_IN_LISTS}
+    want["index_params"].pop("threads", None)
+    have = storage.read_json(url) if storage.exists(url) else None
+    if have == want:
+        return
+    fs, path = storage.url_to_fs(storage.join(out, "blocks"))
+    if fs.glob(f"{path}/block-*.parquet"):
+        fix = (f"give another out (recommend.out / --out), or delete {out}/blocks to start "
+               f"over")
+        if have is None:
+            raise ValueError(f"{out}: holds recommend blocks of unrecorded settings (no "
+                             f"recommend_spec.json); {fix}")
+        k = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))[0]
+        raise ValueError(f"{out}: holds recommend blocks made with other settings (recommend."
+                         f"{k}: {have.get(k)!r} there, {want.get(k)!r} now); {fix}")
+    storage.write_json(want, url)
+
+
 def block_done(url: str) -> bool:
     """A block file exists and its Parquet footer reads (a complete file)."""
     if not storage.exists(url):
@@ -105,6 +141,11 @@ class Recommender:
             if spec.retrieval_run:
                 self.retr = RunContext(spec.retrieval_run, holdout=spec.evaluate)
                 self.item_map = _key_rows(self.retr.item_keys, r.item_keys)
+                if not (self.item_map >= 0).any():  # else every list is silently empty
+                    raise ValueError(
+                        f"recommend.retrieval_run: {spec.retrieval_run} (prepared data "
+                        f"{self.retr.prepared}) shares no item id with recommend.ranking_run "
+                        f"{spec.ranking_run} ({r.prepared}); train both on the same items")
         if self.retr is not None:
             n, c = self.retr.n_items, rows_per_chunk
             self.item_vectors = torch.cat([  # once per process, in chunks of items

@@ -18,6 +18,7 @@ import os
 import resource
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,7 +28,7 @@ from rectrain.config.sections import RecommendSpec
 from rectrain.data import storage
 from rectrain.models import task_of
 from rectrain.serve.blocks import (SOURCE_NAMES, Recommender, block_done, block_url,
-                                   write_block)
+                                   claim_out, write_block)
 from rectrain.serve.context import append_truncate, latest_state, serve_users  # noqa: F401
 from rectrain.serve.loading import checkpoint_url
 
@@ -73,6 +74,7 @@ def run_blocks(spec: RecommendSpec, out: str, progress=None,
     """All blocks of ``spec`` in this process, skipping blocks already written; returns the
     summary of :func:`finalize` (with ``wall_s`` counted from ``wall_from``, a
     ``time.perf_counter()``). ``progress(users)`` is called after each block."""
+    claim_out(out, spec)
     blocks = plan_blocks(spec)
     todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
     stats = []
@@ -98,13 +100,26 @@ def finalize(out: str, blocks: list[tuple[int, int, int]], stats: list[dict],
     missing = [b for b, _, _ in blocks if not block_done(block_url(out, b))]
     if missing:
         raise RuntimeError(f"{out}: recommend blocks {missing[:10]} have no output file")
-    rows, fb_users = _concat([block_url(out, b) for b, _, _ in blocks],
-                             storage.join(out, "top_k.parquet"), _fallback_users)
+    rows, c = _concat([block_url(out, b) for b, _, _ in blocks],
+                      storage.join(out, "top_k.parquet"),
+                      lambda t: _user_counts(t, spec.k))
+    fb_users, listed, short = (int(x) for x in c) if np.ndim(c) else (0, 0, 0)
     c = storage.join(out, "candidates")
     if spec.mode == "two_stage" and storage.exists(c):  # not for a retrieval run alone
         _concat([block_url(c, b) for b, _, _ in blocks], storage.join(out, "candidates.parquet"))
     n_users = blocks[-1][2] if blocks else 0
+    if short:
+        print(f"[rectrain] {short} of {n_users} users get fewer than k={spec.k} items (fewer "
+              f"eligible items, or the index found fewer: raise index_params nprobe / "
+              f"ef_search)", flush=True)
+    if n_users > listed:  # every eligible item excluded for them: no row at all
+        print(f"[rectrain] {n_users - listed} of {n_users} users get no list: every item is "
+              f"excluded for them (recommend.exclude: {spec.exclude})", flush=True)
     summary = {"mode": spec.mode, "users": n_users, "fallback_users": fb_users,
+               "users_without_list": n_users - listed,
+               # fewer eligible items than k, or an approximate index (IVF: nprobe lists)
+               # that found fewer
+               "users_with_short_list": short,
                "rows": rows, "blocks": len(blocks),
                "blocks_skipped": len(blocks) - len(stats),
                "candidates_per_user": (sum(s["candidates"] for s in stats) /
@@ -126,15 +141,21 @@ def _write(table: pa.Table, url: str) -> None:
     write_block(table, url)
 
 
-def _fallback_users(t: pa.Table) -> int:
+def _user_counts(t: pa.Table, k: int) -> np.ndarray:
+    """``[fallback users, users with rows, users with 1..k-1 rows]`` of one block (each user
+    is in one block)."""
+    if not t.num_rows:
+        return np.zeros(3, dtype=np.int64)
     is_fb = pc.equal(pc.cast(t["source"], pa.string()), "fallback")
-    return len(pc.unique(t.filter(is_fb)["user_id"])) if t.num_rows else 0
+    per_user = pc.value_counts(t["user_id"]).field("counts").to_numpy()
+    return np.array([len(pc.unique(t.filter(is_fb)["user_id"])), len(per_user),
+                     int((per_user < k).sum())])
 
 
 def _concat(urls: list[str], dest: str, count=None) -> tuple[int, int]:
     """Stream the block files ``urls`` into one Parquet file ``dest`` (one block in memory at a
     time, so the driver never holds every user's rows; temporary name, then renamed); returns
-    ``(rows, sum of count(block table))``."""
+    ``(rows, sum of count(block table))`` (``count`` may return an array: summed per element)."""
     tmp = f"{dest}.tmp-{os.getpid()}"
     fs, path = storage.url_to_fs(tmp)
     rows = counted = 0

@@ -116,7 +116,9 @@ def resolve_warm_start(source: str) -> str:
 def prepare_run(cfg):
     """Driver side, before workers start: ``latest``/URL in ``checkpoint.resume`` and
     ``checkpoint.warm_start`` are resolved now (a missing checkpoint fails before any worker
-    starts); None and ``auto`` stay. Returns a copy of ``cfg`` with them resolved. The run then writes
+    starts), and their data is compared with ``prepared_dir``'s manifest
+    (:func:`rectrain.data.schema.check_same_data`, ValueError); None and ``auto`` stay.
+    Returns a copy of ``cfg`` with them resolved. The run then writes
     into an attempt folder (:func:`rectrain.train.attempt.start_attempt`), so nothing of the
     previous run is deleted before this one succeeds."""
     cfg = cfg.model_copy(deep=True)
@@ -125,6 +127,12 @@ def prepare_run(cfg):
         ck.resume = resolve_resume(cfg.run_dir, ck.resume)
     if ck.warm_start is not None:
         ck.warm_start = resolve_warm_start(ck.warm_start)
+    manifest = storage.join(cfg.prepared_dir, "manifest.json")
+    for url in (u for u in (ck.warm_start, ck.resume) if u not in (None, "auto")):
+        meta = storage.join(url, "meta.json")
+        if storage.exists(manifest) and storage.exists(meta):  # before workers, not in each
+            check_same_data(storage.read_json(meta).get("data"), storage.read_json(manifest),
+                            url, cfg.prepared_dir)
     return cfg
 
 

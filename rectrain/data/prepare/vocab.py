@@ -9,8 +9,8 @@ the collision report (:func:`rectrain.data.encode.hash_collisions`).
 
 from __future__ import annotations
 
+import logging
 import posixpath
-
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +24,8 @@ from rectrain.data.encode import (apply_transform, build_vocab, encode, grow_voc
                                   hash_collisions, hash_encode, oov_count)
 from rectrain.data.prepare.validate import (DataValidationError, locate, null_list_elements,
                                             read_side_table)
+
+log = logging.getLogger(__name__)
 
 UID = "_uid"  # the dense user id (1-based) that orders and buckets users
 
@@ -65,6 +67,10 @@ class Vocabularies:
             return build_vocab(col)
         v, report = grow_vocab(col, prev, f.capacity, f"feature {f.name!r}")
         self.growth[f.name] = {**report, "oov_rows": 0}
+        if report["oov_values"]:  # counted in the manifest, but easy to miss there
+            log.warning("feature %r: capacity %s is full (%d values); %d more distinct values "
+                        "go to the OOV row 0 (raise the feature's capacity to keep them apart)",
+                        f.name, f.capacity, report["size"], report["oov_values"])
         return v
 
 
@@ -75,11 +81,16 @@ def previous_vocabularies(source: str | None, names: list[str]) -> dict[str, pa.
     A feature without a saved vocabulary starts empty. ``{}`` for ``source=None``.
 
     Raises:
-        FileNotFoundError: ``source`` is neither (the message names it and the field).
+        FileNotFoundError: ``source`` is neither, or the prepared folder a run names is gone
+            (the message names it and the field).
     """
     if source is None:
         return {}
     prepared = resolve_prepared(source)
+    if not storage.exists(storage.join(prepared, "manifest.json")):  # else every id renumbered
+        raise FileNotFoundError(f"dataset.vocab_from: {source} was prepared into {prepared}, "
+                                f"which is gone (no manifest.json); point vocab_from at that "
+                                f"prepared folder where it is now")
     out = {}
     for name in names:
         url = storage.join(prepared, "vocab", f"{name}.parquet")

@@ -32,8 +32,9 @@ def window_bounds(spec, ts_min: int, ts_max: int) -> dict:
     "valid": [start, end], "test": [start, end]}`` (half-open intervals, unix s).
 
     Raises:
-        ValueError: no ``dataset.window`` set, or window N+1 does not exist (names the field
-            and the number of windows).
+        ValueError: no ``dataset.window`` set, ``windows.start`` after the last event, fewer
+            than two windows, or window N+1 does not exist (names the field and the number of
+            windows).
     """
     w = spec.windows
     if spec.window is None:
@@ -44,9 +45,17 @@ def window_bounds(spec, ts_min: int, ts_max: int) -> dict:
     else:
         size = parse_duration(w.size)
         start = w.start if w.start is not None else int(ts_min)
+        if start > ts_max:
+            raise ValueError(f"dataset.windows.start: {start} is after the last event "
+                             f"({int(ts_max)}, unix s), so every window is empty; lower start "
+                             f"or leave it unset (the first event's timestamp)")
         n = max(1, -(-(int(ts_max) + 1 - start) // size))
         edges = [start + i * size for i in range(n + 1)]
     n_windows, k = len(edges) - 1, spec.window
+    if n_windows < 2:
+        raise ValueError(f"dataset.windows: the log (unix s {int(ts_min)}..{int(ts_max)}) makes "
+                         f"{n_windows} window, and window N needs a window N+1 to evaluate on; "
+                         f"give a smaller size or more boundaries")
     if k + 1 >= n_windows:
         raise ValueError(f"dataset.window: {k} has no next window to evaluate on: the log "
                          f"has {n_windows} windows (0..{n_windows - 1}), so the last "
