@@ -23,6 +23,9 @@ B, EVERY, PAUSE_STEP = 16, 2, 5
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.environ.get("RECTRAIN_TEST_ELASTIC") != "1",
+                    reason="own two-node cluster, 100-150 s: the suite's 15-minute budget on 2 "
+                           "cores; run with RECTRAIN_TEST_ELASTIC=1 (docs/reliability.md)")
 def test_losing_the_worker_node_finishes_on_the_head(tmp_path, monkeypatch, ray_local):
     from rectrain.config import load_config
     from rectrain.data.prepare import prepare
