@@ -66,6 +66,12 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+def latest_checkpoint(run_dir: str) -> str | None:
+    """URL of the newest complete periodic checkpoint of a run, None when it has none."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
 def resolve_resume(run_dir: str, resume: str | None) -> str | None:
     """The checkpoint URL ``resume`` names: ``latest``/``auto`` = newest complete one under
     ``run_dir/checkpoints`` (``auto``: None when there is none), a run directory (its latest),
@@ -77,18 +83,16 @@ def resolve_resume(run_dir: str, resume: str | None) -> str | None:
     if resume is None:
         return None
     if resume in ("latest", "auto"):
-        ckpts = list_checkpoints(run_dir)
-        if ckpts:
-            return ckpts[-1][1]
-        if resume == "auto":
-            return None
+        latest = latest_checkpoint(run_dir)
+        if latest or resume == "auto":
+            return latest
         raise FileNotFoundError(f"--resume latest: no complete checkpoint under "
                                 f"{checkpoints_url(run_dir)}")
     if is_complete(resume):
         return resume
-    ckpts = list_checkpoints(resume)
-    if ckpts:
-        return ckpts[-1][1]
+    latest = latest_checkpoint(resume)
+    if latest:
+        return latest
     raise FileNotFoundError(f"--resume {resume}: neither a complete checkpoint (meta.json) nor a "
                             f"run directory with checkpoints/step-*")
 
@@ -105,9 +109,9 @@ def resolve_warm_start(source: str) -> str:
     best = storage.join(source, "checkpoint")
     if is_complete(best):
         return best
-    ckpts = list_checkpoints(source)
-    if ckpts:
-        return ckpts[-1][1]
+    latest = latest_checkpoint(source)
+    if latest:
+        return latest
     raise FileNotFoundError(f"checkpoint.warm_start: {source} is neither a complete checkpoint "
                             f"(meta.json) nor a run directory with checkpoint/ or "
                             f"checkpoints/step-*")
