@@ -14,8 +14,15 @@ secondary metrics logloss / RMSE / MAE / GAUC where the run has them) and ``OUT.
 is the run's ``train_wall_seconds`` (Ray Train start-up + epochs + test); ``OUT.json`` also has
 ``cli_seconds``, the whole ``rectrain train`` subprocess, for jobs trained by this invocation.
 
+With ``--seeds N`` every job is trained N times (``train.seed`` = 0 … N-1, run dirs
+``RUN_DIR/seed-S``) and the table shows mean ± sample standard deviation; an entry with
+``baseline: LABEL`` also shows its difference to that entry, called a gain only when it exceeds
+twice the larger of the two standard deviations (:func:`compare`). An entry with
+``slices: [cold_items]`` adds the AUC of test rows whose item had < 5 train events and of
+those whose item had none (:mod:`rectrain.bench.slices`).
+
     python -m benchmarks.quality [--jobs benchmarks/quality_jobs.yaml] [--only dlrm,bst]
-                                 [--reuse] [--out benchmarks/results/quality]
+                                 [--seeds 3] [--reuse] [--out benchmarks/results/quality]
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ import json
 import os
 import subprocess
 import sys
+import math
+import statistics
 import time
 from pathlib import Path
 
 import yaml
 
+from rectrain.bench.slices import run_cold_item_metrics
 from rectrain.config import load_config
 from rectrain.data import storage
 
@@ -64,15 +74,20 @@ def _cli(args: list[str], log, retries: int = 1) -> float:
                        f"{retries + 1} times; see {log.name}")
 
 
-def run_entry(entry: dict, reuse: bool, log_dir: Path, collect: bool = False) -> dict:
+def run_entry(entry: dict, reuse: bool, log_dir: Path, collect: bool = False,
+              seed: int | None = None) -> dict:
     """Train one job (unless reused, or ``collect``: never train) and return its table row.
+
+    With ``seed`` the run uses ``train.seed = seed`` and the run dir ``RUN_DIR/seed-S``.
 
     Raises:
         FileNotFoundError: ``collect`` and the job has no ``metrics.json``.
     """
     cfg = load_config(entry["job"])
-    metrics_url = storage.join(cfg.run_dir, "metrics.json")
-    log_path = log_dir / f"{cfg.name}.log"
+    run_dir = cfg.run_dir if seed is None else storage.join(cfg.run_dir, f"seed-{seed}")
+    extra = [] if seed is None else ["--seed", str(seed), "--run-dir", run_dir]
+    metrics_url = storage.join(run_dir, "metrics.json")
+    log_path = log_dir / f"{cfg.name}{'' if seed is None else f'-seed{seed}'}.log"
     wall = None
     if collect and not storage.exists(metrics_url):
         raise FileNotFoundError(f"not run: {metrics_url} missing")
@@ -81,20 +96,55 @@ def run_entry(entry: dict, reuse: bool, log_dir: Path, collect: bool = False) ->
             if not storage.exists(storage.join(cfg.prepared_dir, "manifest.json")):
                 _cli(["prepare", *([cfg.dataset.source] if cfg.dataset.source else []),
                       "--config", entry["job"]], log)
-            wall = _cli(["train", "--config", entry["job"]], log)
+            wall = _cli(["train", "--config", entry["job"], *extra], log)
     m = storage.read_json(metrics_url)
     if entry["metric"] not in m:
         raise KeyError(f"{metrics_url}: no metric {entry['metric']!r} (has {sorted(m)})")
     row = {"label": entry.get("label", cfg.model.name), "job": entry["job"],
            "model": cfg.model.name, "metric": entry["metric"], "value": m[entry["metric"]],
-           "higher_is_better": entry["higher_is_better"],
+           "higher_is_better": entry["higher_is_better"], "seed": m.get("seed", seed),
+           "run_dir": run_dir,
            "train_samples_per_s": m.get("train_samples_per_s"),
            # the run's own record (Ray Train start-up + epochs + test), same for reused runs
            "wall_seconds": m.get("train_wall_seconds"),
            "cli_seconds": wall,  # the whole `rectrain train` subprocess when run here
            "best_epoch": m.get("best_epoch"), "world_size": m.get("world_size")}
     row.update({k: m[k] for k in SECONDARY if k in m and k != entry["metric"]})
+    if "cold_items" in entry.get("slices", ()):
+        row.update(run_cold_item_metrics(run_dir, cfg.prepared_dir))
     return row
+
+
+AGGREGATED = ("value", "train_samples_per_s", "wall_seconds", *SECONDARY, "test_auc_cold",
+              "test_auc_unseen", "cold_rows", "unseen_rows")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One row from the per-seed rows of one entry: every numeric field in :data:`AGGREGATED`
+    becomes its mean over the seeds, with ``FIELD_std`` (sample standard deviation, ddof 1; 0
+    for one seed) and ``FIELD_runs`` (the per-seed values); NaN values (an undefined AUC) are
+    left out of the mean."""
+    out = {k: v for k, v in runs[0].items() if k not in AGGREGATED}
+    out["seeds"] = [r.get("seed") for r in runs]
+    for k in AGGREGATED:
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and r[k] == r[k]]
+        if not vals:
+            continue
+        out[k] = statistics.fmean(vals)
+        out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out[f"{k}_runs"] = vals
+    return out
+
+
+def compare(row: dict, base: dict) -> dict:
+    """``row`` against ``base`` (aggregated rows of the same metric): the difference of the
+    means in the metric's better direction, and ``gain`` true only when it exceeds twice the
+    larger standard deviation (below that, seed-to-seed noise explains it)."""
+    sign = 1 if row["higher_is_better"] else -1
+    delta = sign * (row["value"] - base["value"])
+    noise = 2 * max(row.get("value_std", 0.0), base.get("value_std", 0.0))
+    return {"baseline": base["label"], "delta": delta, "noise": noise,
+            "gain": bool(delta > noise and noise > 0)}
 
 
 def _fmt(v, nd=4) -> str:
@@ -105,24 +155,51 @@ def _fmt(v, nd=4) -> str:
     return str(v)
 
 
+def _pm(r: dict, key: str, nd: int = 4) -> str:
+    """``mean ± std`` of an aggregated field (the mean alone for one seed)."""
+    v = r.get(key)
+    if v is None:
+        return "–"
+    return _fmt(v, nd) + (f" ± {_fmt(r[key + '_std'], nd)}" if len(r.get("seeds", ())) > 1
+                          else "")
+
+
 def markdown(rows: list[dict]) -> str:
-    """The Markdown table of ``rows`` (as returned by :func:`run_entry`)."""
-    head = ("| model | job | metric | value | test logloss | test GAUC | test RMSE / MAE | "
-            "train samples/s | wall (s) |\n|---|---|---|---|---|---|---|---|---|")
+    """The Markdown table of ``rows`` (aggregated rows: :func:`aggregate`)."""
+    cold = any("test_auc_cold" in r for r in rows)
+    vs = any("compare" in r for r in rows)
+    extra_h = (" AUC, items < 5 train events (rows) | AUC, unseen items (rows) |" if cold else "") \
+        + (" vs baseline |" if vs else "")
+    head = ("| model | job | metric | value | test logloss | test GAUC | test RMSE / MAE |"
+            f"{extra_h} train samples/s | wall (s) |\n|---|---|---|---|---|---|---|"
+            + "---|" * (2 * cold + vs) + "---|---|")
     lines = [head]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
         if r.get("error"):
             why = "not run" if r["error"].startswith("not run") else "failed"
-            lines.append(f"| {r['label']} | `{r['job']}` | {r['metric']} {arrow} | {why} | "
-                         "– | – | – | – | – |")
+            lines.append(f"| {r['label']} | `{r['job']}` | {r['metric']} {arrow} | {why} |"
+                         + " – |" * (5 + 2 * cold + vs))
             continue
-        rm = (f"{_fmt(r.get('test_rmse') if r['metric'] != 'test_rmse' else r['value'])} / "
-              f"{_fmt(r.get('test_mae'))}") if ("test_mae" in r) else "–"
+        rm = (f"{_pm(r, 'test_rmse') if r['metric'] != 'test_rmse' else _pm(r, 'value')} / "
+              f"{_pm(r, 'test_mae')}") if ("test_mae" in r) else "–"
+        extra = ""
+        if cold:
+            extra += (f" {_pm(r, 'test_auc_cold')} ({_fmt(r.get('cold_rows'), 0)}) |"
+                      f" {_pm(r, 'test_auc_unseen')} ({_fmt(r.get('unseen_rows'), 0)}) |")
+        if vs:
+            c = r.get("compare")
+            extra += (f" {c['delta']:+.4f} vs {c['baseline']}: "
+                      f"{'gain' if c['gain'] else 'within noise'} (2σ = {c['noise']:.4f}) |"
+                      if c else " – |")
         lines.append(
-            f"| {r['label']} | `{r['job']}` | {r['metric']} {arrow} | **{_fmt(r['value'])}** | "
-            f"{_fmt(r.get('test_logloss'))} | {_fmt(r.get('test_gauc'))} | {rm} | "
-            f"{_fmt(r['train_samples_per_s'], 0)} | {_fmt(r['wall_seconds'], 0)} |")
+            f"| {r['label']} | `{r['job']}` | {r['metric']} {arrow} | **{_pm(r, 'value')}** | "
+            f"{_pm(r, 'test_logloss')} | {_pm(r, 'test_gauc')} | {rm} |{extra} "
+            f"{_fmt(r.get('train_samples_per_s'), 0)} | {_fmt(r.get('wall_seconds'), 0)} |")
+    seeds = max((len(r.get("seeds", ())) for r in rows), default=1)
+    if seeds > 1:
+        lines.append(f"\nMean ± sample standard deviation over {seeds} seeds (0…{seeds - 1}); "
+                     "a difference is a gain only above twice the larger standard deviation.")
     return "\n".join(lines) + "\n"
 
 
@@ -130,11 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", default="benchmarks/quality_jobs.yaml")
     p.add_argument("--only", default=None, help="comma-separated labels, models or job names")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train each job with seeds 0..N-1 (run dirs RUN_DIR/seed-S); "
+                        "1 = the job's own seed and run dir")
     p.add_argument("--reuse", action="store_true", help="reuse runs that have metrics.json")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: tabulate the runs that have metrics.json")
     p.add_argument("--out", default="benchmarks/results/quality")
     a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error(f"--seeds: must be at least 1, got {a.seeds}")
     entries = load_entries(a.jobs)
     if a.only:
         keep = set(a.only.split(","))
@@ -144,20 +226,30 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log_dir = out.parent / "logs"
     log_dir.mkdir(exist_ok=True)
-    rows = []
+    seeds = [None] if a.seeds == 1 else list(range(a.seeds))
+    rows, by_label = [], {}
     for e in entries:
-        print(f"[quality] {e['job']} ...", flush=True)
-        try:
-            rows.append(run_entry(e, a.reuse, log_dir, a.collect))
-            r = rows[-1]
-            print(f"[quality] {r['label']}: {r['metric']} {_fmt(r['value'])} "
-                  f"({_fmt(r['wall_seconds'], 0)} s)", flush=True)
-        except Exception as err:  # report and continue: one failed job does not hide the others
-            print(f"[quality] {e['job']} FAILED: {err}", flush=True)
-            rows.append({"label": e.get("label", e["job"]), "job": e["job"], "model": "?",
+        runs = []
+        for seed in seeds:
+            print(f"[quality] {e['job']}{'' if seed is None else f' seed {seed}'} ...",
+                  flush=True)
+            try:
+                runs.append(run_entry(e, a.reuse, log_dir, a.collect, seed))
+                r = runs[-1]
+                print(f"[quality] {r['label']}: {r['metric']} {_fmt(r['value'])} "
+                      f"({_fmt(r['wall_seconds'], 0)} s)", flush=True)
+            except Exception as err:  # report and continue: one failed job hides no other
+                print(f"[quality] {e['job']} FAILED: {err}", flush=True)
+                runs = [{"label": e.get("label", e["job"]), "job": e["job"], "model": "?",
                          "metric": e["metric"], "value": None, "error": str(err),
-                         "higher_is_better": e["higher_is_better"], "train_samples_per_s": None,
-                         "wall_seconds": None})
+                         "higher_is_better": e["higher_is_better"]}]
+                break
+        row = runs[0] if runs[0].get("error") else aggregate(runs)
+        base = by_label.get(e.get("baseline"))
+        if base is not None and not row.get("error") and not base.get("error"):
+            row["compare"] = compare(row, base)
+        by_label[row["label"]] = row
+        rows.append(row)
         # write after every job so partial results survive
         Path(f"{out}.json").write_text(json.dumps(rows, indent=2))
         Path(f"{out}.md").write_text(markdown(rows))

@@ -1,0 +1,89 @@
+"""Test metrics on slices of the test rows: items with little or no train history.
+
+A model's overall test AUC is dominated by popular items; side features such as
+``text_embedding`` matter most for cold items (few or no train events), so the quality
+benchmark reports AUC on those rows separately. Computed after training from the run's
+``predictions/test.parquet`` (``item_id, label, score``) and the prepared train split's
+``_item`` column, with Arrow group-by/join (no per-row Python) and scikit-learn's
+``roc_auc_score``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from sklearn.metrics import roc_auc_score
+
+from rectrain.data import storage
+from rectrain.data.schema import ITEM
+
+
+def item_train_events(prepared_dir: str) -> pa.Table:
+    """Train events per item of a prepared folder: table ``item_id`` (int64), ``train_events``
+    (int64). Items without train events are absent.
+
+    Raises:
+        FileNotFoundError: the folder has no ``train`` split.
+    """
+    url = storage.join(prepared_dir, "train")
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{prepared_dir}: no train split; run `rectrain prepare` first")
+    files, _ = storage.list_parquet_files(url)
+    items = pa.chunked_array([storage.read_parquet(f, columns=[ITEM])[ITEM] for f in files])
+    counts = pa.table({"item_id": items}).group_by("item_id").aggregate([("item_id", "count")])
+    return counts.rename_columns(["item_id", "train_events"])
+
+
+def _auc(label: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC, NaN when the rows hold one class only (AUC is undefined there)."""
+    if len(label) == 0 or label.min() == label.max():
+        return math.nan
+    return float(roc_auc_score(label, score))
+
+
+def cold_item_metrics(predictions: pa.Table, train_events: pa.Table, below: int = 5) -> dict:
+    """AUC of the test rows whose item had fewer than ``below`` train events, and of those whose
+    item had none.
+
+    Args:
+        predictions: ``item_id`` (int64), ``label`` (float, 0/1), ``score`` (float) per test
+            row, as in a ranking run's ``predictions/test.parquet``.
+        train_events: :func:`item_train_events` of the run's prepared folder.
+        below: the cold threshold, in train events (exclusive).
+
+    Returns:
+        ``{"test_auc_all", "cold_below", "cold_rows", "test_auc_cold", "unseen_rows",
+        "test_auc_unseen"}``; an AUC is NaN when its rows hold one class only.
+
+    Raises:
+        KeyError: ``predictions`` lacks ``item_id``, ``label`` or ``score`` (e.g. a retrieval run).
+    """
+    missing = {"item_id", "label", "score"} - set(predictions.column_names)
+    if missing:
+        raise KeyError(f"predictions lack {sorted(missing)} (has {predictions.column_names}): "
+                       "cold-item AUC needs a ranking run")
+    j = predictions.select(["item_id", "label", "score"]).join(train_events, "item_id",
+                                                                join_type="left outer")
+    n = pc.fill_null(j["train_events"], 0).to_numpy()
+    label = j["label"].to_numpy(zero_copy_only=False).astype(np.float64)
+    score = j["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+    cold, unseen = n < below, n == 0
+    return {"test_auc_all": _auc(label, score), "cold_below": below,
+            "cold_rows": int(cold.sum()), "test_auc_cold": _auc(label[cold], score[cold]),
+            "unseen_rows": int(unseen.sum()),
+            "test_auc_unseen": _auc(label[unseen], score[unseen])}
+
+
+def run_cold_item_metrics(run_dir: str, prepared_dir: str, below: int = 5) -> dict:
+    """:func:`cold_item_metrics` of a finished ranking run.
+
+    Raises:
+        FileNotFoundError: the run has no ``predictions/test.parquet`` or the folder no train split.
+    """
+    url = storage.join(run_dir, "predictions", "test.parquet")
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{run_dir}: no predictions/test.parquet (train the run first)")
+    return cold_item_metrics(storage.read_parquet(url), item_train_events(prepared_dir), below)
