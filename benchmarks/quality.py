@@ -18,8 +18,8 @@ With ``--seeds N`` every job is trained N times (``train.seed`` = 0 … N-1, run
 ``RUN_DIR/seed-S``) and the table shows mean ± sample standard deviation; an entry with
 ``baseline: LABEL`` also shows its difference to that entry, called a gain only when it exceeds
 twice the larger of the two standard deviations (:func:`compare`). An entry with
-``slices: [cold_items]`` adds the AUC of test rows whose item had < 5 train events and of
-those whose item had none (:mod:`rectrain.bench.slices`).
+``slices: [cold_items]`` adds the metric (AUC; HR@10 for retrieval runs) on the test rows
+whose item had < 5 train events and on those whose item had none (:mod:`rectrain.bench.slices`).
 
     python -m benchmarks.quality [--jobs benchmarks/quality_jobs.yaml] [--only dlrm,bst]
                                  [--seeds 3] [--reuse] [--out benchmarks/results/quality]
@@ -111,12 +111,14 @@ def run_entry(entry: dict, reuse: bool, log_dir: Path, collect: bool = False,
            "best_epoch": m.get("best_epoch"), "world_size": m.get("world_size")}
     row.update({k: m[k] for k in SECONDARY if k in m and k != entry["metric"]})
     if "cold_items" in entry.get("slices", ()):
-        row.update(run_cold_item_metrics(run_dir, cfg.prepared_dir))
+        sl = run_cold_item_metrics(run_dir, cfg.prepared_dir)
+        key = "test_auc" if "test_auc_cold" in sl else "test_hr@10"
+        row.update(sl, value_cold=sl[f"{key}_cold"], value_unseen=sl[f"{key}_unseen"])
     return row
 
 
-AGGREGATED = ("value", "train_samples_per_s", "wall_seconds", *SECONDARY, "test_auc_cold",
-              "test_auc_unseen", "cold_rows", "unseen_rows")
+AGGREGATED = ("value", "train_samples_per_s", "wall_seconds", *SECONDARY, "value_cold",
+              "value_unseen", "cold_rows", "unseen_rows")
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -166,9 +168,9 @@ def _pm(r: dict, key: str, nd: int = 4) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """The Markdown table of ``rows`` (aggregated rows: :func:`aggregate`)."""
-    cold = any("test_auc_cold" in r for r in rows)
+    cold = any("value_cold" in r for r in rows)
     vs = any("compare" in r for r in rows)
-    extra_h = (" AUC, items < 5 train events (rows) | AUC, unseen items (rows) |" if cold else "") \
+    extra_h = (" items < 5 train events (rows) | unseen items (rows) |" if cold else "") \
         + (" vs baseline |" if vs else "")
     head = ("| model | job | metric | value | test logloss | test GAUC | test RMSE / MAE |"
             f"{extra_h} train samples/s | wall (s) |\n|---|---|---|---|---|---|---|"
@@ -185,8 +187,8 @@ def markdown(rows: list[dict]) -> str:
               f"{_pm(r, 'test_mae')}") if ("test_mae" in r) else "–"
         extra = ""
         if cold:
-            extra += (f" {_pm(r, 'test_auc_cold')} ({_fmt(r.get('cold_rows'), 0)}) |"
-                      f" {_pm(r, 'test_auc_unseen')} ({_fmt(r.get('unseen_rows'), 0)}) |")
+            extra += (f" {_pm(r, 'value_cold')} ({_fmt(r.get('cold_rows'), 0)}) |"
+                      f" {_pm(r, 'value_unseen')} ({_fmt(r.get('unseen_rows'), 0)}) |")
         if vs:
             c = r.get("compare")
             extra += (f" {c['delta']:+.4f} vs {c['baseline']}: "

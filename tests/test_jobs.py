@@ -29,6 +29,7 @@ NO_INPROCESS = {
     "jobs/movielens_din_text.yaml": "its text_embedding feature needs the title-embedding matrix "
                                     "that `rectrain prepare` computes with a sentence-embedding "
                                     "model (the [text] extra)",
+    "jobs/movielens_two_tower_text.yaml": "the same title-embedding matrix as movielens_din_text",
 }
 
 

@@ -38,8 +38,11 @@ def test_cold_item_auc_is_the_auc_of_the_rows_whose_item_had_few_train_events(tm
     one_class = cold_item_metrics(pa.table({"item_id": [4, 4], "label": [1.0, 1.0],
                                             "score": [0.1, 0.2]}), counts)
     assert math.isnan(one_class["test_auc_unseen"])
-    with pytest.raises(KeyError, match="ranking run"):
-        cold_item_metrics(pa.table({"item_id": [1], "rank": [3]}), counts)
+    with pytest.raises(KeyError, match="retrieval run"):
+        cold_item_metrics(pa.table({"item_id": [1], "score": [3.0]}), counts)
+    # a retrieval run's predictions: HR@10 of the held-out items by slice
+    r = cold_item_metrics(pa.table({"item_id": [1, 2, 3, 4], "rank": [1, 50, 3, 11]}), counts)
+    assert (r["test_hr@10_all"], r["test_hr@10_cold"], r["test_hr@10_unseen"]) == (0.5, 1 / 3, 0.0)
 
 
 def test_seeds_are_averaged_and_a_gain_must_clear_twice_the_larger_std(tmp_path, capsys):

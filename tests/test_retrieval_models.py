@@ -158,3 +158,41 @@ def test_next_item_targets():
     assert out.tolist() == [[0, 6, 7, 8], [0, 0, 0, 0], [3, 4, 9, 10]]  # empty: no step
     # sliced arrays (non-zero offsets) work too
     assert next_item_targets(hist.slice(2, 1), np.array([10]), 2).tolist() == [[9, 10]]
+
+
+def test_two_tower_puts_the_item_text_vector_in_the_item_tower(tmp_path):
+    """A ``text_embedding`` feature is an item property: the candidate's vector feeds the item
+    tower (a never-seen item still gets a content vector), never the user tower (which would see
+    the very item it must retrieve); the history mean feeds the user tower."""
+    import pyarrow.parquet as pq
+
+    from tests.support.tiny import tiny_job as _job
+
+    D = 4
+    job = _job(str(tmp_path), model={"name": "two_tower", "embedding_dim": 8,
+                                     "item_features": ["genres"], "tower_hidden": [16, 8]})
+    job["features"].append({"name": "title_emb", "kind": "text_embedding", "source": "title",
+                            "history": True})
+    cfg = config_from_dict(job)
+    (tmp_path / "prepared" / "catalog").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    vec = rng.normal(size=(N_ITEMS, D)).astype(np.float32)
+    pq.write_table(pa.table({"id": np.arange(1, N_ITEMS + 1), "vector": pa.FixedSizeListArray
+                             .from_arrays(pa.array(vec.ravel()), D)}),
+                   tmp_path / "prepared" / "catalog" / "text_title_emb.parquet")
+    info = {"title_emb": {"dim": D, "item_feature": "item_id", "history_feature": "hist_item_id"}}
+    layout = FeatureLayout(cfg, {"tables": TABLES, "dense_stats": {}, "text_embeddings": info})
+    assert layout.dense_sides() == ([0, 1 + D, 2 + D, 3 + D, 4 + D], [1, 2, 3, 4])
+    torch.manual_seed(0)
+    model = build_model(layout, cfg.model).eval()
+    rows = _rows(6, seed=1)
+    rows = rows.append_column("title", pa.array(["t"] * 6))
+    batch = layout.to_batch(rows)
+    other = batch.dense.clone()
+    other[:, 1:1 + D] = torch.randn(6, D)     # other candidate texts, same ids and history
+    with torch.no_grad():
+        u, v = model(batch)
+        u2, v2 = model(type(batch)(dense=other, sparse=batch.sparse, labels=batch.labels,
+                                   aux_labels=batch.aux_labels))
+    torch.testing.assert_close(u2, u)          # the user tower does not see the candidate text
+    assert not torch.allclose(v2, v)           # the item tower does

@@ -44,37 +44,48 @@ def _auc(label: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(label, score))
 
 
-def cold_item_metrics(predictions: pa.Table, train_events: pa.Table, below: int = 5) -> dict:
-    """AUC of the test rows whose item had fewer than ``below`` train events, and of those whose
-    item had none.
+def cold_item_metrics(predictions: pa.Table, train_events: pa.Table, below: int = 5,
+                      k: int = 10) -> dict:
+    """Test metrics on the rows whose item had fewer than ``below`` train events, and on those
+    whose item had none.
 
     Args:
-        predictions: ``item_id`` (int64), ``label`` (float, 0/1), ``score`` (float) per test
-            row, as in a ranking run's ``predictions/test.parquet``.
+        predictions: a run's ``predictions/test.parquet``: a ranking run's ``item_id`` (int64),
+            ``label`` (float, 0/1), ``score`` (float) per test row, or a retrieval run's
+            ``item_id``, ``rank`` (1-based full-ranking rank of the held-out item) per user.
         train_events: :func:`item_train_events` of the run's prepared folder.
         below: the cold threshold, in train events (exclusive).
+        k: the cut-off of HR@K for retrieval runs.
 
     Returns:
-        ``{"test_auc_all", "cold_below", "cold_rows", "test_auc_cold", "unseen_rows",
-        "test_auc_unseen"}``; an AUC is NaN when its rows hold one class only.
+        ranking: ``{"test_auc_all", "test_auc_cold", "test_auc_unseen", "cold_below",
+        "cold_rows", "unseen_rows"}``; an AUC is NaN when its rows hold one class only.
+        Retrieval: the same with ``test_hr@K_all``, ``test_hr@K_cold``, ``test_hr@K_unseen``
+        instead of the AUCs (NaN for no rows).
 
     Raises:
-        KeyError: ``predictions`` lacks ``item_id``, ``label`` or ``score`` (e.g. a retrieval run).
+        KeyError: ``predictions`` lacks ``item_id`` or both ``score``/``label`` and ``rank``.
     """
-    missing = {"item_id", "label", "score"} - set(predictions.column_names)
-    if missing:
-        raise KeyError(f"predictions lack {sorted(missing)} (has {predictions.column_names}): "
-                       "cold-item AUC needs a ranking run")
-    j = predictions.select(["item_id", "label", "score"]).join(train_events, "item_id",
-                                                                join_type="left outer")
+    cols = set(predictions.column_names)
+    ranking = {"item_id", "label", "score"} <= cols
+    if not ranking and not {"item_id", "rank"} <= cols:
+        raise KeyError(f"predictions have {predictions.column_names}: cold-item metrics need "
+                       "item_id with label and score (ranking run) or rank (retrieval run)")
+    keep = ["item_id", "label", "score"] if ranking else ["item_id", "rank"]
+    j = predictions.select(keep).join(train_events, "item_id", join_type="left outer")
     n = pc.fill_null(j["train_events"], 0).to_numpy()
-    label = j["label"].to_numpy(zero_copy_only=False).astype(np.float64)
-    score = j["score"].to_numpy(zero_copy_only=False).astype(np.float64)
     cold, unseen = n < below, n == 0
-    return {"test_auc_all": _auc(label, score), "cold_below": below,
-            "cold_rows": int(cold.sum()), "test_auc_cold": _auc(label[cold], score[cold]),
-            "unseen_rows": int(unseen.sum()),
-            "test_auc_unseen": _auc(label[unseen], score[unseen])}
+    out = {"cold_below": below, "cold_rows": int(cold.sum()), "unseen_rows": int(unseen.sum())}
+    if ranking:
+        label = j["label"].to_numpy(zero_copy_only=False).astype(np.float64)
+        score = j["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+        return {**out, "test_auc_all": _auc(label, score),
+                "test_auc_cold": _auc(label[cold], score[cold]),
+                "test_auc_unseen": _auc(label[unseen], score[unseen])}
+    hit = j["rank"].to_numpy(zero_copy_only=False) <= k
+    rate = (lambda m: float(hit[m].mean()) if m.any() else math.nan)
+    return {**out, f"test_hr@{k}_all": rate(np.ones_like(hit)), f"test_hr@{k}_cold": rate(cold),
+            f"test_hr@{k}_unseen": rate(unseen)}
 
 
 def run_cold_item_metrics(run_dir: str, prepared_dir: str, below: int = 5) -> dict:

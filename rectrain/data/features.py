@@ -173,6 +173,24 @@ class FeatureLayout:
                    for f, i in zip(self.text, self.text_info.values()))
         return len(self.dense) + text
 
+    def dense_sides(self) -> tuple[list[int], list[int]]:
+        """Columns of ``Batch.dense`` by side, for models with a user and an item tower.
+
+        Returns ``(query, item)``: ``query`` = the plain dense features and each text
+        feature's history mean (user context), ``item`` = each text feature's candidate vector
+        (a property of the item, so a never-seen item still gets a meaningful vector). The
+        candidate-history cosine of ``history: true`` mixes both sides and is in neither.
+        """
+        query, item = list(range(len(self.dense))), []
+        at = len(self.dense)
+        for f, info in zip(self.text, self.text_info.values()):
+            d = info["dim"]
+            item += range(at, at + d)
+            if f.history:
+                query += range(at + d, at + 2 * d)
+            at += 2 * d + 1 if f.history else d
+        return query, item
+
     def to_batch(self, table: pa.Table | pa.RecordBatch) -> Batch:
         """Convert Arrow rows (prepared-sample schema) to a :class:`Batch`.
 

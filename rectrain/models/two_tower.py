@@ -27,9 +27,13 @@ class TwoTower(RetrievalModel):
 
     - **User tower**: ``[pooled user features (user id, demographics...; EmbeddingBagCollection),
       mean of the behaviour sequence's item embeddings (EmbeddingCollection, item table)]``
+      the query-side dense columns (plain dense features, text features' history means)]``
       -> MLP (ReLU) -> Linear -> L2-normalised ``u [B, d]``.
     - **Item tower**: ``[item id embedding (same item table), pooled item side features
-      (genres, release year...)]`` -> MLP (ReLU) -> Linear -> L2-normalised ``v [B, d]``.
+      (genres, release year...), the item's text vectors (``text_embedding`` features)]``
+      -> MLP (ReLU) -> Linear -> L2-normalised ``v [B, d]``. The text vector gives an item
+      never seen in train (its id row untrained) a vector from its content, so it can still
+      be retrieved. Columns split by :meth:`FeatureLayout.dense_sides`.
 
     ``d = spec.tower_hidden[-1]``; score = ``<u, v> / spec.temperature`` (cosine similarity with
     temperature, Yi et al. 2019 Sec. 4). Item table shared between the history and the item
@@ -63,8 +67,15 @@ class TwoTower(RetrievalModel):
         self.temperature = spec.temperature
         self.sparse = SparseArch(layout, [self.hist_key], sparse_device, queries=[self.item_key])
         *hidden, d = spec.tower_hidden
-        u_in = E * (len(self.user_pooled) + 1) + layout.dense_dim
-        v_in = E * (len(self.item_pooled) + 1)
+        user_cols, item_cols = layout.dense_sides()
+        # index buffers: static widths, so TorchRec's fx trace (sparse-dist) can follow them
+        self.register_buffer("user_dense", torch.tensor(user_cols, dtype=torch.long,
+                                                        device=dense_device), persistent=False)
+        self.register_buffer("item_dense", torch.tensor(item_cols, dtype=torch.long,
+                                                        device=dense_device), persistent=False)
+        self.n_user_dense, self.n_item_dense = len(user_cols), len(item_cols)
+        u_in = E * (len(self.user_pooled) + 1) + len(user_cols)
+        v_in = E * (len(self.item_pooled) + 1) + len(item_cols)
         self.user_mlp = MLP(u_in, hidden, activation="relu", dropout=spec.dropout,
                             device=dense_device)
         self.user_out = nn.Linear(self.user_mlp.out_dim, d, device=dense_device)
@@ -78,9 +89,11 @@ class TwoTower(RetrievalModel):
         q = slice(None, n_queries)
         u_parts = [f.pooled[n][q] for n in self.user_pooled]
         u_parts.append(masked_mean(f.history[q], f.valid[q]))
-        if self.layout.dense_dim:  # static, so TorchRec's fx trace (sparse-dist) can follow it
-            u_parts.append(f.dense[q])
+        if self.n_user_dense:  # static, so TorchRec's fx trace (sparse-dist) can follow it
+            u_parts.append(f.dense[q].index_select(1, self.user_dense))
         v_parts = [f.query] + [f.pooled[n] for n in self.item_pooled]  # item id [B, E] first
+        if self.n_item_dense:
+            v_parts.append(f.dense.index_select(1, self.item_dense))
         u = self.user_out(self.user_mlp(torch.cat(u_parts, dim=1)))
         v = self.item_out(self.item_mlp(torch.cat(v_parts, dim=1)))
         return F.normalize(u, dim=1), F.normalize(v, dim=1)
