@@ -1,5 +1,5 @@
-"""Two-tower and SASRec: the log-Q corrected in-batch softmax against its formula, forward and
-backward on a tiny batch, SASRec's causal masking, and full-ranking evaluation on one rank."""
+"""Two-tower, SASRec and HSTU: the log-Q corrected in-batch softmax against its formula, forward
+and backward on a tiny batch, SASRec's causal masking, and full-ranking evaluation on one rank."""
 
 import math
 
@@ -62,7 +62,7 @@ def test_in_batch_logq_softmax_matches_direct_formula():
     assert float(plain) == pytest.approx(float(ref), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["two_tower", "sasrec"])
+@pytest.mark.parametrize("name", ["two_tower", "sasrec", "hstu"])
 def test_forward_backward_tiny_batch(name):
     torch.manual_seed(0)
     cfg, layout = _layout(name, item_features=["genres"], tower_hidden=[16, 8], seq_layers=2,
@@ -132,7 +132,7 @@ def test_item_features_are_checked():
         SASRec(layout, cfg.model)
 
 
-@pytest.mark.parametrize("name", ["two_tower", "sasrec"])
+@pytest.mark.parametrize("name", ["two_tower", "sasrec", "hstu"])
 def test_n_queries_limits_the_user_side(name):
     torch.manual_seed(0)
     cfg, layout = _layout(name, item_features=["genres"], tower_hidden=[16, 8], seq_dropout=0.0,

@@ -1,6 +1,7 @@
 """Retrieval models through the one loop: SASRec resumed from its own mid-epoch checkpoint
-reproduces the uninterrupted run (same-world, one gloo rank, no Ray), and trains through
-TorchRec's sparse-dist pipeline with every-step targets (``retrieval_loss: full``)."""
+reproduces the uninterrupted run (same-world, one gloo rank, no Ray), and SASRec and HSTU
+train through TorchRec's sparse-dist pipeline with every-step targets
+(``retrieval_loss: full``)."""
 
 import os
 import shutil
@@ -75,11 +76,13 @@ def test_sasrec_resume_reproduces_the_uninterrupted_run(tmp_path, one_rank):
     assert m["test"]["users"] == 96
 
 
-def test_sasrec_all_steps_through_the_sparse_dist_pipeline(tmp_path, one_rank):
+@pytest.mark.parametrize("name", ["sasrec", "hstu"])
+def test_all_steps_through_the_sparse_dist_pipeline(tmp_path, one_rank, name):
     tmp = str(tmp_path)
     write_prepared(f"{tmp}/prepared", n_train=160)
     _leave_last_out(f"{tmp}/prepared")
-    job = _job(tmp, f"{tmp}/run", retrieval_loss="full", sasrec_all_steps=True)
+    job = _job(tmp, f"{tmp}/run", retrieval_loss="full", name=name,
+               **{f"{name}_all_steps": True})
     job["train"] = {**job["train"], "pipeline": "sparse_dist", "prefetch_batches": 2}
     m = _run(job)
     ep = m["epochs"][0]

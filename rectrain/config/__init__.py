@@ -13,7 +13,8 @@ from rectrain.config.job import JobConfig
 from rectrain.config.load import (CPU_SPARSE_OPTIMIZERS, ConfigError, check_launch,
                                   config_from_dict, job_dict, load_config, read_yaml_mapping)
 from rectrain.config.models import (MODEL_SPECS, RANKING_MODELS, RETRIEVAL_MODELS, AutoIntSpec,
-                                    BstSpec, Dcnv2Spec, DinSpec, DlrmSpec, ModelBase, ModelSpec,
+                                    BstSpec, Dcnv2Spec, DinSpec, DlrmSpec, HstuSpec, ModelBase,
+                                    ModelSpec,
                                     RankingBase, RetrievalBase, SasrecSpec, TwoTowerSpec,
                                     model_fields)
 from rectrain.config.sections import (RESERVED_COLUMNS, CheckpointSpec, DatasetSpec, FeatureSpec,
@@ -24,7 +25,7 @@ __all__ = [
     "AutoIntSpec", "BstSpec", "CPU_SPARSE_OPTIMIZERS", "CheckpointSpec", "ConfigError",
     "DatasetSpec", "Dcnv2Spec", "DinSpec", "DlrmSpec", "FeatureSpec", "JobConfig", "LabelSpec",
     "MODEL_SPECS", "ModelBase", "ModelSpec", "OptimSpec", "RANKING_MODELS", "RESERVED_COLUMNS",
-    "RETRIEVAL_MODELS", "RankingBase", "RaySpec", "RetrievalBase", "SasrecSpec", "ShardingSpec",
+    "RETRIEVAL_MODELS", "HstuSpec", "RankingBase", "RaySpec", "RetrievalBase", "SasrecSpec", "ShardingSpec",
     "SideTable", "SplitSpec", "SynthSource", "TrainSpec", "Transform", "TwoTowerSpec",
     "check_launch", "config_from_dict", "job_dict", "load_config", "model_fields",
     "read_yaml_mapping",

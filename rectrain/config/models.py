@@ -15,7 +15,7 @@ from pydantic import Discriminator, Field, PositiveInt, Tag
 from rectrain.config.sections import _Model
 
 RANKING_MODELS = ("din", "dlrm", "dcnv2", "bst", "autoint")
-RETRIEVAL_MODELS = ("two_tower", "sasrec")
+RETRIEVAL_MODELS = ("two_tower", "sasrec", "hstu")
 
 
 class ModelBase(_Model):
@@ -135,10 +135,36 @@ class SasrecSpec(RetrievalBase):
                                 "dataset.sequence_length)")
 
 
+class HstuSpec(RetrievalBase):
+    """HSTU (Zhai et al., ICML 2024, arXiv 2402.17152): pointwise aggregated (SiLU, no softmax)
+    causal attention with a relative position bias over the item history."""
+
+    name: Literal["hstu"] = "hstu"
+    seq_layers: int = Field(2, ge=1, description="HSTU layers")
+    seq_heads: int = Field(1, ge=1, description="attention heads")
+    seq_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout (input and each "
+                                                                "layer's output)")
+    seq_max_len: Optional[int] = Field(
+        None, ge=1, description="attend over the last N history items only (None: "
+                                "dataset.sequence_length)")
+    hstu_all_steps: bool = Field(
+        False, description="train every history step to predict the next item (the paper's "
+                           "autoregressive objective; needs retrieval_loss: full), not only "
+                           "the last")
+    hstu_qk_dim: Optional[int] = Field(None, ge=1, description="per-head width of Q and K "
+                                                               "(None: embedding_dim / heads)")
+    hstu_v_dim: Optional[int] = Field(None, ge=1, description="per-head width of U and V "
+                                                              "(None: embedding_dim / heads)")
+    temperature: Optional[float] = Field(
+        None, gt=0, description="set: L2-normalise user and item vectors, logit = cosine / "
+                                "temperature (the reference's setting, 0.05); None: dot product")
+
+
 #: model name -> its config class
 MODEL_SPECS: dict[str, type[ModelBase]] = {
     c.model_fields["name"].default: c
-    for c in (DinSpec, DlrmSpec, Dcnv2Spec, BstSpec, AutoIntSpec, TwoTowerSpec, SasrecSpec)}
+    for c in (DinSpec, DlrmSpec, Dcnv2Spec, BstSpec, AutoIntSpec, TwoTowerSpec, SasrecSpec,
+              HstuSpec)}
 
 
 def _model_tag(v: Any) -> Optional[str]:
@@ -210,4 +236,7 @@ def check_model(job) -> None:
                              f"(a feature belongs to one tower)")
     if isinstance(m, SasrecSpec) and m.sasrec_all_steps and m.retrieval_loss != "full":
         raise ValueError(f"model.sasrec_all_steps: true needs model.retrieval_loss: full "
+                         f"(got {m.retrieval_loss})")
+    if isinstance(m, HstuSpec) and m.hstu_all_steps and m.retrieval_loss != "full":
+        raise ValueError(f"model.hstu_all_steps: true needs model.retrieval_loss: full "
                          f"(got {m.retrieval_loss})")

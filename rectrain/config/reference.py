@@ -38,11 +38,11 @@ Rules checked at load, besides each field's own type and range:
   table; `text_embedding` needs `dataset.items` and the item-id feature; `hash` encoding needs
   `hash_buckets` and a sparse or multi-hot feature;
 - `model.sequence_features` name sequence features (empty only for dlrm);
-- retrieval models (two_tower, sasrec): `dataset.split` is `{test: 1, valid: 1}`
+- retrieval models (two_tower, sasrec, hstu): `dataset.split` is `{test: 1, valid: 1}`
   (leave-last-out, one held-out item per user for full ranking); `model.item_feature` is a
   sparse feature on the table of the first behaviour sequence; two_tower's `item_features` and
-  `user_features` name pooled features; sasrec's `sasrec_all_steps: true` needs
-  `retrieval_loss: full`;
+  `user_features` name pooled features; sasrec's `sasrec_all_steps: true` and hstu's
+  `hstu_all_steps: true` need `retrieval_loss: full`;
 - `optim.sparse: adam` (no fused FBGEMM CPU kernel) is refused when the run will be on CPU:
   `train.use_gpu: false`, or unset with no `ray.address` (nor `$RAY_ADDRESS`) and fewer CUDA
   devices on this machine than `train.num_workers`.

@@ -10,12 +10,13 @@ from torch import nn
 
 from rectrain.models.base import RANKING
 from rectrain.models.din import DIN
+from rectrain.models.hstu import HSTU
 from rectrain.models.sasrec import SASRec
 from rectrain.models.two_tower import TwoTower
 from rectrain.models.zoo import BST, DLRM, AutoInt, DCNv2
 
 MODELS = {"din": DIN, "dlrm": DLRM, "dcnv2": DCNv2, "bst": BST, "autoint": AutoInt,
-          "two_tower": TwoTower, "sasrec": SASRec}
+          "two_tower": TwoTower, "sasrec": SASRec, "hstu": HSTU}
 
 
 def build_model(layout, spec, sparse_device=None, dense_device=None):

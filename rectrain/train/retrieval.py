@@ -1,5 +1,5 @@
 """Training and full-ranking evaluation of retrieval / next-item models (``task = "retrieval"``:
-two-tower, SASRec): :class:`RetrievalTask`, run by the one loop (:func:`rectrain.train.loop.run`).
+two-tower, SASRec, HSTU): :class:`RetrievalTask`, run by the one loop (:func:`rectrain.train.loop.run`).
 
 **Samples.** Every prepared event is a training positive (implicit feedback: all interactions,
 whatever their rating): the row's user features and behaviour sequence (its strictly earlier
@@ -161,8 +161,8 @@ class RetrievalBatch(Batch):
 
     Attributes (besides :class:`~rectrain.data.features.Batch`'s):
         targets: int64 ``[B]``: the positive's encoded item id.
-        next_items: int64 ``[B, S]``: SASRec's every-step next-item targets (0 = none;
-            ``[B, 0]`` unless ``model.sasrec_all_steps``).
+        next_items: int64 ``[B, S]``: SASRec's / HSTU's every-step next-item targets (0 = none;
+            ``[B, 0]`` unless ``model.sasrec_all_steps`` / ``hstu_all_steps``).
     """
 
     targets: torch.Tensor = None
@@ -208,7 +208,8 @@ def _fmt(m: dict) -> str:
 class RetrievalTask:
     """:class:`~rectrain.train.task.Task` for models returning ``(user, item)`` vectors.
 
-    ``model.sasrec_all_steps`` needs ``retrieval_loss: full`` (checked when the config loads).
+    ``model.sasrec_all_steps`` / ``model.hstu_all_steps`` need ``retrieval_loss: full``
+    (checked when the config loads).
     """
 
     def __init__(self, cfg, layout: FeatureLayout, manifest: dict, model, env):
@@ -220,8 +221,9 @@ class RetrievalTask:
         self.n_items = layout.num_embeddings[next(f.table_name for f in layout.sequence
                                                   if f.name == self.item_key)]
         self.full = ms.retrieval_loss == "full"
-        self.all_steps = ms.name == "sasrec" and ms.sasrec_all_steps
-        self.steps = model.steps if self.all_steps else 0  # SASRec: output steps
+        self.all_steps = (getattr(ms, "sasrec_all_steps", False)
+                          or getattr(ms, "hstu_all_steps", False))
+        self.steps = model.steps if self.all_steps else 0  # SASRec / HSTU: output steps
         self.logq = ms.logq_correction and not self.full
         prepared = cfg.prepared_dir
         self.counts = item_counts(prepared, self.item_key, self.n_items)
@@ -254,7 +256,7 @@ class RetrievalTask:
 
     def loss(self, model, batch: RetrievalBatch) -> torch.Tensor:
         B, dev = batch.n_queries, batch.targets.device
-        if self.all_steps:  # SASRec's objective: every history step predicts the next item
+        if self.all_steps:  # SASRec's / HSTU's objective: every step predicts the next item
             h, v = model(batch, n_queries=B, all_steps=True)
             has = batch.next_items > 0
             logits = h[has] @ v[B:].t() / self.temperature
