@@ -119,3 +119,23 @@ def test_prepare_with_negatives_writes_them_and_serving_reads_events_only(tmp_pa
                          [])
     got_last = [h[-1] + 99 for h in state["hist_item_id"].to_pylist()]
     assert got_last == last.sort_values("user_id").item_id.tolist()
+    # stage 2 on this data: brute-force lists of an (untrained) DIN, scored against the
+    # observed test events only; all_seen excludes observed items, not the sampled ones
+    from rectrain.launch.recommend_job import recommend_job
+    from rectrain.serve.list_metrics import events_from_prepared, truth_from_prepared
+    from tests.support.recommend_runs import save_untrained
+
+    din = save_untrained(job, str(tmp_path / "din"))
+    s = recommend_job(config_from_dict(job), mode="brute_force", ranking_run=din, actors=0,
+                      k=5, out=str(tmp_path / "rec"), evaluate=True, exclude="all_seen",
+                      positives="all")
+    prepared = str(tmp_path / "prepared")
+    truth = truth_from_prepared(prepared, "test", "all")
+    assert truth.num_rows == m["rows_per_split"]["test"] - neg["rows_per_split"]["test"]
+    assert s["list_metrics"]["model"]["users_evaluated"] == ev.user_id.nunique()
+    lists = pq.read_table(s["lists"])
+    seen = events_from_prepared(prepared, ("train", "valid"))
+    assert seen.num_rows == len(ev) - truth.num_rows
+    assert not set(zip(lists["user_id"].to_pylist(), lists["item_id"].to_pylist())) & \
+        set(zip(seen["user_id"].to_pylist(), seen["item_id"].to_pylist()))
+    assert lists.num_rows == 5 * ev.user_id.nunique()
