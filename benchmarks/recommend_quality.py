@@ -7,9 +7,10 @@ of ``user_id, rank, item_id[, score]``, raw ids as in the prepared catalog). Def
 :mod:`rectrain.serve.list_metrics` and docs/models.md ("List quality"). With ``--candidates``
 (stage 1's ``user_id, item_id, ...``) it also reports the stage-1 recall of the ``--reference``
 lists' top-K. A lists file with its recommend run's ``summary.json`` beside it adds that
-run's wall time and users/s (and the ratio to ``--reference``'s). Writes ``OUT.json`` (every metric and count per method), ``OUT.md`` (the table)
-and ``OUT_exposure.png`` (Lorenz curves of item exposure; needs matplotlib, the bench extra).
-Reads files only: no model, no Ray.
+run's wall time and users/s (and the ratio to ``--reference``'s). Writes ``OUT.json`` (every
+metric and count per method), ``OUT.md`` (the table) and ``OUT_exposure.png`` (Lorenz
+curves of item exposure; needs matplotlib, the bench extra). Reads files only: no model, no
+Ray.
 
     python -m benchmarks.recommend_quality --prepared data/movielens-100k/prepared \\
         --lists brute_force=runs/din/recommendations/top_k.parquet \\
