@@ -86,25 +86,36 @@ def evaluate(prepared: str, lists: dict[str, str], k: int = 10, exclude: str = "
 
 
 def _summary(lists_path: str) -> dict:
-    """``wall_s``, ``users_per_s``, ``peak_rss_mb_per_process`` and ``mode`` of the recommend
+    """``wall_s``, ``block_seconds``, ``users_per_s``, ``peak_rss_mb_per_process`` and ``mode``
+    of the recommend
     run that wrote ``lists_path`` (its ``summary.json`` beside ``top_k.parquet``); {} if none."""
     url = storage.join(lists_path.rstrip("/").rsplit("/", 1)[0], "summary.json")
     if not lists_path.endswith(".parquet") or not storage.exists(url):
         return {}
     s = storage.read_json(url)
-    return {k: s[k] for k in ("mode", "wall_s", "users_per_s", "peak_rss_mb_per_process")
-            if k in s}
+    return {k: s[k] for k in ("mode", "wall_s", "block_seconds", "users_per_s",
+                              "peak_rss_mb_per_process") if k in s}
 
 
 def timing_note(runs: dict[str, dict], reference: str) -> str:
     """One line per run with a summary: recommend's wall time (``summary.json``'s ``wall_s``:
     from planning the blocks to the final files, Ray connection and actor start-up included,
-    list metrics and process start-up not) and its ratio to ``reference``'s."""
-    ref = runs.get(reference, {}).get("wall_s")
-    return "\n".join(f"{name}: wall {r['wall_s']:.1f} s, {r.get('users_per_s', 0):.0f} users/s"
-                     + (f", {ref / r['wall_s']:.2f}x faster than {reference}"
-                        if ref and name != reference else "")
-                     for name, r in runs.items() if "wall_s" in r)
+    list metrics and process start-up not) and its ratio to ``reference``'s, then the blocks'
+    own seconds (scoring and writing, summed over actors: no start-up or loading) and theirs."""
+    ref = runs.get(reference, {})
+    lines = []
+    for name, r in runs.items():
+        if "wall_s" not in r:
+            continue
+        line = f"{name}: wall {r['wall_s']:.1f} s, {r.get('users_per_s', 0):.0f} users/s"
+        if ref.get("wall_s") and name != reference:
+            line += f", {ref['wall_s'] / r['wall_s']:.2f}x faster than {reference}"
+        if r.get("block_seconds"):
+            line += f"; blocks {r['block_seconds']:.1f} s"
+            if ref.get("block_seconds") and name != reference:
+                line += f", {ref['block_seconds'] / r['block_seconds']:.2f}x"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
