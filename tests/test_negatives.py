@@ -139,3 +139,17 @@ def test_prepare_with_negatives_writes_them_and_serving_reads_events_only(tmp_pa
     assert not set(zip(lists["user_id"].to_pylist(), lists["item_id"].to_pylist())) & \
         set(zip(seen["user_id"].to_pylist(), seen["item_id"].to_pylist()))
     assert lists.num_rows == 5 * ev.user_id.nunique()
+
+
+def test_negatives_config_rejects_aux_heads(tmp_path):
+    from rectrain.config import ConfigError
+
+    job = tiny_job(str(tmp_path))
+    job["dataset"]["negatives"] = {"count": 2}
+    job["dataset"]["label"]["aux_thresholds"] = [3]
+    with pytest.raises(ConfigError, match="aux_thresholds"):
+        config_from_dict(job)
+    job["dataset"]["label"]["aux_thresholds"] = []
+    spec = config_from_dict(job).dataset.negatives
+    assert (spec.count, spec.sampling, spec.splits, spec.seed) == (
+        2, "uniform", ["train", "valid", "test"], None)

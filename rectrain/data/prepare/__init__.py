@@ -13,7 +13,8 @@
 
 Stages, one module each: :mod:`.validate` (paths, keys, footers, row values), :mod:`.vocab`
 (side tables, vocabularies), :mod:`.events` (the per-file task), :mod:`.sequences` (buckets,
-sequences, split, shuffle), :mod:`.manifest` (accounting, catalog, manifest).
+sequences, split, shuffle), :mod:`.negatives` (``dataset.negatives``: sampled negatives,
+added per bucket), :mod:`.manifest` (accounting, catalog, manifest).
 
 Nothing is dropped silently: every row read is either in exactly one split or counted in
 ``rejected`` by reason; the manifest asserts ``rows_read == rows_used + rows_rejected``.
