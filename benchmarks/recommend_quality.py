@@ -6,9 +6,11 @@ Independent of how the lists were made: it takes Parquet paths (a file or a part
 of ``user_id, rank, item_id[, score]``, raw ids as in the prepared catalog). Definitions:
 :mod:`rectrain.serve.list_metrics` and docs/models.md ("List quality"). With ``--candidates``
 (stage 1's ``user_id, item_id, ...``) it also reports the stage-1 recall of the ``--reference``
-lists' top-K. Writes ``OUT.json`` (every metric and count per method), ``OUT.md`` (the table)
-and ``OUT_exposure.png`` (Lorenz curves of item exposure; needs matplotlib, the bench extra).
-Reads files only: no model, no Ray.
+lists' top-K. A lists file with its recommend run's ``summary.json`` beside it adds that
+run's wall time and users/s (and the ratio to ``--reference``'s). Writes ``OUT.json`` (every
+metric and count per method), ``OUT.md`` (the table) and ``OUT_exposure.png`` (Lorenz
+curves of item exposure; needs matplotlib, the bench extra). Reads files only: no model, no
+Ray.
 
     python -m benchmarks.recommend_quality --prepared data/movielens-100k/prepared \\
         --lists brute_force=runs/din/recommendations/top_k.parquet \\
@@ -71,6 +73,8 @@ def evaluate(prepared: str, lists: dict[str, str], k: int = 10, exclude: str = "
     out = {"prepared": prepared, "k": k, "exclude": exclude, "positives": positives,
            "n_items": n_items, "lists": dict(lists), "methods": methods,
            "exposure": {name: lm.item_exposure(t, k) for name, t in tables.items()}}
+    runs = {name: _summary(path) for name, path in lists.items()}
+    out["runs"] = {name: r for name, r in runs.items() if r}
     if candidates:
         if reference not in tables:
             raise ValueError(f"--reference {reference!r}: not one of the --lists names "
@@ -79,6 +83,39 @@ def evaluate(prepared: str, lists: dict[str, str], k: int = 10, exclude: str = "
         out["stage_recall"] = {"reference": reference, "candidates": candidates,
                                f"recall_of_top{k}": lm.stage_recall(cand, tables[reference], k)}
     return out
+
+
+def _summary(lists_path: str) -> dict:
+    """``wall_s``, ``block_seconds``, ``users_per_s``, ``peak_rss_mb_per_process`` and ``mode``
+    of the recommend
+    run that wrote ``lists_path`` (its ``summary.json`` beside ``top_k.parquet``); {} if none."""
+    url = storage.join(lists_path.rstrip("/").rsplit("/", 1)[0], "summary.json")
+    if not lists_path.endswith(".parquet") or not storage.exists(url):
+        return {}
+    s = storage.read_json(url)
+    return {k: s[k] for k in ("mode", "wall_s", "block_seconds", "users_per_s",
+                              "peak_rss_mb_per_process") if k in s}
+
+
+def timing_note(runs: dict[str, dict], reference: str) -> str:
+    """One line per run with a summary: recommend's wall time (``summary.json``'s ``wall_s``:
+    from planning the blocks to the final files, Ray connection and actor start-up included,
+    list metrics and process start-up not) and its ratio to ``reference``'s, then the blocks'
+    own seconds (scoring and writing, summed over actors: no start-up or loading) and theirs."""
+    ref = runs.get(reference, {})
+    lines = []
+    for name, r in runs.items():
+        if "wall_s" not in r:
+            continue
+        line = f"{name}: wall {r['wall_s']:.1f} s, {r.get('users_per_s', 0):.0f} users/s"
+        if ref.get("wall_s") and name != reference:
+            line += f", {ref['wall_s'] / r['wall_s']:.2f}x faster than {reference}"
+        if r.get("block_seconds"):
+            line += f"; blocks {r['block_seconds']:.1f} s"
+            if ref.get("block_seconds") and name != reference:
+                line += f", {ref['block_seconds'] / r['block_seconds']:.2f}x"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "stage_recall" in res:
         note += (f"; stage-1 recall of the {a.reference} top-{a.k}: "
                  f"{res['stage_recall'][f'recall_of_top{a.k}']:.4f}")
+    if res["runs"]:
+        note += "\n\n" + timing_note(res["runs"], a.reference)
     storage.write_json(res, f"{a.out}.json")
     fs, md = storage.url_to_fs(f"{a.out}.md")
     with fs.open(md, "w") as f:

@@ -278,3 +278,22 @@ def test_recommend_quality_benchmark(tmp_path, capsys):
     assert "| random |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="NAME=PATH"):
         recommend_quality.named_paths(["nope"])
+
+
+def test_recommend_quality_reads_each_runs_wall_time(tmp_path):
+    from benchmarks import recommend_quality
+
+    for name, wall in (("bf", 60.0), ("ts", 12.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"mode": name, "wall_s": wall, "users_per_s": 943 / wall, "rows": 10,
+             "block_seconds": wall / 2}))
+    runs = {n: recommend_quality._summary(str(tmp_path / n / "top_k.parquet"))
+            for n in ("bf", "ts")}
+    assert runs["ts"] == {"mode": "ts", "wall_s": 12.0, "users_per_s": 943 / 12.0,
+                          "block_seconds": 6.0}
+    assert recommend_quality._summary(str(tmp_path / "none" / "top_k.parquet")) == {}
+    note = recommend_quality.timing_note(runs, "bf")
+    assert note.splitlines() == ["bf: wall 60.0 s, 16 users/s; blocks 30.0 s",
+                                 "ts: wall 12.0 s, 79 users/s, 5.00x faster than bf; "
+                                 "blocks 6.0 s, 5.00x"]

@@ -116,6 +116,20 @@ class SynthSource(_Model):
 MAX_TIMESTAMP = 4_102_444_800
 
 
+class NegativesSpec(_Model):
+    """Sampled negatives (``dataset.negatives``, docs/data.md#sampled-negatives): ``count``
+    items the user has no event of are added as label-0 rows beside each event of ``splits``,
+    sharing its behaviour sequence and context; every observed event becomes label 1."""
+
+    count: int = Field(4, ge=1, description="negatives per observed event")
+    sampling: Literal["uniform", "popularity"] = Field(
+        "uniform", description="uniform over the items with events, or popularity^alpha")
+    alpha: float = Field(0.75, ge=0.0, description="exponent of popularity sampling")
+    splits: list[Literal["train", "valid", "test"]] = Field(
+        ["train", "valid", "test"], min_length=1, description="splits that get negatives")
+    seed: Optional[int] = Field(None, description="sampling seed; default train.seed")
+
+
 class DatasetSpec(_Model):
     """Where the raw behaviour logs are and which columns mean what."""
 
@@ -136,6 +150,8 @@ class DatasetSpec(_Model):
         None, description="cut the log into time windows; with `window: N` prepare writes "
                           "train = window N, valid/test = window N+1 (docs/protocol.md)")
     window: Optional[int] = Field(None, ge=0, description="the window a prepare writes")
+    negatives: Optional[NegativesSpec] = Field(
+        None, description="add sampled negatives (implicit feedback: observed events label 1)")
     vocab_from: Optional[str] = Field(
         None, description="prepared folder, run directory or checkpoint whose vocabularies "
                           "this prepare extends (known values keep their ids; see docs/data.md)")
@@ -159,6 +175,13 @@ class DatasetSpec(_Model):
         if self.window is not None and self.windows is None:  # else silently the whole log
             raise ValueError(f"dataset.window: {self.window} is set but dataset.windows is not; "
                              f"add windows (e.g. windows: {{size: 7d}}) or remove window")
+        return self
+
+    @model_validator(mode="after")
+    def _negatives_no_aux(self) -> "DatasetSpec":
+        if self.negatives is not None and self.label.aux_thresholds:  # no rating to threshold
+            raise ValueError("dataset.negatives: sampled negatives have no label value; set "
+                             "dataset.label.aux_thresholds: []")
         return self
 
 

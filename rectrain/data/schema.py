@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field, fields
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rectrain.data import storage
 
@@ -221,6 +222,10 @@ class Manifest:
     #: boundaries, cumulative, train, valid, test ([start, end) unix s), rows_before,
     #: rows_after (read, history only)}; {} without dataset.windows
     window: dict = field(default_factory=dict)
+    #: dataset.negatives' settings and counts (prepare/negatives.py): {count, sampling, alpha,
+    #: splits, seed, labels, pool_items, rows_per_split, dropped}; {} without negatives.
+    #: rows_per_split above includes these rows; rows_used counts observed events only
+    negatives: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The manifest as the JSON object stored on disk (a shallow dict of the fields)."""
@@ -242,9 +247,13 @@ class Manifest:
         return cls(**load_manifest(prepared_dir))
 
 
-def read_split(prepared_dir: str, split: str, columns: list[str]) -> pa.Table | None:
+def read_split(prepared_dir: str, split: str, columns: list[str],
+               negatives: bool = False) -> pa.Table | None:
     """``columns`` of a prepared split as one Arrow table (None when the split is absent or has
     no files), each file checked at the door (:func:`rectrain.data.door.read_checked`).
+    Sampled negatives (``dataset.negatives``: rows with label 0 in a split that has them) are
+    left out unless ``negatives``: histories, exclusions, popularity and truth are the
+    observed events; evaluating a ranker on a split wants them.
 
     Raises:
         rectrain.data.door.PreparedDataError: a bad id or schema, naming file, column, row.
@@ -255,4 +264,18 @@ def read_split(prepared_dir: str, split: str, columns: list[str]) -> pa.Table | 
     from rectrain.data.door import prepared_bounds, read_checked
 
     files, _ = storage.list_parquet_files(url)
-    return read_checked(files, columns, prepared_bounds(prepared_dir)) if files else None
+    if not files:
+        return None
+    if negatives or split not in negative_splits(prepared_dir):
+        return read_checked(files, columns, prepared_bounds(prepared_dir))
+    t = read_checked(files, list(dict.fromkeys([*columns, LABEL])), prepared_bounds(prepared_dir))
+    return t.filter(pc.greater_equal(t[LABEL], 0.5)).select(columns)
+
+
+def negative_splits(prepared_dir: str) -> tuple[str, ...]:
+    """Splits of a prepared folder that hold sampled negatives (``manifest.json``'s
+    ``negatives.splits``; empty without a manifest or negatives)."""
+    url = storage.join(prepared_dir, "manifest.json")
+    if not storage.exists(url):
+        return ()
+    return tuple(storage.read_json(url).get("negatives", {}).get("splits", ()))

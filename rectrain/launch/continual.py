@@ -63,7 +63,8 @@ def evaluate_on(run_dir: str, prepared_dir: str) -> dict:
                          f"only ranking models are evaluated outside a run")
     check_same_data(lm.meta.get("data"), load_manifest(prepared_dir), lm.meta["url"],
                     prepared_dir)
-    table = read_split(prepared_dir, "test", list(dict.fromkeys(lm.layout.columns + [LABEL])))
+    table = read_split(prepared_dir, "test", list(dict.fromkeys(lm.layout.columns + [LABEL])),
+                       negatives=True)
 
     class _One:
         def tables(self):

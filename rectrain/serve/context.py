@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from rectrain.data import storage
 from rectrain.data.encode import positions_in_lists
-from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, read_split
+from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, negative_splits, read_split
 from rectrain.models import task_of
 from rectrain.models.base import RETRIEVAL
 from rectrain.serve.loading import load_model
@@ -90,9 +90,12 @@ def _last_events(prepared: str, splits: tuple[str, ...], cols: list[str]) -> pa.
              for f in storage.list_parquet_files(storage.join(prepared, s))[0]]
     if not files:
         raise ValueError(f"{prepared}: no event files in splits {list(splits)}")
-    keys = [read_checked([f], [USER, POS], bounds) for f in files]
+    neg = bool(negative_splits(prepared))
+    keys = [read_checked([f], [USER, POS, LABEL] if neg else [USER, POS], bounds) for f in files]
     user = np.concatenate([t[USER].to_numpy() for t in keys])
     pos = np.concatenate([t[POS].to_numpy() for t in keys])
+    if neg:  # a sampled negative (label 0) shares its event's position: never the last event
+        pos = np.where(np.concatenate([t[LABEL].to_numpy() for t in keys]) >= 0.5, pos, -1)
     file = np.repeat(np.arange(len(files)), [t.num_rows for t in keys])
     row = np.concatenate([np.arange(t.num_rows) for t in keys])
     del keys

@@ -13,7 +13,8 @@
 
 Stages, one module each: :mod:`.validate` (paths, keys, footers, row values), :mod:`.vocab`
 (side tables, vocabularies), :mod:`.events` (the per-file task), :mod:`.sequences` (buckets,
-sequences, split, shuffle), :mod:`.manifest` (accounting, catalog, manifest).
+sequences, split, shuffle), :mod:`.negatives` (``dataset.negatives``: sampled negatives,
+added per bucket), :mod:`.manifest` (accounting, catalog, manifest).
 
 Nothing is dropped silently: every row read is either in exactly one split or counted in
 ``rejected`` by reason; the manifest asserts ``rows_read == rows_used + rows_rejected``.
@@ -31,6 +32,7 @@ from rectrain.data import storage
 from rectrain.data.prepare import manifest as mf
 from rectrain.data.schema import empty_split_reason
 from rectrain.data.prepare.events import read_events
+from rectrain.data.prepare.negatives import item_pool
 from rectrain.data.prepare.readtasks import describe, group_files
 from rectrain.data.prepare.windows import window_bounds
 from rectrain.data.prepare.sequences import (build_sequences, merge_dense_stats,
@@ -84,7 +86,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     t_read = time.perf_counter()
     window = (window_bounds(spec, *events.ts_range) if spec.windows is not None else None)
     storage.remove(out)  # only now: a job that fails validation leaves the last good output
-    buckets = sequence_buckets(cfg, events, num_buckets, rows_per_file, window)
+    pool = item_pool(cfg, events, roles) if spec.negatives is not None else None
+    buckets = sequence_buckets(cfg, events, num_buckets, rows_per_file, window, pool)
     t_seq = time.perf_counter()
     write_train(cfg, buckets, rows_per_file)
     t_train = time.perf_counter()
@@ -100,6 +103,9 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     manifest = mf.build_manifest(cfg, markers, side, vocab, events, buckets.stats, split_counts,
                                  files_per_split, dense_stats, text, seconds, window)
     manifest.read_tasks = read_tasks
+    if pool is not None:
+        manifest.negatives = mf.negatives_summary(spec.negatives, cfg.train.seed, pool.num_rows,
+                                                  buckets.stats)
     manifest.save(out)  # kept also when a split is empty: its counts explain why
     # valid and test only: an empty train split (every user short) is a legal prepare result
     # (counted in the manifest), which `rectrain train` rejects on its driver

@@ -19,12 +19,14 @@ def check_row_accounting(out: str, events: EventCounts, bucket_stats: list[dict]
     """Every row read is in exactly one split, rejected, or (a window prepare) outside the
     prepared windows (history only), and the Parquet footers of the
     written files add up to the counted rows of their split.
-    Returns ``(rows per split, {split: {file url: rows}})``.
+    Returns ``(rows per split, {split: {file url: rows}})``; rows per split are the written
+    rows (observed events plus any sampled negatives).
 
     Raises:
         AssertionError: either identity fails (a bug in prepare, not in the data).
     """
     split_counts = {name: sum(b["rows"][name] for b in bucket_stats) for name in SPLITS}
+    negatives = negative_rows(bucket_stats)
     rows_used, n_rejected = sum(split_counts.values()), sum(events.rejected.values())
     n_outside = sum(sum(b.get("outside", {}).values()) for b in bucket_stats)
     if events.rows_read != rows_used + n_rejected + n_outside:
@@ -35,9 +37,24 @@ def check_row_accounting(out: str, events: EventCounts, bucket_stats: list[dict]
     for name in SPLITS:
         url = storage.join(out, name)
         files_per_split[name] = _file_rows(url) if storage.exists(url) else {}
-        if sum(files_per_split[name].values()) != split_counts[name]:
+        if sum(files_per_split[name].values()) != split_counts[name] + negatives[name]:
             raise AssertionError(f"{name}: written rows differ from the counted rows")
-    return split_counts, files_per_split
+    return {n: split_counts[n] + negatives[n] for n in SPLITS}, files_per_split
+
+
+def negative_rows(bucket_stats: list[dict]) -> dict[str, int]:
+    """Sampled negative rows per split over the buckets (0 without ``dataset.negatives``)."""
+    return {name: sum(b.get("negatives", {}).get("rows", {}).get(name, 0) for b in bucket_stats)
+            for name in SPLITS}
+
+
+def negatives_summary(spec, seed: int, pool_items: int, bucket_stats: list[dict]) -> dict:
+    """The manifest's ``negatives``: the ``dataset.negatives`` settings (seed resolved), the
+    pool size, negative rows per split and the dropped draws (:mod:`.negatives`)."""
+    return {**spec.model_dump(), "seed": spec.seed if spec.seed is not None else seed,
+            "labels": "observed events 1, sampled negatives 0", "pool_items": pool_items,
+            "rows_per_split": negative_rows(bucket_stats),
+            "dropped": sum(b.get("negatives", {}).get("dropped", 0) for b in bucket_stats)}
 
 
 def _file_rows(url: str) -> dict[str, int]:
@@ -113,7 +130,7 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
         num_users=len(side.keys["users"]) if "users" in side.keys else len(vocab.event[UID]),
         num_items=len(side.keys["items"]) if "items" in side.keys else None,
         rows_read=events.rows_read,
-        rows_used=sum(split_counts.values()),
+        rows_used=sum(split_counts.values()) - sum(negative_rows(bucket_stats).values()),
         rows_rejected=sum(events.rejected.values()),
         rejected_by_reason=dict(events.rejected),
         rows_remapped=sum(events.remapped.values()),

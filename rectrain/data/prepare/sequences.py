@@ -21,7 +21,7 @@ from rectrain.data.prepare.events import BUCKET, FILE, EventCounts
 from rectrain.data.prepare.validate import ROW
 from rectrain.data.prepare.vocab import UID
 from rectrain.data.prepare.windows import AFTER, BEFORE, split_codes
-from rectrain.data.schema import POS, SPLIT, SPLITS, TS
+from rectrain.data.schema import LABEL, POS, SPLIT, SPLITS, TS
 
 
 def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: int,
@@ -81,12 +81,14 @@ class Buckets:
 
 
 def sequence_buckets(cfg: JobConfig, events: EventCounts, num_buckets: int,
-                     rows_per_file: int, window: dict | None = None) -> Buckets:
+                     rows_per_file: int, window: dict | None = None,
+                     pool: pa.Table | None = None) -> Buckets:
     """Slice every read table by user bucket, then per bucket (a Ray task): sequences, split,
     ``valid/b<bucket>-K`` and ``test/b<bucket>-K`` Parquet files of at most ``rows_per_file``
     rows under ``cfg.prepared_dir``, train rows dealt over the parts. Releases
     ``events.tables`` once they are handed to the tasks. ``window``: the time split of
-    :func:`.windows.window_bounds` (None: the per-user split of ``dataset.split``)."""
+    :func:`.windows.window_bounds` (None: the per-user split of ``dataset.split``); ``pool``:
+    the items ``dataset.negatives`` samples from (:func:`.negatives.item_pool`)."""
     import ray
 
     spec = cfg.dataset
@@ -102,10 +104,15 @@ def sequence_buckets(cfg: JobConfig, events: EventCounts, num_buckets: int,
     schema = pa.unify_schemas([s["schema"] for s in events.file_stats if s["rows_used"]],
                               promote_options="permissive")
     seq_task = ray.remote(_sequence_bucket).options(num_returns=n_parts + 1)
+    neg = None
+    if spec.negatives is not None and pool is not None:
+        seed = spec.negatives.seed if spec.negatives.seed is not None else cfg.train.seed
+        neg = (spec.negatives.model_dump(), seed)
+    pool_ref = ray.put(pool) if neg is not None else None
     bucket_refs = [seq_task.remote(b, cfg.prepared_dir, schema, seq_features,
                                    spec.sequence_length, spec.split.test, spec.split.valid,
                                    dense_names, n_parts, cfg.train.seed, rows_per_file, window,
-                                   *[parts[b] for parts in part_refs])
+                                   neg, pool_ref, *[parts[b] for parts in part_refs])
                    for b in range(num_buckets)]
     stats = ray.get([refs[0] for refs in bucket_refs])
     return Buckets(stats, [refs[1:] for refs in bucket_refs], n_parts)
@@ -175,7 +182,8 @@ def _write_chunks(t: pa.Table, folder: str, stem: str, rows_per_file: int) -> di
 
 def _sequence_bucket(bucket: int, out: str, schema: pa.Schema, seq_features, max_len: int,
                      n_test: int, n_valid: int, dense_names: list[str], n_parts: int, seed: int,
-                     rows_per_file: int, window: dict | None, *parts: pa.Table) -> tuple:
+                     rows_per_file: int, window: dict | None, negatives: tuple | None,
+                     pool: pa.Table | None, *parts: pa.Table) -> tuple:
     """One user bucket: :func:`build_sequences` over all its events, valid/test rows written to
     ``out/{valid,test}/b<bucket>-K.parquet``, train rows dealt at random (``seed``, bucket)
     over ``n_parts`` tables. Every bucket's input is cast to ``schema`` (the read tables'
@@ -183,7 +191,9 @@ def _sequence_bucket(bucket: int, out: str, schema: pa.Schema, seq_features, max
     Returns ``(stats, part_0, ..., part_{n_parts-1})``; stats: rows per split, per dense
     feature the train count, mean and sum of squared deviations (see :func:`merge_dense_stats`)
     and nulls over all rows, the output schema, and ``outside``: {before, after} rows of a
-    ``window`` prepare that feed only the sequences."""
+    ``window`` prepare that feed only the sequences; ``negatives``: ``(spec dict, seed)`` and
+    ``pool`` of :func:`.negatives.add_negatives` (stats ``negatives``: its stats), or None.
+    ``rows`` counts observed events; the files also hold the negatives."""
     parts = [p for p in parts if p.num_rows]
     stats = {"rows": {name: 0 for name in SPLITS}, "schema": None,
              "outside": {"before": 0, "after": 0},
@@ -192,21 +202,30 @@ def _sequence_bucket(bucket: int, out: str, schema: pa.Schema, seq_features, max
         return (stats, *[None] * n_parts)
     t = pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
     t = build_sequences(t, seq_features, max_len, n_test, n_valid, window)
+    for code, name in enumerate(SPLITS):
+        stats["rows"][name] = int((t[SPLIT].to_numpy() == code).sum())
+    observed = None
+    if negatives is not None:
+        from rectrain.data.prepare.negatives import add_negatives
+
+        neg_spec, neg_seed = negatives
+        t, stats["negatives"] = add_negatives(t, pool, neg_spec, neg_seed, bucket)
+        observed = t[LABEL].to_numpy(zero_copy_only=False) > 0.5  # add_negatives: events 1
     split = t[SPLIT].to_numpy()
     stats["outside"] = {"before": int((split == BEFORE).sum()),
                         "after": int((split == AFTER).sum())}
     body = t.drop_columns([SPLIT, UID])
     stats["schema"] = {n: str(ty) for n, ty in zip(body.schema.names, body.schema.types)}
-    for code, name in enumerate(SPLITS):
-        stats["rows"][name] = int((split == code).sum())
     is_train = pa.array(split == 0)
+    obs_train = is_train if observed is None else pa.array((split == 0) & observed)
     for n in dense_names:
         col = body[n]
-        v = pc.filter(col, is_train).to_numpy(zero_copy_only=False).astype(np.float64)
+        v = pc.filter(col, obs_train).to_numpy(zero_copy_only=False).astype(np.float64)
         v = v[~np.isnan(v)]  # nulls come out as NaN
         mean = float(v.mean()) if v.size else 0.0
+        missing = col.null_count if observed is None else pc.filter(col, observed).null_count
         stats["dense"][n] = {"n": int(v.size), "mean": mean,
-                             "m2": float(((v - mean) ** 2).sum()), "missing": int(col.null_count)}
+                             "m2": float(((v - mean) ** 2).sum()), "missing": int(missing)}
     for code, name in ((1, "valid"), (2, "test")):
         sub = body.filter(pa.array(split == code))
         if sub.num_rows:
