@@ -153,3 +153,25 @@ def test_negatives_config_rejects_aux_heads(tmp_path):
     spec = config_from_dict(job).dataset.negatives
     assert (spec.count, spec.sampling, spec.splits, spec.seed) == (
         2, "uniform", ["train", "valid", "test"], None)
+
+
+def test_retrieval_models_refuse_negatives_in_their_config_and_in_a_prepared_folder(tmp_path):
+    """A retrieval model's loader reads every row as a positive: sampled label-0 rows would be
+    trained on as observed events, so both the config and a shared prepared folder stop it."""
+    import json
+
+    from rectrain.config import ConfigError
+    from rectrain.train.resume import prepare_run
+
+    job = tiny_job(str(tmp_path), model={"name": "two_tower", "item_features": ["genres"]})
+    job["dataset"]["negatives"] = {"count": 2}
+    with pytest.raises(ConfigError, match="dataset.negatives: two_tower trains on observed"):
+        config_from_dict(job)
+    del job["dataset"]["negatives"]
+    cfg = config_from_dict(job)
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "manifest.json").write_text(json.dumps({"negatives": {"count": 2}}))
+    with pytest.raises(ValueError, match="prepared with dataset.negatives"):
+        prepare_run(cfg)
+    (tmp_path / "prepared" / "manifest.json").write_text(json.dumps({"negatives": None}))
+    assert prepare_run(cfg).model.name == "two_tower"

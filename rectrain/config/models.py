@@ -209,6 +209,10 @@ def check_model(job) -> None:
         raise ValueError(f"dataset.split: {m.name} is evaluated by full ranking with one "
                          f"held-out item per user; use {{test: 1, valid: 1}} (leave-last-out), "
                          f"got {{test: {split.test}, valid: {split.valid}}}")
+    if job.dataset.negatives is not None:  # its loader would read sampled negatives as positives
+        raise ValueError(f"dataset.negatives: {m.name} trains on observed events only (its "
+                         "negatives are the other items of the softmax); remove "
+                         "dataset.negatives (it is for ranking models)")
     # the same partition as rectrain.data.features.FeatureLayout (pooled vs sequence tables)
     seq_tables = {f.table_name for f in feats if f.kind == "sequence"}
     ids = [f for f in feats if f.kind not in ("dense", "text_embedding")]

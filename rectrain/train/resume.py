@@ -132,6 +132,13 @@ def prepare_run(cfg):
     if ck.warm_start is not None:
         ck.warm_start = resolve_warm_start(ck.warm_start)
     manifest = storage.join(cfg.prepared_dir, "manifest.json")
+    from rectrain.config import RETRIEVAL_MODELS
+
+    if cfg.model.name in RETRIEVAL_MODELS and storage.exists(manifest) and \
+            storage.read_json(manifest).get("negatives"):  # prepared by a ranking job's config
+        raise ValueError(f"{cfg.prepared_dir}: prepared with dataset.negatives (sampled "
+                         f"label-0 rows), which {cfg.model.name} would read as positives; "
+                         "prepare a folder without negatives for retrieval models")
     for url in (u for u in (ck.warm_start, ck.resume) if u not in (None, "auto")):
         meta = storage.join(url, "meta.json")
         if storage.exists(manifest) and storage.exists(meta):  # before workers, not in each
