@@ -25,7 +25,8 @@ the largest of each class of the other processes of its tree (Ray Train workers,
 ``ray::`` workers and actors, Ray's system processes), and bytes on disk of its output (raw
 logs, prepared samples, the run dir, the recommendations). A stage whose wall time,
 extrapolated linearly in events from the largest smaller size measured, would exceed
-``budget_s`` is skipped with the reason (and so are the stages that need its output).
+``budget_s`` is skipped with the reason (and so are the stages that need its output); a stage
+that fails is run once more (``attempts``), then recorded as failed.
 
 Writes ``OUT/scale.json``, ``OUT/scale.md``, ``OUT/scale_seconds.png`` and
 ``OUT/scale_memory.png`` (with matplotlib, the ``bench`` extra), after every size; data under
@@ -239,12 +240,21 @@ def run_scale(out_dir: str, size: str = "quick", events: list[int] | None = None
             why = _skip_reason(stage, n, res["rows"], status, budget, recommend)
             log = os.path.join(logs, f"e{n}_{stage}.log")
             if why is None:
-                r = _run_stage(stage, {"job": job, "work": work, "mode": recommend,
-                                       "block": block, "actors": actors}, log)
+                arg = {"job": job, "work": work, "mode": recommend, "block": block,
+                       "actors": actors}
+                # one retry: on a loaded machine an embedded Ray can time out starting
+                # ("The current node timed out during startup"), which is not the stage's cost
+                for attempt in (1, 2):
+                    shutil.rmtree(os.path.join(work, OUTPUT[stage]), ignore_errors=True)
+                    r = _run_stage(stage, arg, log if attempt == 1 else f"{log}.retry")
+                    if r["exit_code"] == 0 and "child" in r:
+                        break
                 if r["exit_code"] == 0 and "child" in r:
-                    row = _row(stage, n, users, items, r, work, log, warmup)
+                    row = _row(stage, n, users, items, r, work, log if attempt == 1
+                               else f"{log}.retry", warmup)
+                    row["attempts"] = attempt
                 else:
-                    why = f"failed (exit {r['exit_code']}; see {log})"
+                    why = f"failed twice (exit {r['exit_code']}; see {log} and {log}.retry)"
             if why is not None:
                 row = {"stage": stage, "events": n, "users": users, "items": items,
                        "status": "failed" if why.startswith("failed") else "skipped",
@@ -254,7 +264,7 @@ def run_scale(out_dir: str, size: str = "quick", events: list[int] | None = None
             print(f"[bench] scale {n:,} events {stage}: " + (
                 f"{row['wall_s']:.1f} s, {row['rate']:,.0f} {row['rate_unit']}, driver "
                 f"{row['driver_peak_rss_mb']:.0f} MiB, worker {row['worker_peak_rss_mb']:.0f} "
-                f"MiB" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"),
+                f"MiB" if row["status"] == "ok" else row["reason"]),
                 flush=True)
             if progress:
                 progress.update(1)
