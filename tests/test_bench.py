@@ -206,3 +206,22 @@ def test_scale_tiny_measures_every_stage_and_skips_over_budget(tmp_path):
     md = open(os.path.join(out, "scale.md")).read()
     assert "**train**" in md and "skipped" in md
     assert not os.path.exists(os.path.join(out, "runs", "scale", "e20000"))  # data removed
+
+
+def test_scale_skip_reason_extrapolates_from_the_largest_smaller_size():
+    from rectrain.bench.scale import _skip_reason
+
+    rows = [{"stage": "prepare", "status": "ok", "events": 1_000_000, "wall_s": 100.0},
+            {"stage": "prepare", "status": "ok", "events": 2_000_000, "wall_s": 150.0}]
+    ok = {"synth": "ok"}
+    assert _skip_reason("prepare", 10_000_000, rows, ok, 800.0) is None  # 750 s fits
+    assert "extrapolated 1,500 s from 2,000,000" in _skip_reason("prepare", 20_000_000, rows,
+                                                                 ok, 800.0)
+    assert _skip_reason("prepare", 500, [], ok, 1.0) is None  # nothing to extrapolate from
+    assert _skip_reason("train", 500, [], {"prepare": "was skipped"}, 1e9) == \
+        "needs prepare, which was skipped"
+    # two-stage recommend ranks with the trained DIN
+    assert _skip_reason("recommend", 500, [], {"prepare": "ok", "train": "was failed"}, 1e9,
+                        "two_stage") == "needs train, which was failed"
+    assert _skip_reason("recommend", 500, [], {"prepare": "ok", "train": "was failed"}, 1e9) \
+        is None
