@@ -26,7 +26,8 @@ the largest of each class of the other processes of its tree (Ray Train workers,
 logs, prepared samples, the run dir, the recommendations). A stage whose wall time,
 extrapolated linearly in events from the largest smaller size measured, would exceed
 ``budget_s`` is skipped with the reason (and so are the stages that need its output); a stage
-that fails is run once more (``attempts``), then recorded as failed.
+that fails is run up to twice more (``attempts``; Ray's 30 s start-up limit), then recorded
+as failed.
 
 Writes ``OUT/scale.json``, ``OUT/scale.md``, ``OUT/scale_seconds.png`` and
 ``OUT/scale_memory.png`` (with matplotlib, the ``bench`` extra), after every size; data under
@@ -242,19 +243,19 @@ def run_scale(out_dir: str, size: str = "quick", events: list[int] | None = None
             if why is None:
                 arg = {"job": job, "work": work, "mode": recommend, "block": block,
                        "actors": actors}
-                # one retry: on a loaded machine an embedded Ray can time out starting
+                # two retries: on a loaded machine an embedded Ray can time out starting
                 # ("The current node timed out during startup"), which is not the stage's cost
-                for attempt in (1, 2):
+                for attempt in (1, 2, 3):
                     shutil.rmtree(os.path.join(work, OUTPUT[stage]), ignore_errors=True)
-                    r = _run_stage(stage, arg, log if attempt == 1 else f"{log}.retry")
+                    r = _run_stage(stage, arg, log if attempt == 1 else f"{log}.{attempt}")
                     if r["exit_code"] == 0 and "child" in r:
                         break
                 if r["exit_code"] == 0 and "child" in r:
                     row = _row(stage, n, users, items, r, work, log if attempt == 1
-                               else f"{log}.retry", warmup)
+                               else f"{log}.{attempt}", warmup)
                     row["attempts"] = attempt
                 else:
-                    why = f"failed twice (exit {r['exit_code']}; see {log} and {log}.retry)"
+                    why = f"failed 3 times (last exit {r['exit_code']}; see {log}, .2, .3)"
             if why is not None:
                 row = {"stage": stage, "events": n, "users": users, "items": items,
                        "status": "failed" if why.startswith("failed") else "skipped",
