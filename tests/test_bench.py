@@ -174,6 +174,7 @@ def test_steady_samples_per_s_skips_the_warm_up_windows():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four embedded Ray starts: 546 s at load 24 on 2 cores
 def test_scale_tiny_measures_every_stage_and_skips_over_budget(tmp_path):
     """`rectrain bench scale --size tiny` at one size runs synth, prepare, train and recommend,
     each in its own subprocess with its own Ray, and records a positive wall time, rate, RSS
