@@ -96,7 +96,7 @@ def _apply_config(args) -> None:
         raise ValueError(f"{args.config}: bench.name is {bench['name']!r}, not {args.name!r}")
     for k, v in bench.items():
         if k != "name":
-            setattr(args, k, ",".join(v) if isinstance(v, list) else v)
+            setattr(args, k, ",".join(map(str, v)) if isinstance(v, list) else v)
 
 
 def result_dir(size: str, out: str | None = None) -> str:
