@@ -41,38 +41,9 @@ import subprocess
 import sys
 import time
 
+from rectrain.bench.synth_jobs import DIN, HNSW, TWO_TOWER, job_dict, rec_over, save_untrained
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-FEATURES = [
-    {"name": "user_id", "kind": "sparse", "source": "user_id"},
-    {"name": "item_id", "kind": "sparse", "source": "item_id", "table": "item"},
-    {"name": "hist_item_id", "kind": "sequence", "source": "item_id", "table": "item"},
-    {"name": "category", "kind": "sparse", "source": "category"},
-    {"name": "device", "kind": "sparse", "source": "device"},
-]
-DIN = {"name": "din", "embedding_dim": 16, "sequence_features": ["hist_item_id"],
-       "attention_hidden": [32, 16], "mlp_hidden": [64, 32]}
-TWO_TOWER = {"name": "two_tower", "embedding_dim": 16, "sequence_features": ["hist_item_id"],
-             "item_features": ["category"], "tower_hidden": [32], "temperature": 0.05}
-HNSW = {"m": 16, "ef_construction": 40, "ef_search": 64}
-
-
-def job_dict(work: str, users: int, items: int, events: int, seed: int = 0) -> dict:
-    return {
-        "name": f"recommend_scale_u{users}", "prepared_dir": f"{work}/prepared",
-        "run_dir": f"{work}/din",
-        "dataset": {"source": "synth",
-                    "synth": {"events": events, "users": users, "items": items, "seed": seed},
-                    "events": f"{work}/raw/events",
-                    "users": {"path": f"{work}/raw/users", "key": "user_id"},
-                    "items": {"path": f"{work}/raw/items", "key": "item_id"},
-                    "user_column": "user_id", "item_column": "item_id",
-                    "timestamp_column": "timestamp", "label": {"column": "click"},
-                    "sequence_length": 20, "split": {"test": 1, "valid": 1},
-                    "on_invalid": "error"},
-        "features": FEATURES, "model": DIN,
-        "train": {"batch_size": 1024, "epochs": 1, "num_workers": 2, "cpus_per_worker": 1},
-    }
 
 
 def _rss_mb() -> int:
@@ -81,18 +52,12 @@ def _rss_mb() -> int:
 
 def child_data(a: dict) -> dict:
     """Synth + prepare + untrained checkpoints (skipped when the work folder has them)."""
-    import torch
-
-    from rectrain.checkpoint import save_checkpoint
     from rectrain.config import config_from_dict
     from rectrain.data import storage
-    from rectrain.data.features import FeatureLayout
     from rectrain.data.prepare import prepare
-    from rectrain.data.schema import data_identity, load_manifest
     from rectrain.data.sources.synth import SynthSpec
     from rectrain.launch.cluster import connect
     from rectrain.launch.jobs import synth_job
-    from rectrain.models import build_model
 
     job, out = a["job"], {}
     cfg = config_from_dict(job)
@@ -106,16 +71,10 @@ def child_data(a: dict) -> dict:
         m = prepare(cfg)
         out["prepare_s"] = time.perf_counter() - t
         out["rows_per_split"] = m["rows_per_split"]
-    manifest = load_manifest(cfg.prepared_dir)
     for name, model in (("din", DIN), ("two_tower", TWO_TOWER)):
         run = f"{a['work']}/{name}"
-        if storage.exists(f"{run}/checkpoint/meta.json"):
-            continue
-        c = config_from_dict({**job, "run_dir": run, "model": model})
-        torch.manual_seed(0)  # seeded initial weights: cost does not depend on training
-        net = build_model(FeatureLayout(c, manifest), c.model)
-        save_checkpoint(f"{run}/checkpoint", net, meta={
-            "epoch": 0, "config": c.model_dump(mode="json"), "data": data_identity(manifest)})
+        if not storage.exists(f"{run}/checkpoint/meta.json"):
+            save_untrained(job, run, model)
     return out
 
 
@@ -145,19 +104,6 @@ def _child(kind: str, arg: dict, log: str) -> dict:
         raise RuntimeError(f"{kind} step failed (exit {p.returncode}); see {log}")
     with open(res) as f:
         return json.load(f)
-
-
-def rec_over(work: str, mode: str, candidates: int, actors: int, block: int) -> dict:
-    common = {"k": 10, "exclude": "train", "evaluate": False, "actors": actors,
-              "users_per_block": block, "index": "hnsw", "index_params": HNSW}
-    if mode == "two_tower":
-        # two_stage with the retriever as ranking run: the retriever alone through HNSW
-        return {**common, "mode": "two_stage", "ranking_run": f"{work}/two_tower",
-                "retrieval_run": f"{work}/two_tower",
-                "out": f"{work}/rec_two_tower"}
-    return {**common, "mode": "two_stage", "ranking_run": f"{work}/din",
-            "retrieval_run": f"{work}/two_tower", "candidates": candidates,
-            "out": f"{work}/rec_two_stage_n{candidates}"}
 
 
 def row(size: str, users: int, items: int, events: int, method: str, s: dict,

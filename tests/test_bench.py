@@ -160,3 +160,72 @@ def test_tiny_and_full_runs_never_write_into_the_committed_report():
         with open(os.path.join(os.path.dirname(__file__), "..", ".gitignore")) as f:
             assert f"/{d}/" in f.read().split()
     assert result_dir("tiny", "/tmp/x") == "/tmp/x"
+
+
+def test_steady_samples_per_s_skips_the_warm_up_windows():
+    from rectrain.bench.scale import steady_samples_per_s
+
+    log = ("(RayTrainWorker pid=1) [rectrain] epoch 0 step 2 loss 0.7 100 samples/s\n"
+           "[rectrain] epoch 0 step 4 loss 0.6 2,000 samples/s\n"
+           "[rectrain] epoch 0 step 6 loss 0.6 4,000 samples/s\n")
+    # the window up to step 2 (Ray Data start-up) is left out; equal samples per window
+    assert steady_samples_per_s(log, 2) == pytest.approx(2 / (1 / 2000 + 1 / 4000))
+    assert steady_samples_per_s("no lines", 2) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # four embedded Ray starts: 546 s at load 24 on 2 cores
+@pytest.mark.skipif(os.environ.get("RECTRAIN_TEST_SCALE") != "1",
+                    reason="four embedded Ray starts in subprocesses (minutes): the suite's "
+                           "15-minute budget on 2 cores; run with RECTRAIN_TEST_SCALE=1")
+def test_scale_tiny_measures_every_stage_and_skips_over_budget(tmp_path):
+    """`rectrain bench scale --size tiny` at one size runs synth, prepare, train and recommend,
+    each in its own subprocess with its own Ray, and records a positive wall time, rate, RSS
+    (driver and Ray workers) and output bytes; with a 1 s budget every stage of a 2.5x larger
+    size is skipped on the extrapolation (its prerequisites skipped in turn), nothing run."""
+    from rectrain.bench.scale import STAGES, run_scale
+
+    out = str(tmp_path / "out")
+    res = run_scale(out, "tiny", events=[20_000, 50_000], budget_s=1.0)
+    with open(os.path.join(out, "scale.json")) as f:
+        saved = json.load(f)
+    assert [r["stage"] for r in saved["rows"]] == list(STAGES) * 2
+    for r in saved["rows"][:4]:
+        assert r["status"] == "ok", r
+        assert r["events"] == 20_000 and r["users"] == 400
+        assert r["wall_s"] > 0 and r["rate"] > 0 and r["s_per_m_events"] > 0
+        assert r["driver_peak_rss_mb"] > 0 and r["ray_system_peak_rss_mb"] > 0
+        assert r["disk_bytes"] > 0
+    by = {r["stage"]: r for r in saved["rows"][:4]}
+    assert by["train"]["train_worker_peak_rss_mb"] > 0
+    assert by["recommend"]["ray_worker_peak_rss_mb"] > 0
+    # the step cap: 2 warm-up + 4 timed steps (+ 1, see run_scale) of 1024 rows on 2 workers
+    assert by["train"]["detail"]["train_rows"] == 7 * 1024 * 2
+    assert by["prepare"]["detail"]["rows_per_split"]["test"] == 400
+    for r in saved["rows"][4:]:
+        assert r["status"] == "skipped" and r["events"] == 50_000
+        assert "budget" in r["reason"] or r["reason"].startswith("needs ")
+    assert "extrapolated" in saved["rows"][4]["reason"]
+    assert res["rows"][0]["wall_s"] == saved["rows"][0]["wall_s"]
+    md = open(os.path.join(out, "scale.md")).read()
+    assert "**train**" in md and "skipped" in md
+    assert not os.path.exists(os.path.join(out, "runs", "scale", "e20000"))  # data removed
+
+
+def test_scale_skip_reason_extrapolates_from_the_largest_smaller_size():
+    from rectrain.bench.scale import _skip_reason
+
+    rows = [{"stage": "prepare", "status": "ok", "events": 1_000_000, "wall_s": 100.0},
+            {"stage": "prepare", "status": "ok", "events": 2_000_000, "wall_s": 150.0}]
+    ok = {"synth": "ok"}
+    assert _skip_reason("prepare", 10_000_000, rows, ok, 800.0) is None  # 750 s fits
+    assert "extrapolated 1,500 s from 2,000,000" in _skip_reason("prepare", 20_000_000, rows,
+                                                                 ok, 800.0)
+    assert _skip_reason("prepare", 500, [], ok, 1.0) is None  # nothing to extrapolate from
+    assert _skip_reason("train", 500, [], {"prepare": "was skipped"}, 1e9) == \
+        "needs prepare, which was skipped"
+    # two-stage recommend ranks with the trained DIN
+    assert _skip_reason("recommend", 500, [], {"prepare": "ok", "train": "was failed"}, 1e9,
+                        "two_stage") == "needs train, which was failed"
+    assert _skip_reason("recommend", 500, [], {"prepare": "ok", "train": "was failed"}, 1e9) \
+        is None

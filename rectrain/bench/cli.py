@@ -4,6 +4,7 @@ examples:
   rectrain bench all --size quick                 the whole report (benchmarks/results/)
   rectrain bench trainstep --size tiny --paths a,b
   rectrain bench ingest --config jobs/bench_ingest.yaml
+  rectrain bench scale --size quick --events 1000000,10000000
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def add_parser(sub) -> None:
     sp.add_argument("--ablations", action="store_true",
                     help="trainstep: also run each optimisation off/on (before/after table); "
                          "on by default in `bench all`")
+    sp.add_argument("--events", default=None,
+                    help="scale: comma list of log sizes in events (default per --size)")
+    sp.add_argument("--budget-s", type=float, default=None,
+                    help="scale: skip a stage whose time, extrapolated from the previous "
+                         "size, exceeds this (default per --size)")
+    sp.add_argument("--recommend", choices=["two_tower", "two_stage"], default="two_tower",
+                    help="scale: the recommend stage's method")
 
 
 def _workloads(names: list[str], data: str, s: dict):
@@ -80,14 +88,15 @@ def _apply_config(args) -> None:
         spec = yaml.safe_load(f) or {}
     bench = spec.get("bench", {})
     unknown = set(bench) - {"name", "size", "out", "data", "workers", "workloads", "paths",
-                            "pipeline", "peer_venv", "device", "bf16", "ablations"}
+                            "pipeline", "peer_venv", "device", "bf16", "ablations",
+                            "events", "budget_s", "recommend"}
     if unknown:
         raise ValueError(f"{args.config}: bench: unknown keys {sorted(unknown)}")
     if bench.get("name") and bench["name"] != args.name:
         raise ValueError(f"{args.config}: bench.name is {bench['name']!r}, not {args.name!r}")
     for k, v in bench.items():
         if k != "name":
-            setattr(args, k, ",".join(v) if isinstance(v, list) else v)
+            setattr(args, k, ",".join(map(str, v)) if isinstance(v, list) else v)
 
 
 def result_dir(size: str, out: str | None = None) -> str:
@@ -114,12 +123,18 @@ def run(args) -> dict:
     default_wl = {"ingest": "din_synth,dlrm_criteo", "trainstep": "din_synth,dlrm_criteo",
                   "peers": "din_ml100k"}
     paths = set(args.paths.split(","))
-    # progress units: ingest 2/workload, trainstep 3/workload, scaling 6, peers 3
+    # progress units: ingest 2/workload, trainstep 3/workload, scaling 6, peers 3, scale 4/size
+    events = ([int(float(x)) for x in str(args.events).split(",")]
+              if getattr(args, "events", None) else None)
+    if "scale" in names:
+        from rectrain.bench.scale import SIZES, STAGES
+        n_scale = len(STAGES) * len(events or SIZES[args.size]["events"])
     wl_of = {n: (args.workloads or default_wl.get(n, "")).split(",") for n in names}
     total = sum({"ingest": 2 * len(wl_of["ingest"]) if "ingest" in wl_of else 0,
                  "trainstep": (5 if args.ablations or args.name == "all" else 3)
                  * len(wl_of.get("trainstep", [])),
-                 "scaling": 6, "peers": 3}[n] for n in names)
+                 "scaling": 6, "peers": 3,
+                 "scale": n_scale if "scale" in names else 0}[n] for n in names)
     results, t0 = {}, time.perf_counter()
     with tqdm(total=total, unit="stage", dynamic_ncols=True) as bar:
         for n in names:
@@ -141,6 +156,11 @@ def run(args) -> dict:
             elif n == "scaling":
                 from rectrain.bench.scaling import run_scaling
                 results[n] = run_scaling(args.data, args.out, args.size, progress=bar)
+            elif n == "scale":
+                from rectrain.bench.scale import run_scale
+                results[n] = run_scale(args.out, args.size, events,
+                                       getattr(args, "budget_s", None),
+                                       getattr(args, "recommend", "two_tower"), progress=bar)
             elif n == "peers":
                 from rectrain.bench.peers import run_peers
                 wl = _workloads(wl_of[n], args.data, s)[0]

@@ -285,7 +285,9 @@ class TrainSpec(_Model):
     use_gpu: Optional[bool] = Field(None, description="None: use GPUs when the cluster has them")
     seed: int = 0
     log_every: int = Field(20, ge=1, description="log a line every N steps")
-    max_train_rows: Optional[int] = Field(None, ge=1, description="cap rows per epoch (smoke runs)")
+    max_train_rows: Optional[int] = Field(
+        None, ge=1, description="cap rows per worker and epoch (smoke runs, benchmarks): every "
+                                "rank stops at the same step, ceil(cap / batch_size)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement group strategy for the workers (STRICT_SPREAD: one "
                             "worker per node)")

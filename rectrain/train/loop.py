@@ -94,6 +94,11 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
                 _scalars(writer, {"train/loss": loss_sum / steps, "train/samples_per_s": sps},
                          state.step)
                 t_log, n_log = now, 0
+        # after the max_train_rows cap the input is not drained: closing it now ends Ray Data's
+        # iteration of this split (its finally tells the split coordinator, which stops the
+        # epoch's reads) instead of leaving the read running beside validation
+        del tables, feed
+        batches.close()
         epoch_s = time.perf_counter() - t_epoch
         global_rows = rows * env.world
         state.train_seconds += epoch_s + state.carry.seconds

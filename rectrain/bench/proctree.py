@@ -1,0 +1,157 @@
+"""Peak memory of a subprocess and all its descendants (an embedded Ray's servers, workers and
+actors), sampled by a psutil thread; bytes on disk of a folder.
+
+The sampler polls ``psutil.Process(pid).children(recursive=True)`` every ``interval_s``
+seconds and keeps, per process class, the largest resident set (RSS) any one process of the
+class reached, and the largest sum over the tree. Classes, by command line (Ray sets worker
+titles with ``setproctitle``):
+
+- ``driver``: the subprocess itself;
+- ``train_worker``: ``ray::RayTrainWorker...`` (Ray Train workers, one per rank);
+- ``ray_worker``: every other ``ray::...`` process and ``default_worker.py`` (Ray Data tasks,
+  actors such as the split coordinator or recommend's block actors, idle pooled workers);
+- ``ray_system``: the rest of the tree (``gcs_server``, ``raylet``, dashboard, log monitor).
+
+RSS counts shared pages (Ray's object store is shared memory) in every process that maps
+them, so the tree sum over-counts them; the per-process maxima are the figures to compare.
+A process that lives less than one interval may be missed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+CLASSES = ("driver", "train_worker", "ray_worker", "ray_system")
+
+
+def _psutil():
+    try:
+        import psutil
+    except ImportError as e:
+        raise ImportError("rectrain bench scale samples memory with psutil, which comes with "
+                          "the bench extra: pip install -e '.[bench]'") from e
+    return psutil
+
+
+def classify(cmdline: list[str], is_root: bool) -> str:
+    """The class (one of :data:`CLASSES`) of a process with this ``cmdline``."""
+    if is_root:
+        return "driver"
+    head = cmdline[0] if cmdline else ""
+    if head.startswith("ray::"):
+        return "train_worker" if "TrainWorker" in head else "ray_worker"
+    if any(a.endswith("default_worker.py") for a in cmdline[:3]):
+        return "ray_worker"
+    return "ray_system"
+
+
+def title(cmdline: list[str]) -> str:
+    """A short name for a process: its ``ray::`` title up to the first space, ``(`` or ``.``
+    (the actor's class, not the method it runs), else the executable's base name (the
+    interpreter's script for Python)."""
+    if not cmdline:
+        return "?"
+    head = cmdline[0]
+    if head.startswith("ray::"):
+        return head.split(" ")[0].split("(")[0].split(".")[0]
+    names = [os.path.basename(a) for a in cmdline[:3] if a and not a.startswith("-")]
+    if names and names[0].startswith("python") and len(names) > 1:
+        return names[1]
+    return names[0] if names else "?"
+
+
+class TreeSampler:
+    """``with TreeSampler(pid) as s: ...``; then :meth:`result`. Peak RSS in MiB.
+
+    A process's class is kept once it was seen as a Ray Train worker (a worker's title follows
+    the method it runs, e.g. ``ray::RayTrainWorker.init_train_context``)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5):
+        self.psutil = _psutil()
+        self.root = self.psutil.Process(pid)
+        self.interval_s = interval_s
+        self.procs: dict[int, dict] = {}  # pid -> {"cls", "rss", "title"} (at its peak)
+        self.tree_peak = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._loop, name="rectrain-rss", daemon=True)
+
+    def __enter__(self) -> "TreeSampler":
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._th.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> None:
+        """One poll of the tree (processes that exit meanwhile are skipped)."""
+        ps = self.psutil
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except ps.Error:
+            return
+        total = 0.0
+        for p in procs:
+            try:
+                rss = p.memory_info().rss / 2**20
+                cmd = p.cmdline()
+            except ps.Error:
+                continue
+            c = classify(cmd, p.pid == self.root.pid)
+            rec = self.procs.setdefault(p.pid, {"cls": c, "rss": 0.0, "title": ""})
+            if c == "train_worker":
+                rec["cls"] = c
+            if rss >= rec["rss"]:
+                rec["rss"], rec["title"] = rss, "driver" if c == "driver" else title(cmd)
+            total += rss
+        self.tree_peak = max(self.tree_peak, total)
+        self.samples += 1
+
+    def result(self) -> dict:
+        """``{"peak_rss_mb": {class: MiB}, "processes": {class: distinct processes seen},
+        "tree_peak_rss_mb", "top_processes_mb": {title: MiB} (the 10 largest), "samples"}``;
+        a class never seen has peak 0."""
+        peak = {c: 0.0 for c in CLASSES}
+        count = {c: 0 for c in CLASSES}
+        by_title: dict[str, float] = {}
+        for rec in self.procs.values():
+            peak[rec["cls"]] = max(peak[rec["cls"]], rec["rss"])
+            count[rec["cls"]] += 1
+            by_title[rec["title"]] = max(by_title.get(rec["title"], 0.0), rec["rss"])
+        top = sorted(by_title.items(), key=lambda kv: -kv[1])[:10]
+        return {"peak_rss_mb": {c: round(v, 1) for c, v in peak.items()},
+                "processes": count, "tree_peak_rss_mb": round(self.tree_peak, 1),
+                "top_processes_mb": {k: round(v, 1) for k, v in top}, "samples": self.samples}
+
+
+def dir_bytes(path: str) -> int:
+    """Bytes of the regular files under ``path`` (0 when it does not exist)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    n = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            fp = os.path.join(root, f)
+            if not os.path.islink(fp):
+                try:
+                    n += os.path.getsize(fp)
+                except OSError:
+                    pass
+    return n
+
+
+def wait_sampled(popen, interval_s: float = 0.5) -> tuple[int, float, dict]:
+    """Wait for the ``subprocess.Popen`` ``popen`` while sampling its tree; returns
+    ``(exit code, wall seconds from now, TreeSampler.result())``."""
+    t0 = time.perf_counter()
+    with TreeSampler(popen.pid, interval_s) as s:
+        rc = popen.wait()
+    return rc, time.perf_counter() - t0, s.result()
