@@ -10,10 +10,11 @@ candidate's count in its behaviour sequence) is computed on the baseline job's p
 split, the rows both models are tested on (checked: same row count).
 
 Writes ``OUT.md`` (mean ± sample std of test AUC per variant, the rule's AUC, the gain of
-match features and by how much each variant beats the rule) and ``OUT.json`` (every run).
+match features and by how much each variant beats the rule) and ``OUT.json`` (every run); the
+CLI logs go to ``RUNS/logs/``.
 
     nice -n 10 python -m benchmarks.match_features [--seeds 3] [--only synth,movielens]
-        [--out benchmarks/results/match_features] [--runs runs/match_features]
+        [--out benchmarks/results/match_features] [--runs runs/match_features] [--reuse]
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ DATASETS = {  # name -> (label, baseline job, match-feature job)
 }
 
 
-def _cli(args: list[str], log) -> float:
-    """``python -m rectrain.cli ARGS`` (one retry: an embedded Ray can time out starting on a
-    loaded machine); returns its seconds. Raises RuntimeError after two failures."""
-    for attempt in range(2):
+def _cli(args: list[str], log, attempts: int = 3) -> float:
+    """``python -m rectrain.cli ARGS``, retried after a pause (an embedded Ray times out
+    starting when the machine is overloaded: 30 s, fixed in Ray); returns its seconds.
+    Raises RuntimeError after ``attempts`` failures."""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(20)
         t0 = time.perf_counter()
         rc = subprocess.run([sys.executable, "-m", "rectrain.cli", *args], stdout=log,
                             stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
@@ -51,7 +55,7 @@ def _cli(args: list[str], log) -> float:
             return time.perf_counter() - t0
         log.write(f"\n[match_features] attempt {attempt + 1} failed (exit {rc})\n")
         log.flush()
-    raise RuntimeError(f"rectrain {' '.join(args)} failed twice; see {log.name}")
+    raise RuntimeError(f"rectrain {' '.join(args)} failed {attempts} times; see {log.name}")
 
 
 def _prepare(job: str, log) -> None:
@@ -67,8 +71,10 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def run_dataset(name: str, seeds: int, runs: Path, log_dir: Path) -> dict:
-    """Prepare, train both jobs ``seeds`` times, score the rule; returns the dataset's row."""
+def run_dataset(name: str, seeds: int, runs: Path, log_dir: Path,
+                reuse: bool = False) -> dict:
+    """Prepare, train both jobs ``seeds`` times (``reuse``: not a seed whose ``metrics.json``
+    is there), score the rule; returns the dataset's row."""
     label, base, match = DATASETS[name]
     out = {"dataset": label, "jobs": {"din": base, "din_match": match}, "runs": []}
     with open(log_dir / f"{name}_prepare.log", "w") as log:
@@ -81,18 +87,20 @@ def run_dataset(name: str, seeds: int, runs: Path, log_dir: Path) -> dict:
         name_ = load_config(job).name
         for s in range(seeds):
             run_dir = runs / name_ / f"seed{s}"
-            with open(log_dir / f"{name_}_seed{s}.log", "w") as log:
-                wall = _cli(["train", "--config", job, "--seed", str(s),
-                             "--run-dir", str(run_dir)], log)
+            wall = None
+            if not (reuse and (run_dir / "metrics.json").exists()):
+                with open(log_dir / f"{name_}_seed{s}.log", "w") as log:
+                    wall = round(_cli(["train", "--config", job, "--seed", str(s),
+                                       "--run-dir", str(run_dir)], log), 1)
             m = json.loads((run_dir / "metrics.json").read_text())
             if m["test_rows"] != rule["rows"]:
                 raise AssertionError(f"{job}: {m['test_rows']} test rows, the rule scored "
                                      f"{rule['rows']} ({prepared})")
             out["runs"].append({"variant": variant, "seed": s, "test_auc": m["test_auc"],
                                 "best_valid_auc": m.get("best_valid_auc"),
-                                "cli_seconds": round(wall, 1)})
+                                "cli_seconds": wall})  # None: reused
             print(f"[match_features] {name_} seed {s}: test AUC {m['test_auc']:.4f} "
-                  f"({wall:.0f} s)", flush=True)
+                  f"({wall} s)", flush=True)
     for variant in ("din", "din_match"):
         out[variant] = mean_std([r["test_auc"] for r in out["runs"] if r["variant"] == variant])
     return out
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                    ", ".join(DATASETS))
     p.add_argument("--out", default="benchmarks/results/match_features")
     p.add_argument("--runs", default="runs/match_features")
+    p.add_argument("--reuse", action="store_true", help="keep runs that have metrics.json")
     a = p.parse_args(argv)
     names = [n for n in a.only.split(",") if n]
     unknown = [n for n in names if n not in DATASETS]
@@ -127,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--only: unknown {unknown}; known {list(DATASETS)}" if unknown
                 else "--seeds must be >= 1")
     out = Path(a.out)
-    log_dir = out.parent / f"{out.name}_logs"
+    log_dir = Path(a.runs) / "logs"  # beside the runs, out of git
     log_dir.mkdir(parents=True, exist_ok=True)
-    rows = [run_dataset(n, a.seeds, Path(a.runs), log_dir) for n in names]
+    rows = [run_dataset(n, a.seeds, Path(a.runs), log_dir, a.reuse) for n in names]
     md = markdown(rows, a.seeds)
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".json").write_text(json.dumps({"seeds": a.seeds, "rows": rows}, indent=1))

@@ -30,7 +30,8 @@ class Batch(Pipelineable):
 
     Attributes:
         dense: float32 ``[B, D]`` z-normalised dense features (``D`` may be 0), then the
-            ``text_embedding`` inputs (:meth:`FeatureLayout.dense_dim`).
+            ``text_embedding`` inputs, then 3 per ``match`` feature, bounded and not normalised
+            (:meth:`FeatureLayout.dense_dim`).
         sparse: :class:`KeyedJaggedTensor` with int64 values and int32 lengths, keys in
             :attr:`FeatureLayout.sparse_keys` order (pooled features first, then the
             sequence-table features).
