@@ -74,7 +74,7 @@ def cmd_synth(args) -> dict:
     from rectrain.launch.jobs import synth_job
 
     spec = SynthSpec(events=args.events, users=args.users, items=args.items, files=args.files,
-                     categories=args.categories, seed=args.seed)
+                     categories=args.categories, seed=args.seed, repeat=args.repeat)
     return synth_job(spec, _abs(args.out), args.address, num_cpus=args.cpus)
 
 
@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--users", type=_positive, default=100_000)
     sp.add_argument("--items", type=_positive, default=50_000)
     sp.add_argument("--categories", type=_positive, default=32)
+    sp.add_argument("--repeat", type=float, default=0.0, metavar="P",
+                    help="re-consumption: probability an event re-buys an earlier item of the "
+                         "user, which also raises its label (default 0: off)")
     sp.add_argument("--files", type=_positive, default=None,
                     help="events files = Ray tasks (default: one per million events)")
     sp.add_argument("--cpus", type=_positive, default=None,

@@ -1,5 +1,6 @@
 """End to end on a slice of the real MovieLens-100K: prepare -> train (2 Ray Train workers,
-1 epoch) -> recommend, checking the outputs a user reads."""
+1 epoch) -> recommend, checking the outputs a user reads. The job is the main DIN job plus match
+features (jobs/movielens_din_match.yaml), so prepare, training and serving all cover them."""
 
 import json
 
@@ -34,7 +35,7 @@ def test_movielens_slice_end_to_end(tmp_path, ray_local):
     tables["users"] = tables["users"].filter(pc.is_in(tables["users"]["user_id"], keep))
     raw = tmp_path / "raw"
     write_raw_logs(tables, str(raw))
-    cfg = load_config("jobs/movielens_din.yaml", {
+    cfg = load_config("jobs/movielens_din_match.yaml", {
         "prepared_dir": str(tmp_path / "prepared"), "run_dir": str(tmp_path / "run"),
         "dataset": {"source": None, "events": str(raw / "events"),
                     "users": {"path": str(raw / "users"), "key": "user_id"},
@@ -64,6 +65,8 @@ def test_movielens_slice_end_to_end(tmp_path, ray_local):
 
     # the DCP checkpoint loads into an unsharded model that reproduces the sharded test AUC
     layout = FeatureLayout(cfg, load_manifest(cfg.prepared_dir))
+    assert [f.name for f in layout.match] == ["match_item", "match_genre"]
+    assert layout.dense_dim == 6 and "_hist_ts" in test.column_names
     model = build_model(layout, cfg.model)
     meta = load_checkpoint(str(run / "checkpoint"), model)
     assert meta["epoch"] == metrics["best_epoch"] and "table_wise" in meta["plan"]

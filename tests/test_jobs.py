@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from rectrain.config import RETRIEVAL_MODELS, load_config
 from rectrain.data import storage
 from tests.support.ports import free_port
 from tests.support.prepared import write_prepared
-from tests.support.tiny import N_USERS
+from tests.support.tiny import N_ITEMS, N_USERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "jobs", "*.yaml")))
@@ -82,6 +83,11 @@ def _prepared_for(cfg, prepared: str) -> None:
         for f in cfg.features:
             if f.name not in t.column_names:
                 t = t.append_column(f.name, _fill(f.name, f.kind, len(t), rng))
+        if any(f.kind == "match" for f in cfg.features):  # history times, a minute apart
+            lengths = pa.compute.list_value_length(t["hist_item_id"]).to_numpy()
+            ts = [list(range(int(e) - 60 * int(k), int(e), 60))
+                  for e, k in zip(t["_ts"].to_numpy(), lengths)]
+            t = t.append_column("_hist_ts", pa.array(ts, pa.list_(pa.int64())))
         # the raw label (a rating 1-5) for auxiliary heads and mse jobs
         t = t.append_column("label_value", pa.array(rng.integers(1, 6, len(t)), pa.float32()))
         if cfg.model.name in RETRIEVAL_MODELS and "/train/" not in path:
@@ -93,6 +99,12 @@ def _prepared_for(cfg, prepared: str) -> None:
             manifest["tables"][f.table_name] = 5
         if f.kind == "dense" and f.name not in manifest["dense_stats"]:
             manifest["dense_stats"][f.name] = {"mean": 0.0, "std": 1.0}
+    cats = {f.category for f in cfg.features if f.kind == "match" and f.category}
+    if cats:  # the items catalog the match features look categories up in
+        by_name = {f.name: f for f in cfg.features}
+        items = {"item_id": pa.array(np.arange(1, N_ITEMS + 1), pa.int64())}
+        items.update({c: _fill(c, by_name[c].kind, N_ITEMS, rng) for c in cats})
+        storage.write_parquet(pa.table(items), f"{prepared}/catalog/items.parquet")
     storage.write_json(manifest, f"{prepared}/manifest.json")
 
 

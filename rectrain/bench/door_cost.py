@@ -53,7 +53,7 @@ def measure(job_path: str, batch: int = 512, reps: int = 200, table_rows: int = 
     from rectrain.models.base import main_logits
 
     cfg = load_config(job_path)
-    feats = [f for f in cfg.features if f.kind not in ("dense", "text_embedding")]
+    feats = [f for f in cfg.features if f.kind not in ("dense", "text_embedding", "match")]
     manifest = {"tables": {f.table_name: table_rows for f in feats},
                 "dense_stats": {f.name: {"mean": 0.0, "std": 1.0}
                                 for f in cfg.features if f.kind == "dense"}}

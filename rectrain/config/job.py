@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from rectrain.config.models import DinSpec, ModelSpec, check_model
+from rectrain.config.models import RETRIEVAL_MODELS, DinSpec, ModelSpec, check_model
 from rectrain.config.sections import (RESERVED_COLUMNS, CheckpointSpec, DatasetSpec, FeatureSpec,
                                       OptimSpec, RaySpec, RecommendSpec, ShardingSpec,
                                       TrainSpec, _Model)
@@ -56,6 +56,20 @@ class JobConfig(_Model):
                            for g in self.features):
                     raise ValueError(f"{at}: text_embedding needs a sparse feature with source "
                                      f"{items.key!r} (the item id)")
+            if f.kind == "match":
+                seq = by_name.get(f.source)
+                if seq is None or seq.kind != "sequence":
+                    raise ValueError(f"{at}: a match feature's source must name a sequence "
+                                     f"feature (its candidate is that sequence's source), got "
+                                     f"{f.source!r}")
+                cat = by_name.get(f.category) if f.category else None
+                if f.category and (cat is None or cat.kind not in ("sparse", "multi_hot")
+                                   or self.dataset.items is None):
+                    raise ValueError(f"{at}: category must name a sparse or multi_hot feature "
+                                     f"of dataset.items, got {f.category!r}")
+                if self.model.name in RETRIEVAL_MODELS:
+                    raise ValueError(f"{at}: match features are for ranking models, not "
+                                     f"{self.model.name}")
             if f.kind == "dense" and f.transform is not None and f.transform.prefix:
                 raise ValueError(f"{at}: prefix transform on a dense feature")
         check_model(self)

@@ -215,7 +215,7 @@ def check_model(job) -> None:
                          "dataset.negatives (it is for ranking models)")
     # the same partition as rectrain.data.features.FeatureLayout (pooled vs sequence tables)
     seq_tables = {f.table_name for f in feats if f.kind == "sequence"}
-    ids = [f for f in feats if f.kind not in ("dense", "text_embedding")]
+    ids = [f for f in feats if f.kind not in ("dense", "text_embedding", "match")]
     pooled = [f.name for f in ids if f.table_name not in seq_tables]
     item = by_name.get(m.item_feature)
     if item is None or item.kind != "sparse" or item.table_name not in seq_tables:

@@ -108,6 +108,8 @@ class SynthSource(_Model):
     files: Optional[int] = Field(None, ge=1)
     categories: int = Field(32, ge=1)
     seed: int = 0
+    repeat: float = Field(0.0, ge=0, le=1, description="probability that an event re-buys an "
+                          "earlier item of the user (rectrain.data.sources.synth_repeat)")
 
 
 #: default dataset.max_timestamp: 2100-01-01T00:00:00Z in unix seconds. Far enough ahead for any
@@ -210,12 +212,14 @@ class FeatureSpec(_Model):
     ``source`` names that feature), ``dense`` (a numeric column, z-normalised with train stats),
     ``text_embedding`` (an items-table text column embedded by a sentence-embedding model in
     prepare; a float32 ``[B, 384]`` dense input for the candidate item, see
-    :mod:`rectrain.data.text_embed`).
+    :mod:`rectrain.data.text_embed`), ``match`` (whether, how often, how many events and how
+    long ago the behaviour sequence ``source`` met the candidate item, or with ``category`` an
+    item of its category: float32 dense ``[B, 3]``, see :mod:`rectrain.data.match`).
     Features with the same ``table`` share one embedding table (default: their own name).
     """
 
     name: str
-    kind: Literal["sparse", "multi_hot", "sequence", "dense", "text_embedding"]
+    kind: Literal["sparse", "multi_hot", "sequence", "dense", "text_embedding", "match"]
     source: str
     table: Optional[str] = None
     transform: Optional[Transform] = None
@@ -226,6 +230,9 @@ class FeatureSpec(_Model):
         False, description="text_embedding: also the mean vector of the behaviour-sequence "
                            "items and its cosine with the candidate's (see rectrain.data."
                            "text_embed.text_dense)")
+    category: Optional[str] = Field(
+        None, description="match: an item-side sparse or multi_hot feature; match the "
+                          "candidate's category (any shared id) instead of the item itself")
     encoding: Literal["vocab", "hash"] = Field(
         "vocab", description="vocab: ids from the vocabulary built during prepare (exact, table "
                              "size = distinct values + 1); hash: 1 + stable hash mod hash_buckets "

@@ -20,7 +20,8 @@ from torchrec.streamable import Pipelineable
 
 from rectrain.config import FeatureSpec, JobConfig
 from rectrain.data.door import check_table
-from rectrain.data.schema import LABEL, LABEL_VALUE
+from rectrain.data.match import MATCH_DIM
+from rectrain.data.schema import HIST_TS, LABEL, LABEL_VALUE, TS
 
 
 @dataclass
@@ -29,7 +30,8 @@ class Batch(Pipelineable):
 
     Attributes:
         dense: float32 ``[B, D]`` z-normalised dense features (``D`` may be 0), then the
-            ``text_embedding`` inputs (:meth:`FeatureLayout.dense_dim`).
+            ``text_embedding`` inputs, then 3 per ``match`` feature, bounded and not normalised
+            (:meth:`FeatureLayout.dense_dim`).
         sparse: :class:`KeyedJaggedTensor` with int64 values and int32 lengths, keys in
             :attr:`FeatureLayout.sparse_keys` order (pooled features first, then the
             sequence-table features).
@@ -97,7 +99,7 @@ class FeatureLayout:
         self.embedding_dim = cfg.model.embedding_dim
         feats = cfg.features
         seq_tables = {f.table_name for f in feats if f.kind == "sequence"}
-        sparse = [f for f in feats if f.kind not in ("dense", "text_embedding")]
+        sparse = [f for f in feats if f.kind not in ("dense", "text_embedding", "match")]
         self.pooled: list[FeatureSpec] = [f for f in sparse if f.table_name not in seq_tables]
         self.sequence: list[FeatureSpec] = [f for f in sparse if f.table_name in seq_tables]
         self.dense: list[FeatureSpec] = [f for f in feats if f.kind == "dense"]
@@ -118,12 +120,13 @@ class FeatureLayout:
             # relative to prepared_dir, so a moved/copied prepared folder still works
             self.text_matrix = {n: load_text_matrix(storage.join(
                 cfg.prepared_dir, "catalog", f"text_{n}.parquet")) for n in self.text_info}
+        self._init_match(cfg, feats)
         self.max_sequence_length = cfg.dataset.sequence_length
         self.aux_thresholds = list(cfg.dataset.label.aux_thresholds)
         #: mse regression trains on the raw label column (batch.labels = label_value)
         self.regression = getattr(cfg.model, "loss", "bce") == "mse"
         self.columns = self.sparse_keys + [f.name for f in self.dense] + [LABEL] + (
-            [LABEL_VALUE] if self.aux_thresholds or self.regression else [])
+            [LABEL_VALUE] if self.aux_thresholds or self.regression else []) + self.match_columns
         #: id column -> (kind, table, rows): what every batch is checked against (data/door.py)
         self.bounds = {f.name: (f.kind, f.table_name, self.num_embeddings[f.table_name])
                        for f in self.pooled + self.sequence}
@@ -163,15 +166,18 @@ class FeatureLayout:
         fields.append(pa.field(LABEL, pa.float32()))
         if self.aux_thresholds or self.regression:
             fields.append(pa.field(LABEL_VALUE, pa.float32()))
+        if self.match:
+            fields += [pa.field(TS, pa.int64()), pa.field(HIST_TS, pa.list_(pa.int64()))]
         return pa.schema(fields)
 
     @property
     def dense_dim(self) -> int:
         """Width of ``Batch.dense``: one column per dense feature, then per text feature D
-        (candidate) or 2D + 1 (candidate, history mean, cosine; ``history: true``)."""
+        (candidate) or 2D + 1 (candidate, history mean, cosine; ``history: true``), then 3 per
+        ``match`` feature (:mod:`rectrain.data.match`)."""
         text = sum(i["dim"] * (2 if f.history else 1) + (1 if f.history else 0)
                    for f, i in zip(self.text, self.text_info.values()))
-        return len(self.dense) + text
+        return len(self.dense) + text + MATCH_DIM * len(self.match)
 
     def dense_sides(self) -> tuple[list[int], list[int]]:
         """Columns of ``Batch.dense`` by side, for models with a user and an item tower.
@@ -237,6 +243,8 @@ class FeatureLayout:
         if self.text:
             dense = torch.cat([dense] + [torch.from_numpy(self._text_dense(f, table))
                                          for f in self.text], dim=1)
+        if self.match:
+            dense = torch.cat([dense, torch.from_numpy(self._match_dense(table))], dim=1)
         labels = torch.from_numpy(
             table.column(LABEL_VALUE if self.regression else LABEL)
             .to_numpy(zero_copy_only=False).astype(np.float32, copy=True))
@@ -263,3 +271,48 @@ class FeatureLayout:
         values, lengths = _list_parts(_column(table, info["history_feature"]))
         return text_dense(self.text_matrix[f.name], cand.astype(np.int64, copy=False),
                           values, lengths)
+
+    def _init_match(self, cfg: JobConfig, feats: list[FeatureSpec]) -> None:
+        """``match`` features: their sequence, candidate and (with ``category``) the per-item
+        category keys from ``catalog/items.parquet``; the meta columns they read."""
+        by_name = {f.name: f for f in feats}
+        self.match: list[FeatureSpec] = [f for f in feats if f.kind == "match"]
+        self.match_columns = [TS, HIST_TS] if self.match else []
+        #: (name, source) of the meta sequences serving rebuilds like a behaviour sequence
+        self.meta_sequences = [(HIST_TS, TS)] if self.match else []
+        self.match_keys: dict[str, tuple] = {}
+        for f in self.match:
+            if f.category is None:
+                continue
+            from rectrain.data import storage
+            from rectrain.data.match import item_keys
+
+            cand = by_name[f.source].source
+            url = storage.join(cfg.prepared_dir, "catalog", "items.parquet")
+            if not storage.exists(url):
+                raise FileNotFoundError(f"{url}: match feature {f.name!r} with category "
+                                        f"{f.category!r} needs the items catalog; run prepare")
+            cat = storage.read_parquet(url, columns=[cand, f.category])
+            self.match_keys[f.name] = item_keys(
+                cat, cand, f.category, self.num_embeddings[by_name[cand].table_name],
+                self.num_embeddings[by_name[f.category].table_name])
+
+    def _match_dense(self, table) -> np.ndarray:
+        """float32 ``[B, 3 * len(match)]`` of the ``match`` features (rectrain.data.match)."""
+        from rectrain.data.match import match_dense
+
+        by_name = {f.name: f for f in self.cfg.features}
+        now = _column(table, TS).to_numpy(zero_copy_only=False).astype(np.int64)
+        ts, ts_len = _list_parts(_column(table, HIST_TS))
+        out = []
+        for f in self.match:
+            seq = by_name[f.source]
+            cand = _column(table, seq.source).to_numpy(zero_copy_only=False).astype(np.int64)
+            hist, lengths = _list_parts(_column(table, seq.name))
+            if not np.array_equal(lengths, ts_len):
+                raise ValueError(f"batch: column {HIST_TS!r} and {seq.name!r} differ in length "
+                                 f"at row {int(np.flatnonzero(lengths != ts_len)[0])}; prepare "
+                                 f"again")
+            key_of, bitmask = self.match_keys.get(f.name, (None, False))
+            out.append(match_dense(cand, hist, lengths, now, ts, key_of, bitmask))
+        return np.concatenate(out, axis=1)

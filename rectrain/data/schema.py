@@ -21,6 +21,8 @@ SPLITS = ("train", "valid", "test")
 # meta columns carried in every sample next to the features
 USER, ITEM, TS, POS, LABEL, SPLIT = "_user", "_item", "_ts", "_pos", "label", "_split"
 LABEL_VALUE = "label_value"  # the raw label column as float32 (e.g. the rating)
+#: list<int64> unix seconds of the behaviour-sequence events (written for match features)
+HIST_TS = "_hist_ts"
 
 
 def load_manifest(prepared_dir: str) -> dict:

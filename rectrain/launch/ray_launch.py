@@ -85,7 +85,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
     for split in ("train", "valid", "test")[1 if cfg.checkpoint.every_n_steps else 0:]:
         url = storage.join(cfg.prepared_dir, split)
-        cols = layout.columns + ([USER, ITEM, TS] if split != "train" else [])
+        cols = list(dict.fromkeys(layout.columns + ([USER, ITEM, TS] if split != "train" else [])))
         path, fs = storage.ray_paths(url)
         # train: files in a seeded order that changes every epoch (FileShuffleConfig reseeds
         # per execution), streamed, in place of randomize_block_order() (an all-to-all

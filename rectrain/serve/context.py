@@ -167,7 +167,8 @@ class RunContext:
         self.users = (storage.read_parquet(storage.join(cat, "users.parquet"))
                       if storage.exists(storage.join(cat, "users.parquet")) else None)
         feature_cols = [c for c in self.layout.columns if c not in (LABEL, LABEL_VALUE)]
-        self.sequences = [(f.name, f.source) for f in self.cfg.features if f.kind == "sequence"]
+        self.sequences = [(f.name, f.source) for f in self.cfg.features if f.kind == "sequence"
+                          ] + self.layout.meta_sequences  # match features' event times
         seq_names = [n for n, _ in self.sequences]
         self.items = self._items(storage.join(cat, "items.parquet"), feature_cols, seq_names)
         self.from_items = [c for c in feature_cols if c in self.items.column_names]

@@ -207,7 +207,7 @@ def _encode_features(t: pa.Table, path: str, feats: list[FeatureSpec],
     the rows whose event-level value was null (encoded as id 0, or an empty list)."""
     out: dict[str, Any] = {}
     for f in feats:
-        if f.kind in ("sequence", "text_embedding"):
+        if f.kind in ("sequence", "text_embedding", "match"):
             continue
         role = next((r for r in ("users", "items") if r in rows_of
                      and f.name in side[r].column_names), None)

@@ -98,7 +98,7 @@ def table_sizes(cfg: JobConfig, vocab: Vocabularies) -> dict[str, int]:
     feature's ids."""
     tables: dict[str, int] = {}
     for f in cfg.features:
-        if f.kind in ("dense", "text_embedding"):
+        if f.kind in ("dense", "text_embedding", "match"):
             continue
         src = f.source if f.kind == "sequence" else f.name
         cap = next((g.capacity for g in cfg.features if g.name == src), None)

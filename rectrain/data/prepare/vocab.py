@@ -160,7 +160,7 @@ def feature_roles(cfg: JobConfig, side: SideTables) -> dict[str, str]:
     column lives in (the first side table holding it, else the events)."""
     return {f.name: next((r for r in ("users", "items") if r in side.raw
                           and f.source in side.raw[r].column_names), "events")
-            for f in cfg.features if f.kind not in ("sequence", "text_embedding")}
+            for f in cfg.features if f.kind not in ("sequence", "text_embedding", "match")}
 
 
 def encode_side_features(cfg: JobConfig, side: SideTables, roles: dict[str, str],

@@ -96,6 +96,10 @@ class SynthSpec:
         start_ts: unix seconds of the earliest possible first event.
         days: length of the log window; every event lies in ``[start_ts, start_ts + days]``
             (a user whose gaps would overrun it has their timeline compressed).
+        repeat, repeat_decay, repeat_boost, repeat_tau_s: re-consumption (probability an
+            event re-buys an earlier item of the user; geometric decay over events back; label
+            score bonus of an item met again and its time scale in seconds), see
+            :mod:`rectrain.data.sources.synth_repeat`; ``repeat: 0`` (default) is off.
     """
 
     events: int
@@ -113,6 +117,10 @@ class SynthSpec:
     within_gap_s: float = 90.0
     start_ts: int = 1_600_000_000
     days: float = 180.0
+    repeat: float = 0.0
+    repeat_decay: float = 0.3
+    repeat_boost: float = 3.0
+    repeat_tau_s: float = 7 * 86_400.0
 
     def __post_init__(self):
         for k in ("events", "users", "items", "categories", "latent_dim"):
@@ -125,6 +133,9 @@ class SynthSpec:
         if not 0.0 <= self.new_session_prob <= 1.0:
             raise ValueError(f"synth: new_session_prob must be in [0, 1], got "
                              f"{self.new_session_prob}")
+        if not (0.0 <= self.repeat <= 1.0 and 0.0 < self.repeat_decay <= 1.0):
+            raise ValueError(f"synth: repeat must be in [0, 1] and repeat_decay in (0, 1], got "
+                             f"{self.repeat}, {self.repeat_decay}")
 
 
 def _zipf_weights(n: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -263,10 +274,14 @@ def generate_events(spec: SynthSpec, file_index: int, lo: int, hi: int, w: dict)
     other = rng.choice(spec.categories, size=n_sess, p=w["cat_weight"])
     sess_cat = np.where(rng.random(n_sess) < 0.8, fav, other)
     item = _sample_items(sess_cat[session], rng.random(n), w)
+    bonus = 0.0
+    if spec.repeat > 0:  # its own random stream: repeat 0 keeps the same bytes
+        from rectrain.data.sources.synth_repeat import repeat_items
+        item, bonus = repeat_items(spec, file_index, pos, ts, item)
     uf = w["user_factors"][lo:hi][uidx]
     affinity = np.einsum("ij,ij->i", uf, w["item_factors"][item]) / math.sqrt(spec.latent_dim)
     score = (spec.affinity_scale * (affinity - 0.5) + w["item_bias"][item]
-             + rng.normal(0.0, 1.0, n))
+             + rng.normal(0.0, 1.0, n) + bonus)
     rating = 1 + np.searchsorted(_RATING_CUTS, score)
     click = (rng.random(n) < 1.0 / (1.0 + np.exp(-score))).astype(np.int64)
     return pa.Table.from_arrays(
