@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 
 from rectrain.data import storage
 from rectrain.data.encode import positions_in_lists
+from rectrain.data.sources.synth_churn import churn_sample, churn_world
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class SynthSpec:
         start_ts: unix seconds of the earliest possible first event.
         days: length of the log window; every event lies in ``[start_ts, start_ts + days]``
             (a user whose gaps would overrun it has their timeline compressed).
+        item_churn, item_half_life_days: items born across the window with fading
+            popularity (:mod:`rectrain.data.sources.synth_churn`; 0 = none).
     """
 
     events: int
@@ -113,6 +116,8 @@ class SynthSpec:
     within_gap_s: float = 90.0
     start_ts: int = 1_600_000_000
     days: float = 180.0
+    item_churn: float = 0.0  # share of items born during the window (synth_churn.py)
+    item_half_life_days: float = 45.0  # churn: popularity half-life after birth
 
     def __post_init__(self):
         for k in ("events", "users", "items", "categories", "latent_dim"):
@@ -204,7 +209,9 @@ def make_world(spec: SynthSpec) -> dict:
     cum = np.cumsum(pop[order])
     cat_mass = np.bincount(item_cat, weights=pop, minlength=C)
     cat_lo = np.concatenate([[0.0], np.cumsum(cat_mass)[:-1]])
-    return {"users": users, "items": items, "user_counts": user_counts.astype(np.int64),
+    churn = {} if not spec.item_churn else churn_world(
+        I, spec.item_churn, spec.item_half_life_days, spec.days, spec.seed, pop, item_cat, C)
+    return {**churn, "users": users, "items": items, "user_counts": user_counts.astype(np.int64),
             "user_factors": user_factors, "user_favs": favs.astype(np.int64),
             "item_factors": item_factors, "item_bias": item_bias, "item_cat": item_cat,
             "cat_weight": cat_weight, "order": order, "cum": cum, "cat_lo": cat_lo,
@@ -262,7 +269,8 @@ def generate_events(spec: SynthSpec, file_index: int, lo: int, hi: int, w: dict)
     fav = w["user_favs"][lo:hi][sess_user, rng.integers(0, 3, n_sess)]
     other = rng.choice(spec.categories, size=n_sess, p=w["cat_weight"])
     sess_cat = np.where(rng.random(n_sess) < 0.8, fav, other)
-    item = _sample_items(sess_cat[session], rng.random(n), w)
+    item = (churn_sample(sess_cat[session], rng.random(n), ts, spec.start_ts, w, _sample_items)
+            if "churn_flat" in w else _sample_items(sess_cat[session], rng.random(n), w))
     uf = w["user_factors"][lo:hi][uidx]
     affinity = np.einsum("ij,ij->i", uf, w["item_factors"][item]) / math.sqrt(spec.latent_dim)
     score = (spec.affinity_scale * (affinity - 0.5) + w["item_bias"][item]
