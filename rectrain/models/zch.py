@@ -220,7 +220,8 @@ def redistribute(model: nn.Module, optimizer=None) -> dict[str, int]:
         raw, rows = m._mch_sorted_raw_ids, m._mch_remapped_ids_mapping
         held = raw != FREE
         block = (m._input_hash_size + world - 1) // world
-        foreign = ((raw[held] // block) != rank).any() | ((rows[held] < o) | (rows[held] >= o + z)).any()
+        foreign = (((raw[held] // block) != rank).any()
+                   | ((rows[held] < o) | (rows[held] >= o + z)).any())
         if not int(_reduce(foreign.to(torch.int64).view(1)).item()):
             m._sort_mch_buffers()
             continue

@@ -215,7 +215,8 @@ class RetrievalTask:
         ms = cfg.model
         self.cfg, self.layout, self.env = cfg, layout, env
         self.item_key = model.item_key
-        if getattr(layout, "zch_tables", None):  # full ranking enumerates the item table's rows as item ids
+        # full ranking enumerates the item table's rows as the item ids
+        if getattr(layout, "zch_tables", None):
             raise ValueError(f"model.name: {ms.name} ranks every item row, which encoding "
                              f"zch ({sorted(layout.zch_tables)}) does not map to items; use a "
                              f"ranking model or encoding vocab")
