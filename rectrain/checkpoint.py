@@ -176,10 +176,19 @@ def load_checkpoint(url: str, model: nn.Module, optimizer=None) -> dict:
     state = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = _optim_tensors(optimizer)
+    from rectrain.models.zch import WORLD_LOCAL_KEYS
+    # zch: a shard's output segments describe this world size; the saved ones another's
+    keep = {k: v for k, v in state["model"].items() if k.endswith(WORLD_LOCAL_KEYS)}
+    for k in keep:
+        del state["model"][k]
     dcp.load(state, storage_reader=_reader(url))
+    state["model"].update(keep)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         sd = optimizer.state_dict()
         sd["state"] = state["optim"]["state"]
         optimizer.load_state_dict(sd)
+    # zch tables: ids routed by world size, so a load at another one re-deals them
+    from rectrain.models.zch import redistribute
+    redistribute(model, optimizer)
     return storage.read_json(storage.join(url, META))

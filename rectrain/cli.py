@@ -74,7 +74,9 @@ def cmd_synth(args) -> dict:
     from rectrain.launch.jobs import synth_job
 
     spec = SynthSpec(events=args.events, users=args.users, items=args.items, files=args.files,
-                     categories=args.categories, seed=args.seed, repeat=args.repeat)
+                     categories=args.categories, seed=args.seed, repeat=args.repeat,
+                     item_churn=args.item_churn,
+                     item_half_life_days=args.item_half_life_days)
     return synth_job(spec, _abs(args.out), args.address, num_cpus=args.cpus)
 
 
@@ -294,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--repeat", type=float, default=0.0, metavar="P",
                     help="re-consumption: probability an event re-buys an earlier item of the "
                          "user, which also raises its label (default 0: off)")
+    sp.add_argument("--item-churn", type=float, default=0.0,
+                    help="share of items born during the 180 days, with popularity fading "
+                         "(half-life --item-half-life-days); 0 = every item from day 0")
+    sp.add_argument("--item-half-life-days", type=float, default=45.0)
     sp.add_argument("--files", type=_positive, default=None,
                     help="events files = Ray tasks (default: one per million events)")
     sp.add_argument("--cpus", type=_positive, default=None,

@@ -100,7 +100,7 @@ def reference() -> str:
     out = [HEADER, *_section(job.JobConfig, "Job (top level): JobConfig")]
     for cls in (sections.DatasetSpec, sections.SideTable, sections.LabelSpec,
                 sections.SplitSpec, sections.SynthSource, sections.FeatureSpec,
-                sections.Transform):
+                sections.Transform, sections.ZchSpec):
         out += _section(cls)
     out += ["## model", "", "`model.name` chooses the class; a field of another model is an "
             "error. Fields every model has:", "", *_table(models.ModelBase), ""]

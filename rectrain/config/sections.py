@@ -10,6 +10,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rectrain.config.zch import ZchSpec
+
 
 #: column names of prepared samples that are not features (plus every name starting with "_")
 RESERVED_COLUMNS = ("label", "label_value")
@@ -233,15 +235,19 @@ class FeatureSpec(_Model):
     category: Optional[str] = Field(
         None, description="match: an item-side sparse or multi_hot feature; match the "
                           "candidate's category (any shared id) instead of the item itself")
-    encoding: Literal["vocab", "hash"] = Field(
+    encoding: Literal["vocab", "hash", "zch"] = Field(
         "vocab", description="vocab: ids from the vocabulary built during prepare (exact, table "
                              "size = distinct values + 1); hash: 1 + stable hash mod hash_buckets "
-                             "(unbounded id spaces, fixed table size, collisions counted)")
+                             "(unbounded id spaces, fixed table size, collisions counted); zch: "
+                             "raw 63-bit hashed ids, remapped in the model by TorchRec's managed "
+                             "collisions to `capacity` rows with eviction (docs/data.md)")
     hash_buckets: Optional[int] = Field(None, ge=1, description="table size - 1 for hash")
     capacity: Optional[int] = Field(
         None, ge=1, description="vocab: reserved rows (table size = capacity + 1, fixed "
                                 "across prepares); values beyond it map to the OOV row 0, "
-                                "counted in the manifest's vocab_growth (docs/data.md)")
+                                "counted in the manifest's vocab_growth (docs/data.md); "
+                                "zch: the table's rows")
+    zch: Optional[ZchSpec] = Field(None, description="encoding zch: eviction settings")
 
     @model_validator(mode="after")
     def _hash_needs_buckets(self) -> "FeatureSpec":
@@ -250,10 +256,13 @@ class FeatureSpec(_Model):
         if self.encoding == "hash" and self.kind in ("dense", "sequence"):
             raise ValueError(f"feature {self.name!r}: encoding hash is for sparse/multi_hot "
                              f"features (a sequence uses its source feature's encoding)")
-        if self.capacity is not None and (self.encoding != "vocab"
+        if self.encoding == "zch" and (self.capacity is None or self.kind != "sparse"):
+            raise ValueError(f"feature {self.name!r}: encoding zch is for sparse features and "
+                             f"needs capacity (the table's rows)")
+        if self.capacity is not None and (self.encoding not in ("vocab", "zch")
                                           or self.kind not in ("sparse", "multi_hot")):
             raise ValueError(f"feature {self.name!r}: capacity is for sparse/multi_hot features "
-                             f"with encoding vocab (a sequence uses its source's table)")
+                             f"with encoding vocab or zch (a sequence uses its source's table)")
         return self
 
     @property

@@ -40,7 +40,7 @@ def bounds_from_manifest(manifest: dict) -> Bounds:
     """:data:`Bounds` of the manifest's ``features`` (empty for a manifest without them)."""
     return {f["name"]: (f["kind"], f["table"], int(f["num_embeddings"]))
             for f in manifest.get("features", [])
-            if f.get("num_embeddings") is not None and f["kind"] in
+            if f.get("num_embeddings") is not None and not f.get("raw_ids") and f["kind"] in
             ("sparse", "multi_hot", "sequence")}
 
 

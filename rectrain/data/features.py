@@ -128,8 +128,11 @@ class FeatureLayout:
         self.columns = self.sparse_keys + [f.name for f in self.dense] + [LABEL] + (
             [LABEL_VALUE] if self.aux_thresholds or self.regression else []) + self.match_columns
         #: id column -> (kind, table, rows): what every batch is checked against (data/door.py)
+        #: zch tables (table -> its zch feature's spec): their columns hold raw 63-bit ids
+        self.zch_tables = {f.table_name: f for f in feats if f.encoding == "zch"}
         self.bounds = {f.name: (f.kind, f.table_name, self.num_embeddings[f.table_name])
-                       for f in self.pooled + self.sequence}
+                       for f in self.pooled + self.sequence
+                       if f.table_name not in self.zch_tables}
         self.check_at_door = True  # False only to measure the check's cost (bench)
         #: tables' weight type, ``sharding.embedding_dtype`` ("fp32" / "fp16")
         self.table_dtype = cfg.sharding.embedding_dtype

@@ -17,9 +17,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from rectrain.data.features import Batch, FeatureLayout
+from rectrain.models.zch import make_sequence_ec
 
 
 @dataclass
@@ -94,7 +95,15 @@ class SparseArch(nn.Module):
         self.other_seq = [n for n in self.seq_names if n not in self.queries + self.seqs]
         self.ebc = (EmbeddingBagCollection(tables=layout.ebc_tables(), device=sparse_device)
                     if layout.pooled and pooled else None)
-        self.ec = (EmbeddingCollection(tables=layout.ec_tables(), device=sparse_device)
+        zch = getattr(layout, "zch_tables", {})
+        pooled_zch = sorted({f.table_name for f in layout.pooled} & set(zch))
+        if pooled_zch:
+            raise ValueError(f"features: zch tables {pooled_zch} are pooled (no behaviour "
+                             f"sequence shares them); encoding zch is for sequence tables "
+                             f"(rectrain/models/zch.py says why)")
+        # zch: a ManagedCollisionEmbeddingCollection, whose forward returns (embeddings, None)
+        self.zch = bool(zch) and bool(layout.sequence)
+        self.ec = (make_sequence_ec(layout.ec_tables(), zch, sparse_device)
                    if layout.sequence else None)
         #: feature vectors of :meth:`fields`: pooled, queries, other sequence-table features
         self.n_fields = self.n_pooled + len(self.queries) + len(self.other_seq)
@@ -122,6 +131,8 @@ class SparseArch(nn.Module):
         else:
             seq_kjt, pooled = kjt, {}
         seqs = self.ec(seq_kjt)
+        if self.zch:
+            seqs = seqs[0]
         queries = [seqs[n].to_padded_dense(desired_length=1).squeeze(1) for n in self.queries]
         history = torch.cat([seqs[n].to_padded_dense(desired_length=self.max_len)
                              for n in self.seqs], dim=2)

@@ -27,6 +27,7 @@ from rectrain.data.features import FeatureLayout
 from rectrain.data.loader import collective_batches, prefetch, rebatch
 from rectrain.data.schema import load_manifest
 from rectrain.models import build_model
+from rectrain.models.zch import epoch_stats as zch_epoch_stats
 from rectrain.train.env import WorkerEnv
 from rectrain.train.faults import fault_hook
 from rectrain.train.pipeline import Stepper
@@ -110,7 +111,7 @@ def run(cfg: JobConfig, env: WorkerEnv) -> dict:
                "train_samples_per_s": global_rows / max(epoch_s, 1e-9),
                "train_first_batch_seconds": _global_max(first_batch[0] if first_batch
                                                         else epoch_s),
-               **task.epoch_record(vm)}
+               **task.epoch_record(vm), **zch_epoch_stats(dmp)}
         ckpt.finish_epoch_record(rec, state, steps)
         state.history.append(rec)
         _say(env, f"epoch {epoch}: train loss {rec['train_loss']:.4f} ({rec['train_rows']} rows, "

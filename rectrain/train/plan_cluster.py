@@ -125,7 +125,8 @@ def declared_manifest(cfg: JobConfig) -> dict:
                                  f"{cfg.prepared_dir} has no manifest.json, so its table size "
                                  f"is unknown: run rectrain prepare, or declare the size with "
                                  f"a capacity or with encoding: hash and hash_buckets")
-            rows = (f.hash_buckets if f.encoding == "hash" else f.capacity) + 1
+            rows = (f.hash_buckets + 1 if f.encoding == "hash" else
+                    f.capacity if f.encoding == "zch" else f.capacity + 1)
             tables[f.table_name] = max(tables.get(f.table_name, 0), rows)
         elif f.kind == "text_embedding":
             raise ValueError(f"features.{i}: text_embedding features need prepared data")

@@ -44,8 +44,10 @@ GRID_MAX = 1000
 
 
 def sharders() -> list:
-    """TorchRec's EBC and EC sharders (the modules rectrain models shard)."""
-    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    """TorchRec's EBC and EC sharders (the modules rectrain models shard), and the
+    managed-collision EC sharder (zch tables, row_wise only)."""
+    from rectrain.models.zch import mc_ec_sharder
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder(), mc_ec_sharder()]
 
 
 def embedding_modules(model: nn.Module) -> list[nn.Module]:
@@ -56,7 +58,7 @@ def embedding_modules(model: nn.Module) -> list[nn.Module]:
 
 def table_sharders(model: nn.Module) -> list[tuple[str, object]]:
     """``(table name, sharder of its module)`` for every embedding table of ``model``."""
-    ebc_sharder, ec_sharder = sharders()
+    ebc_sharder, ec_sharder = sharders()[:2]
     out = []
     for m in embedding_modules(model):
         if isinstance(m, EmbeddingBagCollection):
@@ -213,6 +215,12 @@ def constraints_for(model: nn.Module, types: list[str], device_type: str) -> dic
                 type(sharder).__name__, device_type)
             allowed = ["table_wise"]
         out[table] = ParameterConstraints(sharding_types=allowed)
+    from rectrain.models.zch import zch_table_names
+    for table in zch_table_names(model):  # TorchRec's managed-collision sharder: row_wise only
+        # on CPU its sharder also offers fused_uvm_caching, which the perf estimator rejects
+        out[table] = ParameterConstraints(
+            sharding_types=["row_wise"],
+            compute_kernels=["fused"] if device_type == "cpu" else None)
     return out
 
 

@@ -216,6 +216,11 @@ class RetrievalTask:
         ms = cfg.model
         self.cfg, self.layout, self.env = cfg, layout, env
         self.item_key = model.item_key
+        # full ranking enumerates the item table's rows as the item ids
+        if getattr(layout, "zch_tables", None):
+            raise ValueError(f"model.name: {ms.name} ranks every item row, which encoding "
+                             f"zch ({sorted(layout.zch_tables)}) does not map to items; use a "
+                             f"ranking model or encoding vocab")
         self.hist_key = getattr(model, "hist_key", None)
         self.temperature = model.temperature
         self.n_items = layout.num_embeddings[next(f.table_name for f in layout.sequence

@@ -13,6 +13,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from rectrain.config import OptimSpec, ShardingSpec, TrainSpec
+from rectrain.models.zch import set_world
 # sharders, embedding_modules, table_sharders, PlanError: re-exported for callers of this module
 from rectrain.train.planning import (GiB, Budget, PlanError, embedding_modules,  # noqa: F401
                                      plan_tables, sharders, table_sharders)
@@ -102,6 +103,7 @@ def shard_model(model: nn.Module, spec: ShardingSpec, optim: OptimSpec,
         PlanError: the tables do not fit ``train.memory_per_worker_gb`` / ``gpu_memory_gb``.
     """
     apply_sparse_optimizer(model, optim, device)
+    set_world(model, dist.get_world_size() if dist.is_initialized() else 1)
     planned = make_plan(model, spec, device, train=train)
     if report is not None:
         report.append(planned)

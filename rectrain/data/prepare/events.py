@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from rectrain.config import DatasetSpec, FeatureSpec, JobConfig
 from rectrain.data import storage
 from rectrain.data.encode import encode, hash_encode, oov_count
+from rectrain.data.prepare.rawids import raw_id_encode
 from rectrain.data.prepare.validate import (ROW, DataValidationError, check_event_values,
                                             drop_null_required, fail_or_mask, null_list_elements)
 from rectrain.data.prepare.vocab import UID, SideTables, Vocabularies, transform
@@ -226,6 +227,8 @@ def _encode_features(t: pa.Table, path: str, feats: list[FeatureSpec],
                 out[f.name] = col
             elif f.encoding == "hash":
                 out[f.name] = hash_encode(col, f.hash_buckets)
+            elif f.encoding == "zch":
+                out[f.name] = raw_id_encode(col)
             else:
                 out[f.name] = encode(col, event_vocabs[f.name])
                 if f.capacity is not None:  # values the full table had no row for

@@ -102,7 +102,9 @@ def table_sizes(cfg: JobConfig, vocab: Vocabularies) -> dict[str, int]:
             continue
         src = f.source if f.kind == "sequence" else f.name
         cap = next((g.capacity for g in cfg.features if g.name == src), None)
-        size = (vocab.hashing[src]["buckets"] + 1 if src in vocab.hashing
+        zch = vocab.hashing.get(src, {}).get("encoding") == "zch"
+        size = (cap if zch  # zch: raw ids, remapped to the table's rows in the model
+                else vocab.hashing[src]["buckets"] + 1 if src in vocab.hashing
                 else (cap if cap is not None else len(vocab.vocabs[src])) + 1)
         tables[f.table_name] = max(tables.get(f.table_name, 0), size)
     return tables
@@ -116,8 +118,10 @@ def build_manifest(cfg: JobConfig, markers: list[str], side: SideTables, vocab: 
     tables = table_sizes(cfg, vocab)
     fs = events.file_stats
     schema = next(b["schema"] for b in bucket_stats if b["schema"] is not None)
+    raw = {f.table_name for f in cfg.features if f.encoding == "zch"}  # ids not yet rows
     features = [{"name": f.name, "kind": f.kind, "table": f.table_name,
-                 "num_embeddings": tables.get(f.table_name), "pooling": f.pooling}
+                 "num_embeddings": tables.get(f.table_name), "pooling": f.pooling,
+                 **({"raw_ids": True} if f.table_name in raw else {})}
                 for f in cfg.features]
     digests = {name: vocab_digest(v) for name, v in vocab.vocabs.items()}
     vocabularies = {name: {"size": len(v), "digest": digests[name]}

@@ -22,6 +22,7 @@ from rectrain.config import DatasetSpec, FeatureSpec, JobConfig
 from rectrain.data import storage
 from rectrain.data.encode import (apply_transform, build_vocab, encode, grow_vocab,
                                   hash_collisions, hash_encode, oov_count)
+from rectrain.data.prepare.rawids import raw_id_encode, raw_id_report
 from rectrain.data.prepare.validate import (DataValidationError, locate, null_list_elements,
                                             read_side_table)
 
@@ -197,6 +198,9 @@ def encode_side_features(cfg: JobConfig, side: SideTables, roles: dict[str, str]
         elif f.encoding == "hash":
             side.encoded[role][f.name] = hash_encode(col, f.hash_buckets)
             vocab.hashing[f.name] = hash_collisions(col, f.hash_buckets)
+        elif f.encoding == "zch":
+            side.encoded[role][f.name] = raw_id_encode(col)
+            vocab.hashing[f.name] = raw_id_report(col, f.capacity)
         else:
             vocab.vocabs[f.name] = vocab.build(f, col)
             side.encoded[role][f.name] = encode(col, vocab.vocabs[f.name])
@@ -220,6 +224,9 @@ def event_vocabularies(files: list[str], spec: DatasetSpec, event_feats: list[Fe
             if f.source == c and f.kind != "dense" and f.encoding == "hash":
                 vocab.hashing[f.name] = hash_collisions(transform(f, uniq, spec.events),
                                                         f.hash_buckets)
+            elif f.source == c and f.kind != "dense" and f.encoding == "zch":
+                vocab.hashing[f.name] = raw_id_report(transform(f, uniq, spec.events),
+                                                      f.capacity)
             elif f.source == c and f.kind != "dense":
                 vocab.event[f.name] = vocab.build(f, transform(f, uniq, spec.events))
         if need_uid and c == spec.user_column:

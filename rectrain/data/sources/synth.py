@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 
 from rectrain.data import storage
 from rectrain.data.encode import positions_in_lists
+from rectrain.data.sources.synth_churn import churn_sample, churn_world
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class SynthSpec:
             event re-buys an earlier item of the user; geometric decay over events back; label
             score bonus of an item met again and its time scale in seconds), see
             :mod:`rectrain.data.sources.synth_repeat`; ``repeat: 0`` (default) is off.
+        item_churn, item_half_life_days: items born across the window with fading
+            popularity (:mod:`rectrain.data.sources.synth_churn`; 0 = none).
     """
 
     events: int
@@ -121,6 +124,8 @@ class SynthSpec:
     repeat_decay: float = 0.3
     repeat_boost: float = 3.0
     repeat_tau_s: float = 7 * 86_400.0
+    item_churn: float = 0.0  # share of items born during the window (synth_churn.py)
+    item_half_life_days: float = 45.0  # churn: popularity half-life after birth
 
     def __post_init__(self):
         for k in ("events", "users", "items", "categories", "latent_dim"):
@@ -215,7 +220,9 @@ def make_world(spec: SynthSpec) -> dict:
     cum = np.cumsum(pop[order])
     cat_mass = np.bincount(item_cat, weights=pop, minlength=C)
     cat_lo = np.concatenate([[0.0], np.cumsum(cat_mass)[:-1]])
-    return {"users": users, "items": items, "user_counts": user_counts.astype(np.int64),
+    churn = {} if not spec.item_churn else churn_world(
+        I, spec.item_churn, spec.item_half_life_days, spec.days, spec.seed, pop, item_cat, C)
+    return {**churn, "users": users, "items": items, "user_counts": user_counts.astype(np.int64),
             "user_factors": user_factors, "user_favs": favs.astype(np.int64),
             "item_factors": item_factors, "item_bias": item_bias, "item_cat": item_cat,
             "cat_weight": cat_weight, "order": order, "cum": cum, "cat_lo": cat_lo,
@@ -273,7 +280,8 @@ def generate_events(spec: SynthSpec, file_index: int, lo: int, hi: int, w: dict)
     fav = w["user_favs"][lo:hi][sess_user, rng.integers(0, 3, n_sess)]
     other = rng.choice(spec.categories, size=n_sess, p=w["cat_weight"])
     sess_cat = np.where(rng.random(n_sess) < 0.8, fav, other)
-    item = _sample_items(sess_cat[session], rng.random(n), w)
+    item = (churn_sample(sess_cat[session], rng.random(n), ts, spec.start_ts, w, _sample_items)
+            if "churn_flat" in w else _sample_items(sess_cat[session], rng.random(n), w))
     bonus = 0.0
     if spec.repeat > 0:  # its own random stream: repeat 0 keeps the same bytes
         from rectrain.data.sources.synth_repeat import repeat_items
