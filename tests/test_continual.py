@@ -49,6 +49,8 @@ def test_continual_warm_and_never_over_windows(tmp_path, ray_local, monkeypatch)
     import json
     saved = json.load(open(tmp_path / "run" / "continual.json"))
     assert saved["rows"] == json.loads(json.dumps(rows))
+    png = tmp_path / "run" / "continual.png"  # the curve (matplotlib: the [bench] extra)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     w1 = json.load(open(tmp_path / "prepared" / "window-001" / "manifest.json"))
     assert w1["vocab_growth"]["vocab_from"] == str(tmp_path / "prepared" / "window-000")
     # a second call finds every window done: nothing is trained again

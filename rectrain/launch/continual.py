@@ -84,7 +84,9 @@ def _row(w: int, policy: str, m: dict, manifest: dict, seconds: float) -> dict:
             "train_rows": manifest["rows_per_split"]["train"] if policy != "never" else 0,
             "new_ids": {f: g["new"] for f, g in growth.items()},
             "oov_rows": {f: g["oov_rows"] for f, g in growth.items()},
-            "train_seconds": m.get("train_seconds", 0.0), "seconds": round(seconds, 3)}
+            "train_seconds": m.get("train_seconds", 0.0), "seconds": round(seconds, 3),
+            # zch tables: admitted / evicted / colliding / held ids of the window's last epoch
+            **{k: v for k, v in ((m.get("epochs") or [{}])[-1]).items() if k.startswith("zch_")}}
 
 
 def continual(cfg: JobConfig, policies=("warm",), address: Optional[str] = None,
@@ -133,7 +135,40 @@ def continual(cfg: JobConfig, policies=("warm",), address: Optional[str] = None,
     rows = [r for r in rows if r["policy"] in policies]
     storage.write_json({"policies": list(policies), "rows": rows},
                        storage.join(cfg.run_dir, "continual.json"))
+    plot_curves(rows, storage.join(cfg.run_dir, "continual.png"))
     return rows
+
+
+def plot_curves(rows: list[dict], url: str) -> Optional[str]:
+    """Test metric of the model of T on window T+1 against the window, one line per policy,
+    written to ``url`` (PNG). Returns ``url``, or None without matplotlib (the ``[bench]``
+    extra) or without a metric to plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    key = next((k for k in ("test_auc", "test_hr@10") if any(k in r for r in rows)), None)
+    if key is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = [(r["window"], r[key]) for r in rows if r["policy"] == policy and key in r
+               and r["window"] > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=policy)
+    ax.set_xlabel("window T+1 (the model of window T evaluated on it)")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fs, path = storage.url_to_fs(url)
+    with fs.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return url
 
 
 def table_text(rows: list[dict]) -> str:
