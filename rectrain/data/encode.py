@@ -158,11 +158,18 @@ def hash_encode(arr, buckets: int) -> pa.Array:
     Raises:
         ValueError: ``buckets < 1``.
     """
-    from pandas.util import hash_array
-
     if buckets < 1:
         raise ValueError(f"hash_buckets must be >= 1, got {buckets}")
-    arr, lists = _per_element(arr, lambda values: hash_encode(values, buckets))
+    return stable_hash_ids(arr, buckets)
+
+
+def stable_hash_ids(arr, modulus: int) -> pa.Array:
+    """``1 + SipHash(value) mod modulus`` per value (pandas ``hash_array``, fixed key), null ->
+    0; list columns keep their offsets. Integers of any width hash as int64 (uint64 above 2**63
+    by its bit pattern), other types by value. Shared by ``hash`` and ``zch`` encodings."""
+    from pandas.util import hash_array
+
+    arr, lists = _per_element(arr, lambda values: stable_hash_ids(values, modulus))
     if lists is not None:
         return lists
     if pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
@@ -171,7 +178,7 @@ def hash_encode(arr, buckets: int) -> pa.Array:
                               0).to_numpy()
     else:
         values = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object)
-    ids = (hash_array(values) % np.uint64(buckets)).astype(np.int64) + 1
+    ids = (hash_array(values) % np.uint64(modulus)).astype(np.int64) + 1
     valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
     return pa.array(np.where(valid, ids, 0))
 

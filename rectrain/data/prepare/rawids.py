@@ -11,11 +11,10 @@ in ~10¹¹ for a million values); :func:`raw_id_report` counts such pairs all th
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rectrain.data.encode import _flat, _per_element
+from rectrain.data.encode import _flat, stable_hash_ids
 
 #: MCHManagedCollisionModule's default ``input_hash_size`` (ids must lie below it)
 INPUT_HASH_SIZE = 2 ** 63 - 1
@@ -25,19 +24,7 @@ def raw_id_encode(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Raw ids int64 in ``[1, 2**63 - 1)`` of a column (null -> 0; list columns keep their
     offsets). Integers of any width hash as int64, as in ``hash_encode``; other types by value.
     """
-    from pandas.util import hash_array
-
-    arr, lists = _per_element(arr, raw_id_encode)
-    if lists is not None:
-        return lists
-    if pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
-        values = pc.fill_null(pc.cast(arr, pa.int64(), safe=not pa.types.is_uint64(arr.type)),
-                              0).to_numpy()
-    else:
-        values = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object)
-    ids = (hash_array(values) % np.uint64(INPUT_HASH_SIZE - 1)).astype(np.int64) + 1
-    valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
-    return pa.array(np.where(valid, ids, 0))
+    return stable_hash_ids(arr, INPUT_HASH_SIZE - 1)
 
 
 def raw_id_report(distinct_values, capacity: int) -> dict:
