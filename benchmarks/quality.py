@@ -32,7 +32,6 @@ import json
 import os
 import subprocess
 import sys
-import math
 import statistics
 import time
 from pathlib import Path
