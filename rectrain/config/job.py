@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from rectrain.config.models import RETRIEVAL_MODELS, DinSpec, ModelSpec, check_model
+from rectrain.config.zch import check_zch
 from rectrain.config.sections import (RESERVED_COLUMNS, CheckpointSpec, DatasetSpec, FeatureSpec,
                                       OptimSpec, RaySpec, RecommendSpec, ShardingSpec,
                                       TrainSpec, _Model)
@@ -73,6 +74,7 @@ class JobConfig(_Model):
             if f.kind == "dense" and f.transform is not None and f.transform.prefix:
                 raise ValueError(f"{at}: prefix transform on a dense feature")
         check_model(self)
+        check_zch(self)
         tc = self.train
         if tc.min_workers is not None and tc.min_workers > tc.num_workers:
             raise ValueError(f"train.min_workers: {tc.min_workers} is more than train.num_workers "

@@ -253,6 +253,12 @@ class FeatureSpec(_Model):
     def _hash_needs_buckets(self) -> "FeatureSpec":
         if self.encoding == "hash" and self.hash_buckets is None:
             raise ValueError(f"feature {self.name!r}: encoding hash needs hash_buckets")
+        if self.hash_buckets is not None and self.encoding != "hash":  # else silently unused
+            raise ValueError(f"feature {self.name!r}: hash_buckets is for encoding hash, not "
+                             f"{self.encoding}")
+        if self.zch is not None and self.encoding != "zch":
+            raise ValueError(f"feature {self.name!r}: zch settings are for encoding zch, not "
+                             f"{self.encoding}")
         if self.encoding == "hash" and self.kind in ("dense", "sequence"):
             raise ValueError(f"feature {self.name!r}: encoding hash is for sparse/multi_hot "
                              f"features (a sequence uses its source feature's encoding)")

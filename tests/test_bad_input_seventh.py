@@ -1,0 +1,57 @@
+"""Bad input to the seventh session's features (negatives, match, zch, synth churn, quality and
+scale benchmarks): each is refused early with one line naming the field, file or flag. No Ray."""
+
+import pytest
+
+from rectrain.config import ConfigError, config_from_dict
+from tests.support.tiny import tiny_job
+
+
+def _zch_job(tmp_path, capacity=60, model=None, **train):
+    job = tiny_job(str(tmp_path), **({"model": {"name": model}} if model else {}))
+    job["features"][1].update(encoding="zch", capacity=capacity)
+    job["train"].update(train)
+    return job
+
+
+def test_zch_rules_fail_when_the_config_loads_not_on_the_workers(tmp_path):
+    config_from_dict(_zch_job(tmp_path))  # item_id zch, 60 rows, 2 workers: fine
+    with pytest.raises(ConfigError, match=r"features\.1\.capacity: 51 is not a multiple of 2, "
+                                          r"train\.num_workers = 2 .* e\.g\. capacity: 50"):
+        config_from_dict(_zch_job(tmp_path, capacity=51))
+    with pytest.raises(ConfigError, match=r"features\.1\.capacity: 62 is not a multiple of 3, a "
+                                          r"world size of train\.min_workers\.\.num_workers"):
+        job = _zch_job(tmp_path, capacity=62, num_workers=4, min_workers=2)
+        job["checkpoint"] = {"max_failures": 1}
+        config_from_dict(job)
+    with pytest.raises(ConfigError, match=r"model\.name: two_tower ranks every item row"):
+        config_from_dict(_zch_job(tmp_path, model="two_tower"))
+    job = _zch_job(tmp_path)
+    job["features"][0].update(encoding="zch", capacity=60)  # user_id: pooled, no sequence
+    with pytest.raises(ConfigError, match=r"features\.0\.encoding: zch on 'user_id', whose "
+                                          r"table 'user_id' no sequence feature shares"):
+        config_from_dict(job)
+    job = _zch_job(tmp_path)
+    job["features"] += [{"name": "genre1", "kind": "sparse", "source": "genres", "table": "g",
+                         "transform": {"first": True}},
+                        {"name": "hist_genre1", "kind": "sequence", "source": "genre1",
+                         "table": "g"}]
+    with pytest.raises(ConfigError, match=r"sequence tables \['g'\] are not zch"):
+        config_from_dict(job)
+    job = _zch_job(tmp_path)
+    job["features"].append({"name": "m", "kind": "match", "source": "hist_item_id",
+                            "category": "genres"})
+    with pytest.raises(ConfigError, match=r"features\.6\.category: a category match looks "
+                                          r"categories up by item row"):
+        config_from_dict(job)
+
+
+def test_encoding_settings_of_another_encoding_are_refused_not_ignored(tmp_path):
+    job = _zch_job(tmp_path)
+    job["features"][1]["hash_buckets"] = 10
+    with pytest.raises(ConfigError, match="hash_buckets is for encoding hash, not zch"):
+        config_from_dict(job)
+    job = tiny_job(str(tmp_path))
+    job["features"][1]["zch"] = {"policy": "lru"}
+    with pytest.raises(ConfigError, match="zch settings are for encoding zch, not vocab"):
+        config_from_dict(job)
