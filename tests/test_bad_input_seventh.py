@@ -55,3 +55,32 @@ def test_encoding_settings_of_another_encoding_are_refused_not_ignored(tmp_path)
     job["features"][1]["zch"] = {"policy": "lru"}
     with pytest.raises(ConfigError, match="zch settings are for encoding zch, not vocab"):
         config_from_dict(job)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"item_churn": 1.5}, r"item_churn must be in \[0, 1\], got 1.5 \(--item-churn\)"),
+    ({"item_churn": float("nan")}, r"item_churn must be in \[0, 1\], got nan"),
+    ({"item_churn": 0.5, "item_half_life_days": 0}, r"item_half_life_days must be > 0, got 0"),
+    # NaN passed `<= 0` and zeroed every born item's weight: the log silently used one item
+    ({"item_churn": 0.5, "item_half_life_days": float("nan")},
+     r"item_half_life_days must be > 0, got nan \(--item-half-life-days\)"),
+    ({"repeat": -0.1}, r"repeat must be in \[0, 1\]"),
+])
+def test_synth_churn_and_repeat_are_checked_in_the_spec_before_ray_starts(kw, msg):
+    from rectrain.data.sources.synth import SynthSpec
+
+    with pytest.raises(ValueError, match=msg):
+        SynthSpec(events=100, users=10, items=20, **kw)  # `rectrain synth` builds it pre-Ray
+
+
+def test_rectrain_synth_rejects_a_bad_churn_in_one_line_without_starting_ray(capsys,
+                                                                             monkeypatch):
+    from rectrain import cli
+    from rectrain.launch import jobs
+
+    monkeypatch.setattr(jobs, "connect", lambda *a, **k: pytest.fail("Ray started"))
+    assert cli.main(["synth", "--events", "10", "--out", "/nonexistent", "--item-churn",
+                     "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rectrain: error: synth: item_churn must be in [0, 1], got 2.0 "
+                   "(--item-churn)"]

@@ -141,6 +141,13 @@ class SynthSpec:
         if not (0.0 <= self.repeat <= 1.0 and 0.0 < self.repeat_decay <= 1.0):
             raise ValueError(f"synth: repeat must be in [0, 1] and repeat_decay in (0, 1], got "
                              f"{self.repeat}, {self.repeat_decay}")
+        # here, not in make_world: `rectrain synth` builds the spec before Ray starts
+        if not 0.0 <= self.item_churn <= 1.0:
+            raise ValueError(f"synth: item_churn must be in [0, 1], got {self.item_churn} "
+                             f"(--item-churn)")
+        if not self.item_half_life_days > 0:  # NaN too: it would zero every item's weight
+            raise ValueError(f"synth: item_half_life_days must be > 0, got "
+                             f"{self.item_half_life_days} (--item-half-life-days)")
 
 
 def _zipf_weights(n: int, alpha: float, rng: np.random.Generator) -> np.ndarray:

@@ -44,7 +44,7 @@ def churn_world(n_items: int, item_churn: float, half_life_days: float, days: fl
     """
     if not 0.0 <= item_churn <= 1.0:
         raise ValueError(f"synth: item_churn must be in [0, 1], got {item_churn}")
-    if half_life_days <= 0:
+    if not half_life_days > 0:
         raise ValueError(f"synth: item_half_life_days must be > 0, got {half_life_days}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     window = days * 86_400.0
