@@ -84,3 +84,34 @@ def test_rectrain_synth_rejects_a_bad_churn_in_one_line_without_starting_ray(cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["rectrain: error: synth: item_churn must be in [0, 1], got 2.0 "
                    "(--item-churn)"]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--events", "0"], "--events: 0 is not a whole number of events >= 1"),
+    (["--events", "1000,-5"], "--events: -5 is not a whole number of events >= 1"),
+    (["--events", "1e6,lots"], "--events: 'lots' is not a number of events"),
+    (["--events", "1000,,2000"], "--events: '' is not a number of events"),
+    (["--events", "1500.5"], "--events: 1500.5 is not a whole number"),
+    (["--events", "inf"], "--events: inf is not a whole number"),
+    (["--events", "1e3,1000"], "--events: 1,000 is listed twice"),
+    (["--budget-s", "0"], "--budget-s: must be a number of seconds > 0, got 0.0"),
+    (["--budget-s", "-1"], "--budget-s: must be a number of seconds > 0, got -1.0"),
+])
+def test_bench_scale_sizes_and_budget_fail_in_one_line_before_any_stage(tmp_path, capsys, argv,
+                                                                        msg):
+    from rectrain import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["bench", "scale", "--size", "tiny", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rectrain: error: {msg}"), err
+    assert not out.exists()  # nothing started
+
+
+def test_bench_scale_events_parse():
+    from rectrain.bench.cli import budget_seconds, scale_events
+
+    assert scale_events("1e6,20000") == [1_000_000, 20_000]
+    assert budget_seconds("90") == 90.0
+    with pytest.raises(ValueError, match=r"--budget-s: .* got 'abc'"):
+        budget_seconds("abc")  # bench.budget_s of a jobs/bench_*.yaml is not parsed by argparse

@@ -10,6 +10,7 @@ examples:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -99,6 +100,45 @@ def _apply_config(args) -> None:
             setattr(args, k, ",".join(map(str, v)) if isinstance(v, list) else v)
 
 
+def scale_events(text) -> list[int]:
+    """``--events`` of ``bench scale``: comma-separated whole positive numbers of events
+    (``1e6`` allowed), distinct (each size has one work folder).
+
+    Raises:
+        ValueError: naming ``--events`` and the bad item.
+    """
+    out = []
+    for x in str(text).split(","):
+        try:
+            v = float(x)
+        except ValueError:
+            raise ValueError(f"--events: {x.strip()!r} is not a number of events (expected a "
+                             f"comma list such as 1000000,1e7)") from None
+        if not (math.isfinite(v) and v >= 1 and v == int(v)):
+            raise ValueError(f"--events: {x.strip()} is not a whole number of events >= 1")
+        if int(v) in out:
+            raise ValueError(f"--events: {int(v):,} is listed twice")
+        out.append(int(v))
+    return out
+
+
+def budget_seconds(value) -> float:
+    """``--budget-s`` (or ``bench.budget_s``) as seconds > 0; 0 would skip every stage after
+    the first size (an extrapolated time is never below 0).
+
+    Raises:
+        ValueError: naming ``--budget-s`` and the value.
+    """
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not v > 0:
+        raise ValueError(f"--budget-s: must be a number of seconds > 0, got {value!r} (a large "
+                         f"value such as 1e9 skips nothing)")
+    return v
+
+
 def result_dir(size: str, out: str | None = None) -> str:
     """Where a benchmark run writes: ``out`` when given, else ``benchmarks/results`` for the
     ``quick`` size (the committed report) and ``benchmarks/results/<size>`` (git-ignored) for
@@ -113,6 +153,10 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     _apply_config(args)
+    # before any folder, Ray or subprocess: a bad size would fail each stage three times
+    events = scale_events(args.events) if getattr(args, "events", None) else None
+    if getattr(args, "budget_s", None) is not None:
+        args.budget_s = budget_seconds(args.budget_s)
     s = SETTINGS[args.size]
     args.out = result_dir(args.size, args.out)
     # absolute: Ray Train workers run in their own working directory, and the job dicts the
@@ -124,8 +168,6 @@ def run(args) -> dict:
                   "peers": "din_ml100k"}
     paths = set(args.paths.split(","))
     # progress units: ingest 2/workload, trainstep 3/workload, scaling 6, peers 3, scale 4/size
-    events = ([int(float(x)) for x in str(args.events).split(",")]
-              if getattr(args, "events", None) else None)
     if "scale" in names:
         from rectrain.bench.scale import SIZES, STAGES
         n_scale = len(STAGES) * len(events or SIZES[args.size]["events"])
