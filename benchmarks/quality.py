@@ -45,17 +45,80 @@ from rectrain.data import storage
 SECONDARY = ("test_logloss", "test_gauc", "test_rmse", "test_mae", "test_auc")
 
 
+KEYS = {"job", "metric", "label", "higher_is_better", "baseline", "slices"}
+SLICES = ("cold_items",)
+
+
 def load_entries(path: str) -> list[dict]:
-    """Read the job list; raises ValueError naming the file and entry on a malformed one."""
+    """Read the job list; each entry gets ``label`` (default: its job's ``model.name``).
+
+    Raises:
+        ValueError: naming the file, entry and key: a malformed entry, an unknown key or
+            slice, a ``baseline`` that is not the label of an earlier entry with the same metric
+            (the comparison would silently be left out, or compare two metrics).
+    """
     raw = yaml.safe_load(Path(path).read_text()) or []
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a list of entries, got {type(raw).__name__}")
-    out = []
+    out: list[dict] = []
     for i, e in enumerate(raw):
         if not isinstance(e, dict) or "job" not in e or "metric" not in e:
             raise ValueError(f"{path}: entry {i}: needs `job` and `metric`, got {e!r}")
-        out.append({"higher_is_better": True, **e})
+        at = f"{path}: entry {i} ({e.get('label', e['job'])})"
+        unknown = sorted(set(e) - KEYS)
+        if unknown:
+            raise ValueError(f"{at}: unknown keys {unknown} (known: {sorted(KEYS)})")
+        slices = e.get("slices", [])
+        if not isinstance(slices, list) or set(slices) - set(SLICES):
+            raise ValueError(f"{at}: slices: expected a list of {list(SLICES)}, got {slices!r}")
+        e = {"higher_is_better": True, **e}
+        if "label" not in e:  # a job that does not load fails as its own row, later
+            e["label"] = _model_name(e["job"]) or e["job"]
+        b = e.get("baseline")
+        if b is not None:
+            base = next((o for o in out if o["label"] == b), None)
+            later = [j for j, o in enumerate(raw[i:], i) if isinstance(o, dict)
+                     and o.get("label") == b]
+            if base is None:
+                raise ValueError(f"{at}: baseline {b!r} is not the label of an earlier entry"
+                                 + (f" (entry {later[0]} comes after; move it above)" if later
+                                    else f" (earlier labels: {[o['label'] for o in out]})"))
+            if base["metric"] != e["metric"]:
+                raise ValueError(f"{at}: baseline {b!r} reports {base['metric']}, this entry "
+                                 f"{e['metric']}: a comparison needs the same metric")
+        out.append(e)
     return out
+
+
+def _model_name(job: str) -> str | None:
+    try:
+        return load_config(job).model.name
+    except Exception:  # noqa: BLE001 - the entry's own run reports why
+        return None
+
+
+def select(entries: list[dict], only: str) -> list[dict]:
+    """The entries ``--only`` names: the whole text when it is one label, job name (file stem)
+    or model name, else its ``;``-separated items (``,``-separated when it has no ``;``), each
+    matching an entry's label, job name, job path or model name.
+
+    Raises:
+        ValueError: an item that matches no entry (names it; labels may hold commas, e.g.
+            "DCNv2 (parallel, full rank)", then separate items with ``;``).
+    """
+    def keys(e):
+        return {e["label"], Path(e["job"]).stem, e["job"], _model_name(e["job"])}
+
+    whole = only.strip()
+    if any(whole in keys(e) for e in entries):
+        return [e for e in entries if whole in keys(e)]
+    items = [x.strip() for x in only.split(";" if ";" in only else ",") if x.strip()]
+    missing = [x for x in items if not any(x in keys(e) for e in entries)]
+    if missing:
+        raise ValueError(f"--only: {missing} match no entry's label, job name or model (labels: "
+                         f"{[e['label'] for e in entries]}); separate items with ';' when a "
+                         f"label has a comma")
+    return [e for e in entries if set(items) & keys(e)]
 
 
 def _cli(args: list[str], log, retries: int = 1) -> float:
@@ -207,7 +270,9 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", default="benchmarks/quality_jobs.yaml")
-    p.add_argument("--only", default=None, help="comma-separated labels, models or job names")
+    p.add_argument("--only", default=None,
+                   help="labels, job names or models, separated by ';' (or ',' when none has "
+                        "a comma), or one whole label")
     p.add_argument("--seeds", type=int, default=1,
                    help="train each job with seeds 0..N-1 (run dirs RUN_DIR/seed-S); "
                         "1 = the job's own seed and run dir")
@@ -218,11 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.seeds < 1:
         p.error(f"--seeds: must be at least 1, got {a.seeds}")
-    entries = load_entries(a.jobs)
-    if a.only:
-        keep = set(a.only.split(","))
-        entries = [e for e in entries if keep & {e.get("label"), Path(e["job"]).stem,
-                                                 load_config(e["job"]).model.name}]
+    try:
+        entries = load_entries(a.jobs)
+        if a.only:
+            entries = select(entries, a.only)
+    except ValueError as err:
+        p.error(str(err))
+    chosen = {e["label"] for e in entries}
+    for e in entries:
+        if e.get("baseline") and e["baseline"] not in chosen:
+            print(f"[quality] {e['label']}: its baseline {e['baseline']!r} is not selected by "
+                  f"--only, so no comparison", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_dir = out.parent / "logs"

@@ -115,3 +115,64 @@ def test_bench_scale_events_parse():
     assert budget_seconds("90") == 90.0
     with pytest.raises(ValueError, match=r"--budget-s: .* got 'abc'"):
         budget_seconds("abc")  # bench.budget_s of a jobs/bench_*.yaml is not parsed by argparse
+
+
+def _quality_jobs(tmp_path, entries):
+    import json
+    from pathlib import Path
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    for e in entries:
+        p = tmp_path / f"{e['job']}.yaml"
+        p.write_text(f"extends: {jobs / 'movielens_din.yaml'}\nname: {e['job']}\n"
+                     f"run_dir: {tmp_path / 'runs' / e['job']}\n")
+        e["job"] = str(p)
+    (tmp_path / "jobs.yaml").write_text(json.dumps(entries))
+    return str(tmp_path / "jobs.yaml")
+
+
+@pytest.mark.parametrize("entries, msg", [
+    ([{"job": "a", "metric": "test_auc", "label": "A", "baseline": "B"},
+      {"job": "b", "metric": "test_auc", "label": "B"}],
+     r"entry 0 \(A\): baseline 'B' is not the label of an earlier entry \(entry 1 comes after"),
+    ([{"job": "a", "metric": "test_auc", "label": "A"},
+      {"job": "b", "metric": "test_auc", "label": "B", "baseline": "DIN"}],
+     r"entry 1 \(B\): baseline 'DIN' is not the label of an earlier entry \(earlier labels: "
+     r"\['A'\]\)"),
+    ([{"job": "a", "metric": "test_auc"},  # default label: the model name
+      {"job": "b", "metric": "test_logloss", "label": "B", "baseline": "din"}],
+     r"baseline 'din' reports test_auc, this entry test_logloss"),
+    ([{"job": "a", "metric": "test_auc", "slices": ["cold_item"]}],
+     r"entry 0 \(.*\): slices: expected a list of \['cold_items'\], got \['cold_item'\]"),
+    ([{"job": "a", "metric": "test_auc", "baselne": "x"}], r"unknown keys \['baselne'\]"),
+])
+def test_quality_entries_with_a_bad_baseline_or_slice_are_refused_naming_the_entry(
+        tmp_path, entries, msg):
+    from benchmarks import quality
+
+    with pytest.raises(ValueError, match=msg):
+        quality.load_entries(_quality_jobs(tmp_path, entries))
+
+
+def test_quality_only_takes_whole_labels_with_commas_and_semicolon_lists(tmp_path, capsys):
+    from benchmarks import quality
+
+    path = _quality_jobs(tmp_path, [
+        {"job": "dcn", "metric": "test_auc", "label": "DCNv2 (parallel, full rank)"},
+        {"job": "din", "metric": "test_auc", "label": "DIN"},
+        {"job": "din_x", "metric": "test_auc", "label": "DIN x", "baseline": "DIN"}])
+    entries = quality.load_entries(path)
+    labels = lambda only: [e["label"] for e in quality.select(entries, only)]  # noqa: E731
+    assert labels("DCNv2 (parallel, full rank)") == ["DCNv2 (parallel, full rank)"]
+    assert labels("DCNv2 (parallel, full rank); din_x") == ["DCNv2 (parallel, full rank)",
+                                                            "DIN x"]
+    assert labels("DIN,din_x") == ["DIN", "DIN x"]
+    with pytest.raises(ValueError, match=r"--only: \['DCNv2 \(parallel', 'full rank\)'\] match "
+                                         r"no entry.*separate items with ';'"):
+        quality.select(entries, "DIN,DCNv2 (parallel, full rank)")
+    with pytest.raises(SystemExit):  # one argparse line, not an empty table
+        quality.main(["--jobs", path, "--only", "nonesuch", "--collect",
+                      "--out", str(tmp_path / "q")])
+    assert "--only: ['nonesuch'] match no entry" in capsys.readouterr().err
+    quality.main(["--jobs", path, "--only", "din_x", "--collect", "--out", str(tmp_path / "q")])
+    assert "its baseline 'DIN' is not selected by --only" in capsys.readouterr().out
