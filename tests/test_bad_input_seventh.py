@@ -176,3 +176,27 @@ def test_quality_only_takes_whole_labels_with_commas_and_semicolon_lists(tmp_pat
     assert "--only: ['nonesuch'] match no entry" in capsys.readouterr().err
     quality.main(["--jobs", path, "--only", "din_x", "--collect", "--out", str(tmp_path / "q")])
     assert "its baseline 'DIN' is not selected by --only" in capsys.readouterr().out
+
+
+TABLES = {"user_id": 31, "item": 51, "age_bucket": 8, "genres": 7}
+
+
+def test_a_match_category_that_is_no_item_feature_names_the_field_not_a_parquet_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rectrain.data.features import FeatureLayout
+
+    (tmp_path / "prepared" / "catalog").mkdir(parents=True)
+    pq.write_table(pa.table({"item_id": [1, 2], "genres": [[1], [2, 3]]}),
+                   tmp_path / "prepared" / "catalog" / "items.parquet")
+    job = tiny_job(str(tmp_path))
+    job["features"].append({"name": "m", "kind": "match", "source": "hist_item_id",
+                            "category": "genres"})
+    FeatureLayout(config_from_dict(job), {"tables": TABLES})  # an item-side category: fine
+    # age_bucket is a sparse feature of dataset.users: the config cannot tell its side
+    job["features"][-1]["category"] = "age_bucket"
+    with pytest.raises(ValueError, match=r"features\.6\.category: 'age_bucket' is not an "
+                                         r"item-side feature \(.*items\.parquet has \['item_id', "
+                                         r"'genres'\]\)"):
+        FeatureLayout(config_from_dict(job), {"tables": TABLES})

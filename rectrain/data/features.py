@@ -287,6 +287,8 @@ class FeatureLayout:
         for f in self.match:
             if f.category is None:
                 continue
+            import pyarrow.parquet as pq
+
             from rectrain.data import storage
             from rectrain.data.match import item_keys
 
@@ -295,6 +297,13 @@ class FeatureLayout:
             if not storage.exists(url):
                 raise FileNotFoundError(f"{url}: match feature {f.name!r} with category "
                                         f"{f.category!r} needs the items catalog; run prepare")
+            fs, path = storage.url_to_fs(url)
+            with fs.open(path, "rb") as fh:
+                names = pq.read_schema(fh).names
+            if f.category not in names:  # a user-side or events feature: no per-item value
+                raise ValueError(f"features.{feats.index(f)}.category: {f.category!r} is not "
+                                 f"an item-side feature ({url} has {names}); name a sparse or "
+                                 f"multi_hot feature read from dataset.items")
             cat = storage.read_parquet(url, columns=[cand, f.category])
             self.match_keys[f.name] = item_keys(
                 cat, cand, f.category, self.num_embeddings[by_name[cand].table_name],
