@@ -200,3 +200,34 @@ def test_a_match_category_that_is_no_item_feature_names_the_field_not_a_parquet_
                                          r"item-side feature \(.*items\.parquet has \['item_id', "
                                          r"'genres'\]\)"):
         FeatureLayout(config_from_dict(job), {"tables": TABLES})
+
+
+def test_a_match_job_on_a_folder_prepared_without_hist_ts_fails_on_the_driver_before_ray(
+        tmp_path, monkeypatch):
+    """Ray Data's read_parquet(columns=...) drops a missing column without a word, so the
+    workers failed on _hist_ts; the driver's footer check now names the file first."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rectrain.data.door import PreparedDataError
+    from rectrain.launch import ray_launch
+
+    prep = tmp_path / "prepared"
+    cols = {"user_id": [1], "item_id": [1], "age_bucket": [1], "genres": [[1]], "age": [30.0],
+            "_user": [1], "_item": [100], "_ts": [1000], "label": pa.array([1.0], pa.float32()),
+            "label_value": pa.array([4.0], pa.float32()), "hist_item_id": [[2]], "_pos": [1]}
+    for s in ("train", "valid", "test"):
+        (prep / s).mkdir(parents=True)
+        pq.write_table(pa.table(cols), prep / s / "part-0.parquet")
+    (prep / "manifest.json").write_text(json.dumps(
+        {"tables": TABLES, "rows_per_split": {"train": 1, "valid": 1, "test": 1},
+         "rows_used": 3}))
+    job = tiny_job(str(tmp_path))
+    job["features"].append({"name": "m", "kind": "match", "source": "hist_item_id"})
+    monkeypatch.setattr(ray_launch, "init_ray", lambda *a: pytest.fail("Ray started"))
+    with pytest.raises(PreparedDataError, match=r"train/part-0\.parquet: no column \['_hist_ts'\]"
+                                                r", which this job reads; run `rectrain prepare` "
+                                                r"with this job's features \(match features"):
+        ray_launch.train(config_from_dict(job))

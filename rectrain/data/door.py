@@ -164,7 +164,7 @@ def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds) ->
 
 
 def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...],
-                  label: str | None = None) -> None:
+                  label: str | None = None, columns: list[str] | None = None) -> None:
     """Driver side, before the streaming (Ray Data) read, from the Parquet footers only:
     every prepared file's id columns are integers of the same type as the split's first file,
     and each row group's column statistics (min, max; null count of scalar columns) are within
@@ -176,8 +176,14 @@ def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...],
     list column's leaf null count includes empty lists): the per-batch check still catches
     those, naming the batch row.
 
+    With ``columns`` (the job's, :attr:`FeatureLayout.columns`), every non-empty file must hold
+    them: Ray Data's ``read_parquet(columns=...)`` silently leaves a missing one out, and the
+    workers then fail on it (e.g. ``_hist_ts`` of match features, in a folder prepared
+    without them).
+
     Raises:
-        PreparedDataError: naming the file, column and types, or file, column, row and value.
+        PreparedDataError: naming the file, column and types, or file, column, row and value,
+            or the file and the columns it lacks.
     """
     import pyarrow.parquet as pq
 
@@ -192,6 +198,11 @@ def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...],
             with fs.open(path, "rb") as fh:
                 meta = pq.read_metadata(fh)
             schema = meta.schema.to_arrow_schema()
+            missing = [c for c in columns or () if c not in schema.names]
+            if missing and meta.num_rows:
+                hint = " (match features need _ts and _hist_ts)" if "_hist_ts" in missing else ""
+                raise PreparedDataError(f"{f}: no column {missing}, which this job reads; run "
+                                        f"`rectrain prepare` with this job's features{hint}")
             for name, spec in bounds.items():
                 if name in schema.names:
                     _check_type(f, name, spec[0], schema.field(name).type)

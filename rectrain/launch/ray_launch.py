@@ -68,6 +68,11 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     if reason:
         raise ValueError(reason)
     cfg = prepare_run(cfg)  # resolves checkpoint.resume (a missing checkpoint fails here)
+    layout = FeatureLayout(cfg, manifest)
+    # the streaming read cannot name a file (and drops a missing column): footers (columns,
+    # types, same schema, id statistics) checked here first
+    check_footers(cfg.prepared_dir, layout.bounds, ("train", "valid", "test"), LABEL,
+                  layout.columns)
     resources = init_ray(cfg, address)
     if joined:  # a local Ray is sized for the job (init_ray); a cluster must be checked
         check_cluster_cpus(cfg)
@@ -77,10 +82,6 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     cfg, attempt = start_attempt(cfg)
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
-    layout = FeatureLayout(cfg, manifest)
-    # the streaming read cannot name a file: footers (types, same schema, id statistics)
-    # checked here first
-    check_footers(cfg.prepared_dir, layout.bounds, ("train", "valid", "test"), LABEL)
     datasets = {}
     # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
     for split in ("train", "valid", "test")[1 if cfg.checkpoint.every_n_steps else 0:]:
