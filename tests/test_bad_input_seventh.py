@@ -231,3 +231,21 @@ def test_a_match_job_on_a_folder_prepared_without_hist_ts_fails_on_the_driver_be
                                                 r", which this job reads; run `rectrain prepare` "
                                                 r"with this job's features \(match features"):
         ray_launch.train(config_from_dict(job))
+
+
+def test_more_negatives_per_event_than_items_to_sample_is_refused(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from rectrain.data.prepare.negatives import check_pool
+    from rectrain.data.schema import ITEM
+
+    job = tiny_job(str(tmp_path))
+    job["dataset"]["label"]["aux_thresholds"] = []
+    job["dataset"]["negatives"] = {"count": 50}
+    pool = pa.table({ITEM: np.arange(100, 150)})  # 50 items with events
+    with pytest.raises(ValueError, match=r"dataset\.negatives\.count: 50 negatives per event, "
+                                         r"but .*raw/events has 50 distinct items"):
+        check_pool(config_from_dict(job), pool)  # was: 100 per event, duplicates, no word
+    job["dataset"]["negatives"] = {"count": 49}
+    check_pool(config_from_dict(job), pool)

@@ -32,7 +32,7 @@ from rectrain.data import storage
 from rectrain.data.prepare import manifest as mf
 from rectrain.data.schema import empty_split_reason
 from rectrain.data.prepare.events import read_events
-from rectrain.data.prepare.negatives import item_pool
+from rectrain.data.prepare.negatives import check_pool, item_pool
 from rectrain.data.prepare.readtasks import describe, group_files
 from rectrain.data.prepare.windows import window_bounds
 from rectrain.data.prepare.sequences import (build_sequences, merge_dense_stats,
@@ -85,8 +85,10 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
                          groups)
     t_read = time.perf_counter()
     window = (window_bounds(spec, *events.ts_range) if spec.windows is not None else None)
-    storage.remove(out)  # only now: a job that fails validation leaves the last good output
     pool = item_pool(cfg, events, roles) if spec.negatives is not None else None
+    if pool is not None:
+        check_pool(cfg, pool)
+    storage.remove(out)  # only now: a job that fails validation leaves the last good output
     buckets = sequence_buckets(cfg, events, num_buckets, rows_per_file, window, pool)
     t_seq = time.perf_counter()
     write_train(cfg, buckets, rows_per_file)

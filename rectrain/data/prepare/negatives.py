@@ -66,6 +66,21 @@ def item_pool(cfg: JobConfig, events: EventCounts, roles: dict[str, str]) -> pa.
     return pool.take(pc.sort_indices(pool, sort_keys=[(ITEM, "ascending")]))
 
 
+def check_pool(cfg: JobConfig, pool: pa.Table) -> None:
+    """Refuse a ``dataset.negatives.count`` the pool cannot serve: with ``count`` >= the pool's
+    items, every event's negatives repeat items (drawn with replacement) and a user with any
+    event has fewer unseen items than ``count``.
+
+    Raises:
+        ValueError: naming ``dataset.negatives.count``, the pool size and ``dataset.events``.
+    """
+    k, n = cfg.dataset.negatives.count, pool.num_rows
+    if k >= n:
+        raise ValueError(f"dataset.negatives.count: {k} negatives per event, but "
+                         f"{cfg.dataset.events} has {n} distinct items to sample from; use a "
+                         f"count below {n} (1-10 is usual)")
+
+
 def _sampler(pool: pa.Table, sampling: str, alpha: float, rng: np.random.Generator):
     """``draw(n) -> int64 [n]`` pool rows: uniform, or proportional to COUNT ** alpha."""
     n = pool.num_rows
