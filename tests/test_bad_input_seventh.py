@@ -249,3 +249,17 @@ def test_more_negatives_per_event_than_items_to_sample_is_refused(tmp_path):
         check_pool(config_from_dict(job), pool)  # was: 100 per event, duplicates, no word
     job["dataset"]["negatives"] = {"count": 49}
     check_pool(config_from_dict(job), pool)
+
+
+def test_rectrain_plan_plans_a_zch_job_row_wise(tmp_path):
+    """Before: TorchRec's planner refused 'uneven buckets per rank (1 buckets across 2 ranks)'
+    (plan_job never set the zch tables' buckets as the workers do)."""
+    from rectrain.train.plan_cluster import plan_job
+
+    job = _zch_job(tmp_path)  # no prepared folder: sizes from the config
+    for f in job["features"]:
+        if f["kind"] in ("sparse", "multi_hot") and f["name"] != "item_id":
+            f.update(encoding="hash", hash_buckets=10)
+    report = plan_job(config_from_dict(job))
+    item = [s for s in report.shards if s["table"] == "item"]
+    assert {s["sharding_type"] for s in item} == {"row_wise"} and len(item) == 2

@@ -148,6 +148,7 @@ def plan_job(cfg: JobConfig, cluster: ClusterSpec | None = None,
     """
     from rectrain.data.features import FeatureLayout
     from rectrain.models import build_model
+    from rectrain.models.zch import set_world
     from rectrain.train.sharding import apply_sparse_optimizer, budget_for
 
     meta = torch.device("meta")
@@ -159,6 +160,9 @@ def plan_job(cfg: JobConfig, cluster: ClusterSpec | None = None,
                             cfg.train.num_workers, "cuda" if cfg.train.use_gpu else "cpu")
     else:
         budget = cluster.budget(b)
+    # zch tables: one input bucket per rank, as the workers set it (else TorchRec's planner
+    # refuses "uneven buckets per rank")
+    set_world(model, budget.world_size)
     # the fused sparse optimiser's state is part of each shard's storage estimate
     apply_sparse_optimizer(model, cfg.optim, torch.device(budget.compute_device))
     return plan_tables(model, list(types or cfg.sharding.types), budget)
