@@ -74,7 +74,7 @@ class JobConfig(_Model):
             if f.kind == "dense" and f.transform is not None and f.transform.prefix:
                 raise ValueError(f"{at}: prefix transform on a dense feature")
         check_model(self)
-        check_zch(self)
+        check_zch(self, RETRIEVAL_MODELS)
         tc = self.train
         if tc.min_workers is not None and tc.min_workers > tc.num_workers:
             raise ValueError(f"train.min_workers: {tc.min_workers} is more than train.num_workers "

@@ -31,9 +31,10 @@ class ZchSpec(BaseModel):
         1.0, gt=0, description="lru / distance_lfu: exponent of the steps since last seen")
 
 
-def check_zch(job) -> None:
+def check_zch(job, retrieval_models: tuple[str, ...]) -> None:
     """Rules of ``encoding: zch`` a job can break before any worker starts (``job``: a
-    :class:`rectrain.config.JobConfig`); the model and sharder would otherwise raise them on
+    :class:`rectrain.config.JobConfig`; ``retrieval_models``: the model names that rank every
+    item row, passed in so this module does not import the model configs); the model and sharder would otherwise raise them on
     every worker after Ray's start-up (rectrain/models/zch.py, rectrain/models/sparse_arch.py).
 
     Raises:
@@ -44,14 +45,12 @@ def check_zch(job) -> None:
             model (full ranking enumerates item rows), a match ``category`` over a zch item
             (its per-item category lookup is indexed by item row).
     """
-    from rectrain.config.models import RETRIEVAL_MODELS
-
     feats = job.features
     zch = {f.table_name: i for i, f in enumerate(feats) if f.encoding == "zch"}
     if not zch:
         return
     first = min(zch.values())
-    if job.model.name in RETRIEVAL_MODELS:
+    if job.model.name in retrieval_models:
         raise ValueError(f"model.name: {job.model.name} ranks every item row, which encoding zch "
                          f"(features.{first}: {feats[first].name!r}) does not map to items; use "
                          f"a ranking model or encoding vocab")
