@@ -202,13 +202,15 @@ def aggregate(runs: list[dict]) -> dict:
 
 def compare(row: dict, base: dict) -> dict:
     """``row`` against ``base`` (aggregated rows of the same metric): the difference of the
-    means in the metric's better direction, and ``gain`` true only when it exceeds twice the
-    larger standard deviation (below that, seed-to-seed noise explains it)."""
+    means in the metric's better direction, ``gain`` true only when it exceeds twice the
+    larger standard deviation (below that, seed-to-seed noise explains it) and ``loss`` true
+    when it falls below minus that."""
     sign = 1 if row["higher_is_better"] else -1
     delta = sign * (row["value"] - base["value"])
     noise = 2 * max(row.get("value_std", 0.0), base.get("value_std", 0.0))
     return {"baseline": base["label"], "delta": delta, "noise": noise,
-            "gain": bool(delta > noise and noise > 0)}
+            "gain": bool(delta > noise and noise > 0),
+            "loss": bool(delta < -noise and noise > 0)}
 
 
 def _fmt(v, nd=4) -> str:
@@ -254,7 +256,7 @@ def markdown(rows: list[dict]) -> str:
         if vs:
             c = r.get("compare")
             extra += (f" {c['delta']:+.4f} vs {c['baseline']}: "
-                      f"{'gain' if c['gain'] else 'within noise'} (2σ = {c['noise']:.4f}) |"
+                      f"{'gain' if c['gain'] else 'loss' if c.get('loss') else 'within noise'} (2σ = {c['noise']:.4f}) |"
                       if c else " – |")
         lines.append(
             f"| {r['label']} | `{r['job']}` | {r['metric']} {arrow} | **{_pm(r, 'value')}** | "

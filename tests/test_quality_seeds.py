@@ -49,7 +49,8 @@ def test_seeds_are_averaged_and_a_gain_must_clear_twice_the_larger_std(tmp_path,
     runs = tmp_path / "runs"
     jobs = []
     for name, aucs in (("base", [0.750, 0.752, 0.748]), ("better", [0.770, 0.771, 0.769]),
-                       ("noisy", [0.740, 0.770, 0.755])):
+                       ("noisy", [0.740, 0.770, 0.755]),
+                       ("worse", [0.730, 0.731, 0.729])):
         job = tmp_path / f"{name}.yaml"
         job.write_text(f"extends: {JOBS / 'movielens_din.yaml'}\nname: {name}\n"
                        f"run_dir: {runs / name}\n")
@@ -71,7 +72,10 @@ def test_seeds_are_averaged_and_a_gain_must_clear_twice_the_larger_std(tmp_path,
     assert rows["base"]["value_runs"] == [0.750, 0.752, 0.748]
     assert rows["better"]["compare"]["gain"] is True          # +0.020 > 2 × 0.002
     assert rows["noisy"]["compare"]["gain"] is False          # +0.005 < 2 × 0.015
+    assert rows["noisy"]["compare"]["loss"] is False and rows["better"]["compare"]["loss"] is False
+    assert rows["worse"]["compare"]["loss"] is True           # -0.020 < -2 × 0.002
     md = Path(f"{out}.md").read_text()
     assert "0.7700 ± 0.0010" in md and "within noise" in md and "over 3 seeds" in md
+    assert "-0.0200 vs base: loss" in md
     with pytest.raises(SystemExit):
         quality.main(["--jobs", str(tmp_path / "jobs.yaml"), "--seeds", "0"])
