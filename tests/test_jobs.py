@@ -31,6 +31,7 @@ NO_INPROCESS = {
                                     "that `rectrain prepare` computes with a sentence-embedding "
                                     "model (the [text] extra)",
     "jobs/movielens_two_tower_text.yaml": "the same title-embedding matrix as movielens_din_text",
+    "jobs/synth_churn_din_text.yaml": "the same title-embedding matrix as movielens_din_text",
 }
 
 

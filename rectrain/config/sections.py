@@ -112,6 +112,11 @@ class SynthSource(_Model):
     seed: int = 0
     repeat: float = Field(0.0, ge=0, le=1, description="probability that an event re-buys an "
                           "earlier item of the user (rectrain.data.sources.synth_repeat)")
+    item_churn: float = Field(0.0, ge=0, le=1, description="share of items born during the "
+                              "log's window, with fading popularity (rectrain.data.sources."
+                              "synth_churn)")
+    item_half_life_days: float = Field(45.0, gt=0, description="item churn: popularity "
+                                       "half-life after an item's birth, days")
 
 
 #: default dataset.max_timestamp: 2100-01-01T00:00:00Z in unix seconds. Far enough ahead for any
