@@ -5,9 +5,10 @@
   or ``[B, 1 + K]`` with ``K`` auxiliary ordinal heads (column 0 is the label; with
   ``model.loss: mse`` it is the predicted label value, e.g. the rating). Their last layer is
   ``self.head`` (``nn.Linear``; ``init_regression_head`` sets its bias).
-- **Retrieval** models (:class:`RetrievalModel`, ``task = "retrieval"``: two_tower, sasrec) map
+- **Retrieval** models (:class:`RetrievalModel`, ``task = "retrieval"``: two_tower, sasrec, hstu) map
   a batch to ``(user vectors [n_queries, d], item vectors [B, d])`` float32; the training logit
-  of a (user, item) pair is ``<u, v> / model.temperature``.
+  of a (user, item) pair is ``<u, v> / model.temperature``. The sequential ones (sasrec, hstu)
+  share :class:`NextItemModel`'s ``forward`` (last step or every step).
 
 Every model embeds its batch with :class:`~rectrain.models.sparse_arch.SparseArch`
 (``self.sparse``).
@@ -101,3 +102,27 @@ class RetrievalModel(RecModel):
             raise ValueError(f"model.sequence_features: {hist!r} must share table "
                              f"{seq_by_name[item].table_name!r} with model.item_feature {item!r}")
         self.item_key, self.hist_key = item, hist
+
+
+class NextItemModel(RetrievalModel):
+    """Base of the sequential next-item models (SASRec, HSTU): subclasses implement
+    ``_outputs(features, n_queries) -> [B, S, E]`` (per-step outputs of the behaviour sequence,
+    right-aligned) over ``self.sparse``; ``normalise`` (static) L2-normalises the item vectors.
+
+    ``forward(batch, n_queries=None, all_steps=False)`` returns ``(h[:, -1] [n_queries, E],
+    v [B, E])``, or with ``all_steps`` ``(h [n_queries, S, E], v)``: every step predicts the
+    next item (Kang & McAuley 2018's objective).
+    """
+
+    normalise = False
+
+    def sequence_outputs(self, batch) -> torch.Tensor:
+        """Per-step outputs ``[B, S, E]`` (right-aligned; padded steps are 0)."""
+        return self._outputs(self.sparse(batch))
+
+    def forward(self, batch, n_queries: int | None = None, all_steps: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.sparse(batch)
+        h = self._outputs(f, n_queries)
+        v = nn.functional.normalize(f.query, dim=-1) if self.normalise else f.query
+        return (h, v) if all_steps else (h[:, -1], v)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rectrain.config import ModelSpec
-from rectrain.data.features import Batch, FeatureLayout
-from rectrain.models.base import RetrievalModel
+from rectrain.data.features import FeatureLayout
+from rectrain.models.base import NextItemModel
 from rectrain.models.sasrec import right_align
 from rectrain.models.sparse_arch import SparseArch, SparseFeatures
 
@@ -120,7 +120,7 @@ class HSTULayer(nn.Module):
         return y * valid.unsqueeze(-1).to(x.dtype)
 
 
-class HSTU(RetrievalModel):
+class HSTU(NextItemModel):
     """Next-item model: a stack of :class:`HSTULayer` over the behaviour sequence.
 
     The history (up to ``S = spec.seq_max_len`` most recent item ids, most recent last) is
@@ -182,16 +182,3 @@ class HSTU(RetrievalModel):
             x = layer(x, valid)
         x = self.norm(x) * keep
         return F.normalize(x, dim=-1) if self.normalise else x
-
-    def sequence_outputs(self, batch: Batch) -> torch.Tensor:
-        """Per-step outputs ``[B, S, E]`` (right-aligned; padded steps are 0)."""
-        return self._outputs(self.sparse(batch))
-
-    def forward(self, batch: Batch, n_queries: int | None = None, all_steps: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.sparse(batch)
-        h = self._outputs(f, n_queries)
-        v = F.normalize(f.query, dim=-1) if self.normalise else f.query
-        if all_steps:  # every step predicts the next item
-            return h, v
-        return h[:, -1], v

@@ -13,8 +13,8 @@ from torch import nn
 
 from rectrain.config import ModelSpec
 from rectrain.data.encode import positions_in_lists
-from rectrain.data.features import Batch, FeatureLayout
-from rectrain.models.base import RetrievalModel
+from rectrain.data.features import FeatureLayout
+from rectrain.models.base import NextItemModel
 from rectrain.models.layers import TransformerEncoder
 from rectrain.models.sparse_arch import SparseArch, SparseFeatures
 
@@ -36,7 +36,7 @@ def right_align(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, t
     return y * valid.unsqueeze(-1).to(x.dtype), valid
 
 
-class SASRec(RetrievalModel):
+class SASRec(NextItemModel):
     """Causal transformer over the behaviour sequence predicting the next item.
 
     The history (item ids of the up-to-``L`` previous events, most recent last) is embedded with
@@ -83,18 +83,6 @@ class SASRec(RetrievalModel):
             return x
         x = self.dropout(x * math.sqrt(x.shape[-1]))
         return self.encoder(x, valid)
-
-    def sequence_outputs(self, batch: Batch) -> torch.Tensor:
-        """Per-step outputs ``[B, L, E]`` (right-aligned; padded steps are 0)."""
-        return self._outputs(self.sparse(batch))
-
-    def forward(self, batch: Batch, n_queries: int | None = None, all_steps: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.sparse(batch)
-        h = self._outputs(f, n_queries)
-        if all_steps:  # the paper's objective: every step predicts the next item
-            return h, f.query
-        return h[:, -1], f.query
 
 
 def next_item_targets(hist: "pa.ListArray", items: np.ndarray, steps: int) -> np.ndarray:
