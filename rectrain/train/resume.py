@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rectrain.config import RETRIEVAL_MODELS
 from rectrain.data import storage
 from rectrain.data.order import GlobalOrder
 from rectrain.data.schema import check_same_data, data_identity, load_manifest
@@ -131,19 +132,18 @@ def prepare_run(cfg):
         ck.resume = resolve_resume(cfg.run_dir, ck.resume)
     if ck.warm_start is not None:
         ck.warm_start = resolve_warm_start(ck.warm_start)
-    manifest = storage.join(cfg.prepared_dir, "manifest.json")
-    from rectrain.config import RETRIEVAL_MODELS
-
-    if cfg.model.name in RETRIEVAL_MODELS and storage.exists(manifest) and \
-            storage.read_json(manifest).get("negatives"):  # prepared by a ranking job's config
+    url = storage.join(cfg.prepared_dir, "manifest.json")
+    manifest = storage.read_json(url) if storage.exists(url) else None
+    if cfg.model.name in RETRIEVAL_MODELS and manifest and manifest.get("negatives"):
+        # prepared by a ranking job's config sharing this prepared_dir
         raise ValueError(f"{cfg.prepared_dir}: prepared with dataset.negatives (sampled "
                          f"label-0 rows), which {cfg.model.name} would read as positives; "
                          "prepare a folder without negatives for retrieval models")
-    for url in (u for u in (ck.warm_start, ck.resume) if u not in (None, "auto")):
-        meta = storage.join(url, "meta.json")
-        if storage.exists(manifest) and storage.exists(meta):  # before workers, not in each
-            check_same_data(storage.read_json(meta).get("data"), storage.read_json(manifest),
-                            url, cfg.prepared_dir)
+    for ck_url in (u for u in (ck.warm_start, ck.resume) if u not in (None, "auto")):
+        meta = storage.join(ck_url, "meta.json")
+        if manifest is not None and storage.exists(meta):  # before workers, not in each
+            check_same_data(storage.read_json(meta).get("data"), manifest, ck_url,
+                            cfg.prepared_dir)
     return cfg
 
 
