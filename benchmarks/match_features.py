@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.quality import _cli as quality_cli
 from rectrain.config import load_config
 from rectrain.data import storage
 from rectrain.data.match import history_rule_auc
@@ -41,21 +39,10 @@ DATASETS = {  # name -> (label, baseline job, match-feature job)
 }
 
 
-def _cli(args: list[str], log, attempts: int = 3) -> float:
-    """``python -m rectrain.cli ARGS``, retried after a pause (an embedded Ray times out
-    starting when the machine is overloaded: 30 s, fixed in Ray); returns its seconds.
-    Raises RuntimeError after ``attempts`` failures."""
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(20)
-        t0 = time.perf_counter()
-        rc = subprocess.run([sys.executable, "-m", "rectrain.cli", *args], stdout=log,
-                            stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
-        if rc == 0:
-            return time.perf_counter() - t0
-        log.write(f"\n[match_features] attempt {attempt + 1} failed (exit {rc})\n")
-        log.flush()
-    raise RuntimeError(f"rectrain {' '.join(args)} failed {attempts} times; see {log.name}")
+def _cli(args: list[str], log) -> float:
+    """``python -m rectrain.cli ARGS`` with up to 3 attempts 20 s apart (:func:`benchmarks.
+    quality._cli`); returns its seconds."""
+    return quality_cli(args, log, retries=2, pause_s=20)
 
 
 def _prepare(job: str, log) -> None:

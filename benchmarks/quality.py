@@ -121,16 +121,24 @@ def select(entries: list[dict], only: str) -> list[dict]:
     return [e for e in entries if set(items) & keys(e)]
 
 
-def _cli(args: list[str], log, retries: int = 1) -> float:
-    """Run ``python -m rectrain.cli ARGS``; retried ``retries`` times on failure (an embedded
-    Ray can time out starting on an overloaded machine). Returns the last attempt's seconds."""
+def _cli(args: list[str], log, retries: int = 1, pause_s: float = 0.0) -> float:
+    """Run ``python -m rectrain.cli ARGS``; retried ``retries`` times on failure, after
+    ``pause_s`` seconds (an embedded Ray can time out starting on an overloaded machine: 30 s,
+    fixed in Ray). Returns the last attempt's seconds.
+
+    Raises:
+        RuntimeError: every attempt failed (names the command and the log).
+    """
     for attempt in range(retries + 1):
+        if attempt and pause_s:
+            time.sleep(pause_s)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "rectrain.cli", *args], stdout=log,
                               stderr=subprocess.STDOUT, env=dict(os.environ))
         if proc.returncode == 0:
             return time.perf_counter() - t0
-        log.write(f"\n[quality] attempt {attempt + 1} failed (exit {proc.returncode})\n")
+        log.write(f"\n[{Path(sys.argv[0]).stem}] attempt {attempt + 1} failed "
+                  f"(exit {proc.returncode})\n")
         log.flush()
     raise RuntimeError(f"rectrain {' '.join(args)} failed (exit {proc.returncode}) "
                        f"{retries + 1} times; see {log.name}")
