@@ -1,14 +1,16 @@
 """HSTU (Zhai et al. 2024): the layer's shapes, causality (the output at step t ignores the inputs
-after t, padding ignored) with and without the relative time bias, the bias itself, and the
-model's causality through the item table. No Ray."""
+after t, padding ignored) with and without the relative time bias, the bias itself, the
+model's causality through the item table (and the event times of the batch), and the event
+times ``FeatureLayout.to_batch`` carries for ``model.time_bias``. No Ray."""
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
+from rectrain.data.schema import needs_event_times
 from rectrain.models.hstu import HSTU, HSTULayer, RelativeBias, log_time_buckets
-from tests.support.tiny import N_ITEMS, SEQ_LEN
+from tests.support.tiny import N_ITEMS, SEQ_LEN, tiny_cfg
 from tests.test_retrieval_models import _layout, _rows
 
 S, D = 7, 8
@@ -65,17 +67,70 @@ def test_relative_bias_depends_on_offset_and_time_bucket():
     want = b[0, 0, 0] + rab.time[log_time_buckets(torch.tensor(10), 8)]
     torch.testing.assert_close(bt[0, 0, 0], want.detach())
     assert log_time_buckets(torch.tensor([0, 1, 10, 10 ** 9]), 8).tolist() == [0, 0, 7, 8]
+    # the last query predicts the item at query_time (the reference appends the target's
+    # time); without it the last step's own time: only row 3 of the bias changes
+    bq = rab(ts, torch.tensor([10 ** 6 + 10])).detach()
+    torch.testing.assert_close(bq[0, :3], bt[0, :3])
+    torch.testing.assert_close(bq[0, 3, 3], (b[0, 3, 3] + rab.time[7]).detach())  # |dt| = 10
+    torch.testing.assert_close(bt[0, 3, 3], (b[0, 3, 3] + rab.time[0]).detach())  # own: 0
 
 
-def test_model_prediction_at_step_t_ignores_later_steps():
+def _timed(rows: pa.Table, seed: int = 0) -> pa.Table:
+    """``rows`` with the event-time columns prepare writes for a time-bias job: ``_hist_ts``
+    (increasing seconds, aligned with ``hist_item_id``) and ``_ts`` (after the history)."""
+    rng = np.random.default_rng(seed)
+    hist = rows["hist_item_id"].to_pylist()
+    times = [list(np.cumsum(rng.integers(1, 10 ** 6, len(h))).tolist()) for h in hist]
+    now = [(t[-1] if t else 0) + int(rng.integers(1, 10 ** 6)) for t in times]
+    return rows.append_column("_ts", pa.array(now, pa.int64())).append_column(
+        "_hist_ts", pa.array(times, pa.list_(pa.int64())))
+
+
+def test_time_bias_jobs_read_the_event_times_and_to_batch_carries_them():
+    assert not needs_event_times(tiny_cfg("/tmp/unused", model={"name": "hstu"}))
+    assert needs_event_times(tiny_cfg("/tmp/unused", model={"name": "hstu", "time_bias": True}))
+    cfg, layout = _layout("hstu", time_bias=True)
+    assert layout.step_times and {"_ts", "_hist_ts"} <= set(layout.columns)
+    assert {"_ts", "_hist_ts"} <= set(layout.arrow_schema().names)
+    rows = _timed(_rows(4, lengths=[3, 0, SEQ_LEN, 1]))
+    b = layout.to_batch(rows)
+    assert b.timestamps.shape == (4, SEQ_LEN) and b.timestamps.dtype == torch.int64
+    for r, t in enumerate(rows["_hist_ts"].to_pylist()):  # valid steps first, then 0
+        assert b.timestamps[r].tolist() == t + [0] * (SEQ_LEN - len(t))
+    assert b.event_time.tolist() == rows["_ts"].to_pylist()
+    moved = b.to(torch.device("cpu"))
+    assert torch.equal(moved.timestamps, b.timestamps) and torch.equal(moved.event_time,
+                                                                       b.event_time)
+    bad = rows.set_column(rows.schema.get_field_index("_hist_ts"), "_hist_ts",
+                          pa.array([[1], [], [1] * SEQ_LEN, [1]], pa.list_(pa.int64())))
+    with pytest.raises(ValueError, match=r"column '_hist_ts' and 'hist_item_id' differ in "
+                                         r"length at row 0"):
+        layout.to_batch(bad)
+    _, plain = _layout("hstu")
+    b = plain.to_batch(_rows(4))
+    assert b.timestamps is None and b.event_time is None and "_hist_ts" not in plain.columns
+
+
+@pytest.mark.parametrize("time_bias", [False, True])
+def test_model_prediction_at_step_t_ignores_later_steps(time_bias):
     torch.manual_seed(0)
-    cfg, layout = _layout("hstu", seq_layers=2, seq_heads=2, seq_dropout=0.0)
+    cfg, layout = _layout("hstu", seq_layers=2, seq_heads=2, seq_dropout=0.0,
+                          time_bias=time_bias)
     model = HSTU(layout, cfg.model).eval()
     rows = _rows(3, lengths=[6, SEQ_LEN, 2])
+    rows = _timed(rows) if time_bias else rows
     changed = [h[:] for h in rows["hist_item_id"].to_pylist()]
     changed[0][4] = (changed[0][4] % N_ITEMS) + 1  # row 0 (6 items): its 5th item = step L-2
     rows2 = rows.set_column(rows.schema.get_field_index("hist_item_id"), "hist_item_id",
                             pa.array(changed, pa.list_(pa.int64())))
+    if time_bias:  # and the times after step L-2's: step L-1's and the row's own (the query)
+        ts = rows2["_hist_ts"].to_pylist()
+        ts[0][5] += 10 ** 7
+        now = rows2["_ts"].to_numpy().copy()
+        now[0] += 10 ** 8
+        rows2 = rows2.set_column(rows2.schema.get_field_index("_hist_ts"), "_hist_ts",
+                                 pa.array(ts, pa.list_(pa.int64())))
+        rows2 = rows2.set_column(rows2.schema.get_field_index("_ts"), "_ts", pa.array(now))
     with torch.no_grad():
         y = model.sequence_outputs(layout.to_batch(rows))
         y2 = model.sequence_outputs(layout.to_batch(rows2))
@@ -88,6 +143,14 @@ def test_model_prediction_at_step_t_ignores_later_steps():
     torch.testing.assert_close(y2[1:], y[1:])
     torch.testing.assert_close(u, y[:, -1])
     torch.testing.assert_close(h, y)
+    if time_bias:  # the times are used: the row's own time moves its last output only
+        now = rows["_ts"].to_numpy().copy()
+        now[1] += 10 ** 8
+        rows3 = rows.set_column(rows.schema.get_field_index("_ts"), "_ts", pa.array(now))
+        with torch.no_grad():
+            y3 = model.sequence_outputs(layout.to_batch(rows3))
+        torch.testing.assert_close(y3[1, :L - 1], y[1, :L - 1])
+        assert (y3[1, L - 1] - y[1, L - 1]).abs().max() > 1e-4
 
 
 def test_temperature_normalises_both_sides():

@@ -17,6 +17,7 @@ import yaml
 
 from rectrain.config import RETRIEVAL_MODELS, load_config
 from rectrain.data import storage
+from rectrain.data.schema import needs_event_times
 from tests.support.ports import free_port
 from tests.support.prepared import write_prepared
 from tests.support.tiny import N_ITEMS, N_USERS
@@ -84,7 +85,7 @@ def _prepared_for(cfg, prepared: str) -> None:
         for f in cfg.features:
             if f.name not in t.column_names:
                 t = t.append_column(f.name, _fill(f.name, f.kind, len(t), rng))
-        if any(f.kind == "match" for f in cfg.features):  # history times, a minute apart
+        if needs_event_times(cfg):  # history times (match features, time bias), a minute apart
             lengths = pa.compute.list_value_length(t["hist_item_id"]).to_numpy()
             ts = [list(range(int(e) - 60 * int(k), int(e), 60))
                   for e, k in zip(t["_ts"].to_numpy(), lengths)]

@@ -137,7 +137,8 @@ class SasrecSpec(RetrievalBase):
 
 class HstuSpec(RetrievalBase):
     """HSTU (Zhai et al., ICML 2024, arXiv 2402.17152): pointwise aggregated (SiLU, no softmax)
-    causal attention with a relative position bias over the item history."""
+    causal attention with a relative position (and, ``time_bias``, time) bias over the item
+    history."""
 
     name: Literal["hstu"] = "hstu"
     seq_layers: int = Field(2, ge=1, description="HSTU layers")
@@ -158,6 +159,12 @@ class HstuSpec(RetrievalBase):
     temperature: Optional[float] = Field(
         None, gt=0, description="set: L2-normalise user and item vectors, logit = cosine / "
                                 "temperature (the reference's setting, 0.05); None: dot product")
+    time_bias: bool = Field(
+        False, description="add the relative time bias: a learned scalar per bucket of "
+                           "log|t_next - t_key| (needs _hist_ts in the prepared folder: prepare "
+                           "with this setting on)")
+    time_buckets: int = Field(128, ge=1, description="time_bias: log-time buckets "
+                                                     "(the reference's 128)")
 
 
 #: model name -> its config class

@@ -178,8 +178,8 @@ def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...],
 
     With ``columns`` (the job's, :attr:`FeatureLayout.columns`), every non-empty file must hold
     them: Ray Data's ``read_parquet(columns=...)`` silently leaves a missing one out, and the
-    workers then fail on it (e.g. ``_hist_ts`` of match features, in a folder prepared
-    without them).
+    workers then fail on it (e.g. ``_hist_ts`` of match features or of HSTU's
+    ``model.time_bias``, in a folder prepared without them).
 
     Raises:
         PreparedDataError: naming the file, column and types, or file, column, row and value,
@@ -200,7 +200,10 @@ def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...],
             schema = meta.schema.to_arrow_schema()
             missing = [c for c in columns or () if c not in schema.names]
             if missing and meta.num_rows:
-                hint = " (match features need _ts and _hist_ts)" if "_hist_ts" in missing else ""
+                hint = (f" (match features and model.time_bias: true read the event times _ts "
+                        f"and _hist_ts, which prepare writes only for such jobs; {prepared_dir} "
+                        f"was prepared without them)"
+                        if "_hist_ts" in missing else "")
                 raise PreparedDataError(f"{f}: no column {missing}, which this job reads; run "
                                         f"`rectrain prepare` with this job's features{hint}")
             for name, spec in bounds.items():

@@ -7,6 +7,7 @@ per-row Python runs between Parquet and the model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +16,13 @@ import pyarrow.compute as pc
 import torch
 from torchrec.modules.embedding_configs import (DataType, EmbeddingBagConfig, EmbeddingConfig,
                                                 PoolingType)
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from rectrain.config import FeatureSpec, JobConfig
 from rectrain.data.door import check_table
 from rectrain.data.match import MATCH_DIM
-from rectrain.data.schema import HIST_TS, LABEL, LABEL_VALUE, TS
+from rectrain.data.schema import HIST_TS, LABEL, LABEL_VALUE, TS, needs_event_times
 
 
 @dataclass
@@ -39,26 +40,38 @@ class Batch(Pipelineable):
             value (e.g. the rating) that the model regresses.
         aux_labels: float32 ``[B, K]`` auxiliary targets (``label_value >= t`` for each of
             ``dataset.label.aux_thresholds``); ``K`` may be 0.
+        timestamps: int64 ``[B, L]`` unix seconds of the behaviour sequence's steps
+            (``_hist_ts``; ``L = dataset.sequence_length``), aligned with and padded like the
+            sequence feature (valid steps first, then 0), or None: only for
+            :attr:`FeatureLayout.step_times` (HSTU's ``model.time_bias``).
+        event_time: int64 ``[B]`` unix seconds of the row's own event (``_ts``: the time of
+            the item the sequence is asked to predict), or None like ``timestamps``.
     """
 
     dense: torch.Tensor
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
     aux_labels: torch.Tensor
+    timestamps: torch.Tensor | None = None
+    event_time: torch.Tensor | None = None
+
+    def _map(self, fn) -> "Batch":
+        """A copy (same class, so subclasses' fields too) with ``fn`` applied to every tensor
+        and KJT field; None fields stay None."""
+        return dataclasses.replace(self, **{
+            f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None})
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(self.dense.to(device, non_blocking=non_blocking),
-                     self.sparse.to(device, non_blocking=non_blocking),
-                     self.labels.to(device, non_blocking=non_blocking),
-                     self.aux_labels.to(device, non_blocking=non_blocking))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream) -> None:  # for TorchRec train pipelines
-        for t in (self.dense, self.sparse, self.labels, self.aux_labels):
-            t.record_stream(stream)
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                getattr(self, f.name).record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(),
-                     self.aux_labels.pin_memory())
+        return self._map(lambda t: t.pin_memory())
 
     @property
     def batch_size(self) -> int:
@@ -121,12 +134,16 @@ class FeatureLayout:
             self.text_matrix = {n: load_text_matrix(storage.join(
                 cfg.prepared_dir, "catalog", f"text_{n}.parquet")) for n in self.text_info}
         self._init_match(cfg, feats)
+        #: to_batch fills Batch.timestamps / event_time (HSTU's relative time bias)
+        self.step_times = bool(getattr(cfg.model, "time_bias", False))
+        self.time_sequence = (cfg.model.sequence_features[0]
+                              if self.step_times and cfg.model.sequence_features else None)
         self.max_sequence_length = cfg.dataset.sequence_length
         self.aux_thresholds = list(cfg.dataset.label.aux_thresholds)
         #: mse regression trains on the raw label column (batch.labels = label_value)
         self.regression = getattr(cfg.model, "loss", "bce") == "mse"
         self.columns = self.sparse_keys + [f.name for f in self.dense] + [LABEL] + (
-            [LABEL_VALUE] if self.aux_thresholds or self.regression else []) + self.match_columns
+            [LABEL_VALUE] if self.aux_thresholds or self.regression else []) + self.time_columns
         #: id column -> (kind, table, rows): what every batch is checked against (data/door.py)
         #: zch tables (table -> its zch feature's spec): their columns hold raw 63-bit ids
         self.zch_tables = {f.table_name: f for f in feats if f.encoding == "zch"}
@@ -169,7 +186,7 @@ class FeatureLayout:
         fields.append(pa.field(LABEL, pa.float32()))
         if self.aux_thresholds or self.regression:
             fields.append(pa.field(LABEL_VALUE, pa.float32()))
-        if self.match:
+        if self.time_columns:
             fields += [pa.field(TS, pa.int64()), pa.field(HIST_TS, pa.list_(pa.int64()))]
         return pa.schema(fields)
 
@@ -257,7 +274,28 @@ class FeatureLayout:
             aux = (v.unsqueeze(1) >= torch.tensor(self.aux_thresholds)).float()
         else:
             aux = torch.zeros(n, 0)
-        return Batch(dense=dense, sparse=kjt, labels=labels, aux_labels=aux)
+        ts, now = self._step_times(table) if self.step_times else (None, None)
+        return Batch(dense=dense, sparse=kjt, labels=labels, aux_labels=aux, timestamps=ts,
+                     event_time=now)
+
+    def _step_times(self, table) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(timestamps int64 [B, L], event_time int64 [B])`` of :class:`Batch` from the
+        ``_hist_ts`` and ``_ts`` columns, padded as the EC pads the sequence
+        (``JaggedTensor.to_padded_dense``: valid steps first, cut at ``L``, then 0).
+
+        Raises:
+            ValueError: ``_hist_ts`` and the sequence differ in length (names the row).
+        """
+        ts, ts_len = _list_parts(_column(table, HIST_TS))
+        _, lengths = _list_parts(_column(table, self.time_sequence))
+        if not np.array_equal(lengths, ts_len):
+            raise ValueError(f"batch: column {HIST_TS!r} and {self.time_sequence!r} differ in "
+                             f"length at row {int(np.flatnonzero(lengths != ts_len)[0])}; "
+                             f"prepare again")
+        padded = JaggedTensor(values=torch.from_numpy(ts), lengths=torch.from_numpy(ts_len)
+                              ).to_padded_dense(desired_length=self.max_sequence_length)
+        now = _column(table, TS).to_numpy(zero_copy_only=False).astype(np.int64)
+        return padded, torch.from_numpy(now)
 
     def _text_dense(self, f: FeatureSpec, table) -> np.ndarray:
         """float32 ``[B, D]`` (or ``[B, 2D + 1]``) text inputs of ``f`` for the rows of
@@ -280,9 +318,10 @@ class FeatureLayout:
         category keys from ``catalog/items.parquet``; the meta columns they read."""
         by_name = {f.name: f for f in feats}
         self.match: list[FeatureSpec] = [f for f in feats if f.kind == "match"]
-        self.match_columns = [TS, HIST_TS] if self.match else []
+        #: the event-time meta columns the job reads (match features, HSTU's time bias)
+        self.time_columns = [TS, HIST_TS] if needs_event_times(cfg) else []
         #: (name, source) of the meta sequences serving rebuilds like a behaviour sequence
-        self.meta_sequences = [(HIST_TS, TS)] if self.match else []
+        self.meta_sequences = [(HIST_TS, TS)] if self.time_columns else []
         self.match_keys: dict[str, tuple] = {}
         for f in self.match:
             if f.category is None:

@@ -21,8 +21,18 @@ SPLITS = ("train", "valid", "test")
 # meta columns carried in every sample next to the features
 USER, ITEM, TS, POS, LABEL, SPLIT = "_user", "_item", "_ts", "_pos", "label", "_split"
 LABEL_VALUE = "label_value"  # the raw label column as float32 (e.g. the rating)
-#: list<int64> unix seconds of the behaviour-sequence events (written for match features)
+#: list<int64> unix seconds of the behaviour-sequence events, aligned with its steps (written
+#: only for the jobs of :func:`needs_event_times`)
 HIST_TS = "_hist_ts"
+
+
+def needs_event_times(cfg) -> bool:
+    """Whether a job (a :class:`~rectrain.config.JobConfig`) reads the per-step event times
+    ``_hist_ts`` (and the row's ``_ts``): its ``match`` features (time since the last match)
+    or HSTU's relative time bias (``model.time_bias``). Prepare writes ``_hist_ts`` and the
+    trainer reads it exactly for these jobs."""
+    return (any(f.kind == "match" for f in cfg.features)
+            or bool(getattr(cfg.model, "time_bias", False)))
 
 
 def load_manifest(prepared_dir: str) -> dict:

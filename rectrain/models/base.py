@@ -106,8 +106,9 @@ class RetrievalModel(RecModel):
 
 class NextItemModel(RetrievalModel):
     """Base of the sequential next-item models (SASRec, HSTU): subclasses implement
-    ``_outputs(features, n_queries) -> [B, S, E]`` (per-step outputs of the behaviour sequence,
-    right-aligned) over ``self.sparse``; ``normalise`` (static) L2-normalises the item vectors.
+    ``_outputs(features, n_queries, batch) -> [B, S, E]`` (per-step outputs of the behaviour
+    sequence, right-aligned; ``batch`` for inputs beyond the embeddings, e.g. HSTU's
+    timestamps) over ``self.sparse``; ``normalise`` (static) L2-normalises the item vectors.
 
     ``forward(batch, n_queries=None, all_steps=False)`` returns ``(h[:, -1] [n_queries, E],
     v [B, E])``, or with ``all_steps`` ``(h [n_queries, S, E], v)``: every step predicts the
@@ -118,11 +119,11 @@ class NextItemModel(RetrievalModel):
 
     def sequence_outputs(self, batch) -> torch.Tensor:
         """Per-step outputs ``[B, S, E]`` (right-aligned; padded steps are 0)."""
-        return self._outputs(self.sparse(batch))
+        return self._outputs(self.sparse(batch), batch=batch)
 
     def forward(self, batch, n_queries: int | None = None, all_steps: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.sparse(batch)
-        h = self._outputs(f, n_queries)
+        h = self._outputs(f, n_queries, batch)
         v = nn.functional.normalize(f.query, dim=-1) if self.normalise else f.query
         return (h, v) if all_steps else (h[:, -1], v)

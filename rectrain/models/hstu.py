@@ -42,10 +42,17 @@ class RelativeBias(nn.Module):
     """The attention bias ``rab`` of HSTU: one learned scalar per relative position ``j - i``
     (``2 S - 1`` of them), plus, with ``time_buckets > 0`` and timestamps, one per bucket of
     ``log |t_next(i) - t_j|`` (:func:`log_time_buckets`), where ``t_next(i)`` is the time of the
-    item step ``i`` predicts (the next step's; the last step uses its own).
+    item query step ``i`` predicts: step ``i + 1``'s time, and for the last step
+    ``query_time`` (the time of the event asked for, e.g. the row's own ``_ts``; without it
+    the last step's own time). As the reference's
+    ``RelativeBucketedTimeAndPositionBasedBias`` (generative-recommenders,
+    ``research/modeling/sequential/hstu.py``), which puts the target's timestamp after the
+    history: so step ``i`` reads the time of step ``i + 1`` (never its item), and no time
+    after it.
 
-    ``forward(timestamps=None)``: ``timestamps`` int64 ``[B, N]`` (``N = steps``; seconds,
-    aligned with the steps; padded steps any value: they are masked). Returns float32
+    ``forward(timestamps=None, query_time=None)``: ``timestamps`` int64 ``[B, N]``
+    (``N = steps``; seconds, aligned with the steps, most recent last; padded steps any
+    value: they are masked), ``query_time`` int64 ``[B]`` or None. Returns float32
     ``[1, N, N]`` (position only) or ``[B, N, N]``.
     """
 
@@ -61,11 +68,13 @@ class RelativeBias(nn.Module):
         self.register_buffer("offset", i.unsqueeze(0) - i.unsqueeze(1) + steps - 1,
                              persistent=False)
 
-    def forward(self, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, timestamps: torch.Tensor | None = None,
+                query_time: torch.Tensor | None = None) -> torch.Tensor:
         bias = self.pos[self.offset].unsqueeze(0)
         if timestamps is None or self.time is None:
             return bias
-        nxt = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)  # [B, N]
+        last = timestamps[:, -1:] if query_time is None else query_time.unsqueeze(1)
+        nxt = torch.cat([timestamps[:, 1:], last.to(timestamps.dtype)], dim=1)  # [B, N]
         buckets = log_time_buckets(nxt.unsqueeze(2) - timestamps.unsqueeze(1), self.time_buckets)
         return bias + self.time[buckets]
 
@@ -82,9 +91,11 @@ class HSTULayer(nn.Module):
         dropout: on ``LayerNorm(A V) ⊙ U`` before the output projection.
         time_buckets: > 0 adds the relative time bias (used when ``forward`` gets timestamps).
 
-    ``forward(x, valid, timestamps=None)``: ``x`` float32 ``[B, N, D]``, ``valid`` bool
-    ``[B, N]`` (True = real step), ``timestamps`` int64 ``[B, N]`` or None. Returns float32
-    ``[B, N, D]``; step ``t`` sees steps ``<= t`` only; padded steps are exactly 0 and never
+    ``forward(x, valid, timestamps=None, query_time=None)``: ``x`` float32 ``[B, N, D]``,
+    ``valid`` bool ``[B, N]`` (True = real step, right-aligned), ``timestamps`` int64 ``[B, N]``
+    and ``query_time`` int64 ``[B]`` or None (see :class:`RelativeBias`). Returns float32
+    ``[B, N, D]``; step ``t`` sees the items of steps ``<= t`` only (and the times up to step
+    ``t + 1``'s, the time of the item it predicts); padded steps are exactly 0 and never
     influence real ones; an empty sequence gives zeros.
     """
 
@@ -105,13 +116,14 @@ class HSTULayer(nn.Module):
                                                   device=device).tril(), persistent=False)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor,
-                timestamps: torch.Tensor | None = None) -> torch.Tensor:
+                timestamps: torch.Tensor | None = None,
+                query_time: torch.Tensor | None = None) -> torch.Tensor:
         H, dqk, dv = self.heads, self.qk_dim, self.v_dim
         u, v, q, k = torch.split(F.silu(self.uvqk(self.norm_in(x))),
                                  [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
         scores = torch.einsum("bihd,bjhd->bhij", q.unflatten(-1, (H, dqk)),
                               k.unflatten(-1, (H, dqk)))  # [B, H, N, N]
-        scores = scores + self.rab(timestamps).unsqueeze(1)
+        scores = scores + self.rab(timestamps, query_time).unsqueeze(1)
         allowed = (self.causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)
         # divided by the longest length, as the reference does (not by each row's)
         attn = F.silu(scores) / self.steps * allowed.to(x.dtype)  # [B, H, N, N]
@@ -131,9 +143,12 @@ class HSTU(NextItemModel):
     **same** table. With ``spec.temperature`` set both are L2-normalised and the training logit
     is ``<u, v> / temperature`` (the reference's cosine similarity); unset: ``<u, v>``.
 
-    No relative *time* bias here: prepare writes item-id sequences only, not the events'
-    timestamps, so only the relative position bias is used (:class:`RelativeBias` takes
-    timestamps once a timestamp sequence is prepared).
+    With ``spec.time_bias`` the layers add the relative time bias (:class:`RelativeBias`,
+    ``spec.time_buckets`` log buckets) from ``batch.timestamps`` (the history's event times,
+    right-aligned with the items) and ``batch.event_time``: step ``s`` uses the time of step
+    ``s + 1``, the last step the row's own event time, i.e. the time of the item it predicts
+    (the target's time, as the reference appends it; known when the request is made). The
+    prepared folder must hold ``_hist_ts`` (prepare with ``time_bias`` on).
 
     ``forward(batch, n_queries=None, all_steps=False)`` returns ``(u [n_queries, E],
     v [B, E])`` float32 (the user side for the first ``n_queries`` rows; all by default); with
@@ -158,6 +173,7 @@ class HSTU(NextItemModel):
                              f"(or set model.hstu_qk_dim and model.hstu_v_dim)")
         self.steps = min(spec.seq_max_len or layout.max_sequence_length,
                          layout.max_sequence_length)
+        self.time_bias = spec.time_bias  # static: the fx trace follows one branch
         self.normalise = spec.temperature is not None
         self.temperature = spec.temperature if self.normalise else 1.0
         self.sparse = SparseArch(layout, [self.hist_key], sparse_device,
@@ -166,19 +182,27 @@ class HSTU(NextItemModel):
         nn.init.normal_(self.positions.weight, std=0.02)
         self.layers = nn.ModuleList(
             HSTULayer(E, H, spec.hstu_qk_dim or E // H, spec.hstu_v_dim or E // H, self.steps,
-                      dropout=spec.seq_dropout, device=dense_device)
+                      dropout=spec.seq_dropout,
+                      time_buckets=spec.time_buckets if spec.time_bias else 0,
+                      device=dense_device)
             for _ in range(spec.seq_layers))
         self.norm = nn.LayerNorm(E, device=dense_device)
         self.dropout = nn.Dropout(spec.seq_dropout)
 
-    def _outputs(self, f: SparseFeatures, n_queries: int | None = None) -> torch.Tensor:
-        x, valid = right_align(f.history[:n_queries], f.valid[:n_queries].sum(1))
+    def _outputs(self, f: SparseFeatures, n_queries: int | None = None,
+                 batch=None) -> torch.Tensor:
+        lengths = f.valid[:n_queries].sum(1)
+        x, valid = right_align(f.history[:n_queries], lengths)
         x, valid = x[:, -self.steps:], valid[:, -self.steps:]  # the most recent steps
         if n_queries == 0:  # item vectors only (test the argument, not the tensor: fx trace)
             return x
+        ts = now = None
+        if self.time_bias:
+            ts, _ = right_align(batch.timestamps[:n_queries].unsqueeze(-1), lengths)
+            ts, now = ts[:, -self.steps:, 0], batch.event_time[:n_queries]
         keep = valid.unsqueeze(-1).to(x.dtype)
         x = self.dropout((x * math.sqrt(x.shape[-1]) + self.positions.weight) * keep)
         for layer in self.layers:
-            x = layer(x, valid)
+            x = layer(x, valid, ts, now)
         x = self.norm(x) * keep
         return F.normalize(x, dim=-1) if self.normalise else x

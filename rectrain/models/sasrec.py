@@ -74,7 +74,8 @@ class SASRec(NextItemModel):
                                           max_len=self.steps, device=dense_device)
         self.dropout = nn.Dropout(spec.seq_dropout)
 
-    def _outputs(self, f: SparseFeatures, n_queries: int | None = None) -> torch.Tensor:
+    def _outputs(self, f: SparseFeatures, n_queries: int | None = None,
+                 batch=None) -> torch.Tensor:
         x = f.history[:n_queries]  # [B, L, E]
         x, valid = right_align(x, f.valid[:n_queries].sum(1))
         x, valid = x[:, -self.steps:], valid[:, -self.steps:]  # the most recent steps

@@ -99,6 +99,10 @@ class TowerModel(_PlainInputs):
         super().__init__(model, layout)
         if tower not in ("user", "item"):
             raise ValueError(f"tower must be 'user' or 'item', got {tower!r}")
+        if tower == "user" and layout.step_times:
+            raise ValueError("model.time_bias: the exported user tower takes (dense, values, "
+                             "lengths) only, not the event times the time bias reads; export a "
+                             "model trained with time_bias: false")
         self.tower = tower
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor,

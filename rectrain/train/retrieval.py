@@ -172,21 +172,7 @@ class RetrievalBatch(Batch):
     def n_queries(self) -> int:
         return int(self.targets.shape[0])
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "RetrievalBatch":
-        b = super().to(device, non_blocking)
-        return RetrievalBatch(b.dense, b.sparse, b.labels, b.aux_labels,
-                              self.targets.to(device, non_blocking=non_blocking),
-                              self.next_items.to(device, non_blocking=non_blocking))
-
-    def record_stream(self, stream) -> None:
-        super().record_stream(stream)
-        self.targets.record_stream(stream)
-        self.next_items.record_stream(stream)
-
-    def pin_memory(self) -> "RetrievalBatch":
-        b = super().pin_memory()
-        return RetrievalBatch(b.dense, b.sparse, b.labels, b.aux_labels,
-                              self.targets.pin_memory(), self.next_items.pin_memory())
+    # to / record_stream / pin_memory: Batch's, over every field (these two too)
 
     @property
     def batch_size(self) -> int:  # rows trained on (the corpus rows are not samples)
@@ -253,8 +239,8 @@ class RetrievalTask:
         if self.full:
             t = pa.concat_tables([t, self.corpus.cast(t.schema)])
         b = self.layout.to_batch(t)
-        return RetrievalBatch(b.dense, b.sparse, b.labels, b.aux_labels,
-                              torch.from_numpy(ids), torch.from_numpy(nxt))
+        return RetrievalBatch(**vars(b), targets=torch.from_numpy(ids),
+                              next_items=torch.from_numpy(nxt))
 
     def start(self, step: int) -> None:
         pass

@@ -21,7 +21,7 @@ from rectrain.data.prepare.events import BUCKET, FILE, EventCounts
 from rectrain.data.prepare.validate import ROW
 from rectrain.data.prepare.vocab import UID
 from rectrain.data.prepare.windows import AFTER, BEFORE, split_codes
-from rectrain.data.schema import HIST_TS, LABEL, POS, SPLIT, SPLITS, TS
+from rectrain.data.schema import HIST_TS, LABEL, POS, SPLIT, SPLITS, TS, needs_event_times
 
 
 def build_sequences(t: pa.Table, seq_features: list[tuple[str, str]], max_len: int,
@@ -93,7 +93,7 @@ def sequence_buckets(cfg: JobConfig, events: EventCounts, num_buckets: int,
 
     spec = cfg.dataset
     seq_features = [(f.name, f.source) for f in cfg.features if f.kind == "sequence"]
-    if any(f.kind == "match" for f in cfg.features):  # their time since the last match
+    if needs_event_times(cfg):  # match features' time since the last match, HSTU's time bias
         seq_features.append((HIST_TS, TS))
     dense_names = [f.name for f in cfg.features if f.kind == "dense"]
     rows_used = sum(s["rows_used"] for s in events.file_stats)
