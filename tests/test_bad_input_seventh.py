@@ -202,10 +202,12 @@ def test_a_match_category_that_is_no_item_feature_names_the_field_not_a_parquet_
         FeatureLayout(config_from_dict(job), {"tables": TABLES})
 
 
+@pytest.mark.parametrize("job_kind", ["match", "hstu_time_bias"])
 def test_a_match_job_on_a_folder_prepared_without_hist_ts_fails_on_the_driver_before_ray(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, job_kind):
     """Ray Data's read_parquet(columns=...) drops a missing column without a word, so the
-    workers failed on _hist_ts; the driver's footer check now names the file first."""
+    workers failed on _hist_ts; the driver's footer check now names the file first. The same
+    for HSTU's model.time_bias, which reads _hist_ts too."""
     import json
 
     import pyarrow as pa
@@ -224,12 +226,17 @@ def test_a_match_job_on_a_folder_prepared_without_hist_ts_fails_on_the_driver_be
     (prep / "manifest.json").write_text(json.dumps(
         {"tables": TABLES, "rows_per_split": {"train": 1, "valid": 1, "test": 1},
          "rows_used": 3}))
-    job = tiny_job(str(tmp_path))
-    job["features"].append({"name": "m", "kind": "match", "source": "hist_item_id"})
+    if job_kind == "match":
+        job = tiny_job(str(tmp_path))
+        job["features"].append({"name": "m", "kind": "match", "source": "hist_item_id"})
+    else:
+        job = tiny_job(str(tmp_path), model={"name": "hstu", "time_bias": True})
     monkeypatch.setattr(ray_launch, "init_ray", lambda *a: pytest.fail("Ray started"))
     with pytest.raises(PreparedDataError, match=r"train/part-0\.parquet: no column \['_hist_ts'\]"
                                                 r", which this job reads; run `rectrain prepare` "
-                                                r"with this job's features \(match features"):
+                                                r"with this job's features \(match features and "
+                                                r"model.time_bias: true read .*; .*prepared was "
+                                                r"prepared without them\)"):
         ray_launch.train(config_from_dict(job))
 
 

@@ -137,7 +137,7 @@ class SasrecSpec(RetrievalBase):
 
 class HstuSpec(RetrievalBase):
     """HSTU (Zhai et al., ICML 2024, arXiv 2402.17152): pointwise aggregated (SiLU, no softmax)
-    causal attention with a relative position (and, ``time_bias``, time) bias over the item
+    causal attention with a relative position (and, with time_bias, time) bias over the item
     history."""
 
     name: Literal["hstu"] = "hstu"
