@@ -292,7 +292,8 @@ class FeatureLayout:
             raise ValueError(f"batch: column {HIST_TS!r} and {self.time_sequence!r} differ in "
                              f"length at row {int(np.flatnonzero(lengths != ts_len)[0])}; "
                              f"prepare again")
-        padded = JaggedTensor(values=torch.from_numpy(ts), lengths=torch.from_numpy(ts_len)
+        # copies: Arrow's buffers are read-only
+        padded = JaggedTensor(values=torch.tensor(ts), lengths=torch.tensor(ts_len)
                               ).to_padded_dense(desired_length=self.max_sequence_length)
         now = _column(table, TS).to_numpy(zero_copy_only=False).astype(np.int64)
         return padded, torch.from_numpy(now)
