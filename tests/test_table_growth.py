@@ -112,8 +112,7 @@ def test_a_checkpoint_loads_into_grown_tables_at_other_world_sizes_and_plans(tmp
     saved, one = _train_save_grow_in_process(ckpt)
     for world, got in ((1, one), (2, spawn(_grow, 2, ckpt, "row_wise"))):
         for sparse in OPTIMS:
-            types = \
-                set().union(*(r[sparse]["types"] for r in got))
+            types = set().union(*(r[sparse]["types"] for r in got))
             assert ("row_wise" in types) == (world == 2), (world, types)
             want = assemble([saved[sparse]["after"]])
             before = assemble([r[sparse]["before"] for r in got])
