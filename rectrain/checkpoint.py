@@ -12,6 +12,10 @@ finished, and only then writes ``meta.json``, the commit marker. A folder withou
 is never loaded (:func:`is_complete`), so a crash at any point of a save (even on object stores
 where a rename is a copy) never leaves a checkpoint that looks complete.
 
+Growth (``load_checkpoint(..., grow={table: (old_rows, new_rows)})``): a warm start on data
+whose ``vocab`` tables grew loads the checkpoint's rows into the larger tables with
+:class:`GrowLoadPlanner`; rows past the saved ones keep the destination's fresh values.
+
 Storage: plain paths use DCP's ``FileSystemWriter``/``FileSystemReader``; any URL with a scheme
 (``file://``, ``s3://``, ``gs://``, ``memory://`` in one process, ...) uses DCP's
 ``FsspecWriter``/``FsspecReader``.
@@ -26,14 +30,16 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint import (CheckpointException, DefaultLoadPlanner,
+                                          FileSystemReader, FileSystemWriter)
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
 from rectrain.data import storage
 
@@ -90,6 +96,58 @@ class _SafeMetadata:
 
 class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
     """DCP ``FileSystemReader`` whose ``.metadata`` is read with :class:`SafeUnpickler`."""
+
+
+class GrowLoadPlanner(DefaultLoadPlanner):
+    """DCP ``DefaultLoadPlanner`` that also loads a saved tensor into a destination with more
+    rows (dim 0), for the tables named in ``grow`` (``{table: (old_rows, new_rows)}``).
+
+    DCP's read plan is the overlap of the saved chunks with this rank's destination chunks
+    (``create_read_items_for_chunk_list``, for any sharding: table-wise, row-wise, another
+    world size); the default planner only refuses a size difference first. Here a tensor of a
+    grown table (its key holds TorchRec's ``embedding_bags.<table>.weight`` or
+    ``embeddings.<table>.weight``: the weights and the fused optimiser's per-row state such as
+    ``...item.weight.item.momentum1``) saved with ``old_rows`` rows is planned as if saved at
+    ``new_rows``: only rows ``0..old_rows-1`` exist in the saved chunks, so only they are read,
+    and rows ``old_rows..new_rows-1`` keep the destination's values (the fresh table's init,
+    the optimiser's initial state). Any other size difference raises ``ValueError`` naming the
+    key and both sizes (``checkpoint``: the URL, for the message).
+    """
+
+    def __init__(self, grow: dict[str, tuple[int, int]], checkpoint: str = ""):
+        super().__init__()
+        self.grow = {t: (int(a), int(b)) for t, (a, b) in grow.items()}
+        self.checkpoint = checkpoint
+        #: keys loaded into larger destinations by the last plan
+        self.grown_keys: list[str] = []
+
+    def _table(self, fqn: str, saved: torch.Size) -> str | None:
+        return next((t for t, (old, _) in self.grow.items()
+                     if re.search(rf"\bembedding(_bag)?s\.{re.escape(t)}\.weight\b", fqn)
+                     and len(saved) and saved[0] == old), None)
+
+    def create_local_plan(self):
+        # by the saved metadata, not this rank's state dict: DCP plans a rank that holds no
+        # shard of a table from the unflattened state dict, which still holds its key
+        saved = self.metadata.state_dict_metadata
+        md = dict(saved)
+        for fqn, m in saved.items():
+            if isinstance(m, TensorStorageMetadata) and (t := self._table(fqn, m.size)):
+                md[fqn] = TensorStorageMetadata(
+                    m.properties, torch.Size([self.grow[t][1], *m.size[1:]]), m.chunks)
+        self.grown_keys = sorted(k for k in md if md[k] is not saved[k])
+        for fqn, obj in self.state_dict.items():
+            m = md.get(fqn)
+            if isinstance(m, TensorStorageMetadata) and hasattr(obj, "size") \
+                    and m.size != obj.size():
+                raise ValueError(f"{self.checkpoint}: {fqn} has size {tuple(saved[fqn].size)} "
+                                 f"in the checkpoint and {tuple(obj.size())} now, which is no "
+                                 f"growth of a table in {sorted(self.grow)}")
+        self.metadata.state_dict_metadata = md  # this rank's planner copy only
+        try:
+            return super().create_local_plan()
+        finally:
+            self.metadata.state_dict_metadata = saved
 
 
 def _writer(url: str):
@@ -155,15 +213,21 @@ def save_checkpoint(url: str, model: nn.Module, optimizer=None, meta: dict | Non
     _barrier()
 
 
-def load_checkpoint(url: str, model: nn.Module, optimizer=None) -> dict:
+def load_checkpoint(url: str, model: nn.Module, optimizer=None,
+                    grow: dict[str, tuple[int, int]] | None = None) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``'s
     state) in place, sharded or unsharded: DCP reshards to whatever layout the current state
-    dict has (another world size, another sharding plan, or one unsharded process). Returns the
+    dict has (another world size, another sharding plan, or one unsharded process). ``grow``
+    (``{table: (old_rows, new_rows)}``, from :func:`rectrain.data.schema.grown_tables`): those
+    tables are larger now; their saved rows and per-row optimiser state load into rows
+    ``0..old_rows-1``, the rest stay as initialised (:class:`GrowLoadPlanner`). Returns the
     ``meta.json`` dict.
 
     Raises:
         FileNotFoundError: no complete checkpoint at ``url``.
         pickle.UnpicklingError: the DCP index refers to anything but DCP metadata classes.
+        ValueError: a tensor's saved size differs from the current one other than by the
+            growth in ``grow`` (names the key and both sizes).
     """
     url = url.rstrip("/")
     if not is_complete(url):
@@ -181,7 +245,14 @@ def load_checkpoint(url: str, model: nn.Module, optimizer=None) -> dict:
     keep = {k: v for k, v in state["model"].items() if k.endswith(WORLD_LOCAL_KEYS)}
     for k in keep:
         del state["model"][k]
-    dcp.load(state, storage_reader=_reader(url))
+    try:
+        dcp.load(state, storage_reader=_reader(url),
+                 planner=GrowLoadPlanner(grow, url) if grow else None)
+    except CheckpointException as e:  # the planner's own error, not DCP's per-rank wrapper
+        errs = [exc for exc, _ in e.failures.values() if isinstance(exc, ValueError)]
+        if grow and errs:
+            raise errs[0] from None
+        raise
     state["model"].update(keep)
     model.load_state_dict(state["model"])
     if optimizer is not None:

@@ -96,12 +96,44 @@ def test_ids_survive_two_prepares_new_ids_take_free_rows_overflow_is_counted(tmp
     # prepare of the same window (no vocab_from: 98, 99 sort first) is refused
     saved = data_identity(m1)
     assert check_same_data(saved, m2, "ck", str(tmp_path / "p2")) == "extends"
+    # the same ids in larger tables (capacity raised): a warm start grows them (grow=True),
+    # serving does not; a table that shrank, or grew without a vocabulary, is refused
+    assert _check_growth(saved, m2, str(tmp_path / "p2")) == "extends"
     m3 = prepare(_job(tmp_path, tmp_path / "raw2", tmp_path / "p3"))
     assert m3["tables"] == m1["tables"]
     assert any("item_id: its first 40 values differ" in p
                for p in extension_problems(saved, m3, str(tmp_path / "p3")))
     with pytest.raises(ValueError, match="renumbered"):
         check_same_data(saved, m3, "ck", str(tmp_path / "p3"))
+
+
+def _resized(manifest: dict, table: str, rows: int) -> dict:
+    import copy
+
+    m = copy.deepcopy(manifest)
+    m["tables"][table] = rows
+    for f in m["features"]:
+        if f["table"] == table:
+            f["num_embeddings"] = rows
+    return m
+
+
+def _check_growth(saved: dict, m2: dict, p2: str) -> str:
+    from rectrain.data.schema import grown_tables
+
+    big = _resized(m2, "item", 56)
+    with pytest.raises(ValueError, match=r"table item: 46 rows at the checkpoint, 56 now"):
+        check_same_data(saved, big, "ck", p2)
+    assert grown_tables(saved, big) == {"item": [46, 56]} and grown_tables(saved, m2) == {}
+    with pytest.raises(ValueError, match=r"ck: .*table item: 46 rows at the checkpoint, 40 now "
+                                         r"\(only growth continues the ids\)"):
+        check_same_data(saved, _resized(m2, "item", 40), "ck", p2, grow=True)
+    no_vocab = {**saved, "vocabularies": {k: v for k, v in saved["vocabularies"].items()
+                                          if k != "user_id"}}
+    with pytest.raises(ValueError, match=r"table user_id: 41 rows at the checkpoint, 50 now "
+                                         r"\(grown, but user_id had no vocabulary"):
+        check_same_data(no_vocab, _resized(m2, "user_id", 50), "ck", p2, grow=True)
+    return check_same_data(saved, big, "ck", p2, grow=True)
 
 
 def test_capacity_overflow_warns_and_vocab_from_a_run_whose_data_is_gone_stops(tmp_path, caplog):

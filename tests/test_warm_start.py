@@ -63,7 +63,7 @@ def test_warm_start_loads_weights_on_extended_data_and_refuses_renumbered(tmp_pa
     m2 = _run_inprocess(_job(tmp_path, b, tmp_path / "run2", optim=tiny_lr,
                              checkpoint={"warm_start": str(tmp_path / "run1")}))
     assert m2["warm_start"] == {"from": str(tmp_path / "run1" / "checkpoint"),
-                                "data": "extends"}
+                                "data": "extends", "grown": {}}
     assert m2["epochs"][0]["epoch"] == 0 and m2["best_epoch"] == 0  # progress starts afresh
     w1, w2 = _weights(tmp_path / "run1"), _weights(tmp_path / "run2")
     assert w1.keys() == w2.keys()

@@ -102,22 +102,76 @@ def _structure(manifest: dict) -> str:
                        manifest.get("features", []), manifest.get("hashing", {}), {})
 
 
+def _layout(manifest: dict) -> str:
+    """:func:`_structure` without the table sizes (``tables``, each feature's
+    ``num_embeddings``): what must stay equal when ``vocab`` tables grow."""
+    feats = [{k: v for k, v in f.items() if k != "num_embeddings"}
+             for f in manifest.get("features", [])]
+    return fingerprint(manifest.get("schema", {}), {}, feats, manifest.get("hashing", {}), {})
+
+
 def data_identity(manifest: dict) -> dict:
-    """``{"fingerprint", "tables", "structure", "vocabularies"}`` of a manifest dict, stored
-    in every checkpoint's meta.
+    """``{"fingerprint", "tables", "structure", "layout", "vocabularies"}`` of a manifest
+    dict, stored in every checkpoint's meta.
 
     ``fingerprint`` is the one prepare wrote (vocabularies included); a manifest without one
     (written by hand or by an older rectrain) gets a fingerprint of its schema, tables and
-    features only. ``structure`` is that vocabulary-free fingerprint and ``vocabularies``
-    the manifest's ``{feature: {size, digest}}``: what :func:`extension_problems` needs to
-    prove that later data extends these vocabularies."""
+    features only. ``structure`` is that vocabulary-free fingerprint, ``layout`` the same
+    without table sizes (:func:`_layout`), and ``vocabularies`` the manifest's
+    ``{feature: {size, digest}}``: what :func:`extension_problems` needs to prove that later
+    data extends these vocabularies (and may have grown their tables)."""
     fp = manifest.get("fingerprint") or _structure(manifest)
     return {"fingerprint": fp, "tables": dict(manifest.get("tables", {})),
-            "structure": _structure(manifest),
+            "structure": _structure(manifest), "layout": _layout(manifest),
             "vocabularies": dict(manifest.get("vocabularies", {}))}
 
 
-def extension_problems(saved: dict, manifest: dict, prepared_dir: str) -> list[str]:
+def _id_sources(manifest: dict) -> dict[str, set[str]]:
+    """table -> the features whose vocabularies give its ids (a sequence feature's ids are
+    its ``source``'s, from the manifest's job config)."""
+    source = {f["name"]: f.get("source") or f["name"]
+              for f in manifest.get("config", {}).get("features", [])
+              if f.get("kind") == "sequence"}
+    out: dict[str, set[str]] = {}
+    for f in manifest.get("features", []):
+        if f.get("table"):
+            out.setdefault(f["table"], set()).add(source.get(f["name"], f["name"]))
+    return out
+
+
+def _table_problems(saved: dict, manifest: dict, grow: bool) -> list[str]:
+    """Why the table sizes of ``manifest`` do not continue ``saved``'s: any change without
+    ``grow``; with it, a table that shrank, or grew without every feature on it having a
+    vocabulary at the checkpoint (only a vocabulary prefix proves the old ids kept their
+    rows; :func:`extension_problems` checks the prefixes)."""
+    old_t, new_t = saved.get("tables", {}), dict(manifest.get("tables", {}))
+    changed = [t for t in sorted(set(old_t) | set(new_t)) if old_t.get(t) != new_t.get(t)]
+    sizes = {t: f"table {t}: {old_t.get(t)} rows at the checkpoint, {new_t.get(t)} now"
+             for t in changed}
+    if not grow or saved.get("layout") != _layout(manifest):
+        return [sizes[t] for t in changed] or ["same table sizes, other schema, features or "
+                                               "hashing"]
+    out, sources = [], _id_sources(manifest)
+    for t in changed:
+        if old_t.get(t) is None or new_t.get(t) is None or new_t[t] < old_t[t]:
+            out.append(sizes[t] + " (only growth continues the ids)")
+        elif missing := sorted(sources.get(t, {t}) - set(saved["vocabularies"])):
+            out.append(sizes[t] + f" (grown, but {', '.join(missing)} had no vocabulary at "
+                       f"the checkpoint to prove its ids kept their rows)")
+    return out
+
+
+def grown_tables(saved: dict | None, manifest: dict) -> dict[str, list[int]]:
+    """``{table: [rows at the checkpoint, rows now]}`` for the tables of ``manifest`` larger
+    than in ``saved`` (a checkpoint's :func:`data_identity`); ``{}`` without ``saved``. Only
+    meaningful once :func:`check_same_data` with ``grow=True`` accepted the data."""
+    old_t = (saved or {}).get("tables", {})
+    return {t: [int(old_t[t]), int(n)] for t, n in sorted(manifest.get("tables", {}).items())
+            if t in old_t and n > old_t[t]}
+
+
+def extension_problems(saved: dict, manifest: dict, prepared_dir: str,
+                       grow: bool = False) -> list[str]:
     """Why the prepared data (``manifest`` of ``prepared_dir``) does not continue the id
     mapping of ``saved`` (a checkpoint's :func:`data_identity`); empty when it does.
 
@@ -125,16 +179,21 @@ def extension_problems(saved: dict, manifest: dict, prepared_dir: str) -> list[s
     vocabulary of n values equal to the first n values of the same feature's vocabulary now
     (``prepared_dir/vocab/<feature>.parquet``, by :func:`vocab_digest`), so every id the
     checkpoint was trained on means the same raw value and new values only took free rows.
+    ``grow``: tables may also be larger now (:func:`_table_problems`), as when a vocabulary
+    outgrew the table (no ``capacity``, or a raised one); ids ``1..n`` still keep their rows.
     """
     if not saved.get("vocabularies") or "structure" not in saved:
         return ["the checkpoint records no vocabularies (written before vocab growth)"]
-    now = data_identity(manifest)
-    out = []
-    if saved["structure"] != now["structure"]:
-        old_t, new_t = saved.get("tables", {}), now["tables"]
-        out += [f"table {t}: {old_t.get(t)} rows at the checkpoint, {new_t.get(t)} now"
-                for t in sorted(set(old_t) | set(new_t)) if old_t.get(t) != new_t.get(t)] \
-            or ["same table sizes, other schema, features or hashing"]
+    out = [] if saved["structure"] == _structure(manifest) else \
+        _table_problems(saved, manifest, grow)
+    tables, old_t = {f["name"]: f.get("table") for f in manifest.get("features", [])}, \
+        saved.get("tables", {})
+
+    def on(name: str) -> str:  # the table a renumbered vocabulary's ids index
+        t = tables.get(name)
+        return (f"; table {t}: {old_t.get(t)} rows at the checkpoint, "
+                f"{manifest.get('tables', {}).get(t)} now") if t else ""
+
     for name, v in sorted(saved["vocabularies"].items()):
         n, url = v["size"], storage.join(prepared_dir, "vocab", f"{name}.parquet")
         if not storage.exists(url):
@@ -144,15 +203,16 @@ def extension_problems(saved: dict, manifest: dict, prepared_dir: str) -> list[s
         if len(values) < n:
             out.append(f"feature {name}: {n} values at the checkpoint, {len(values)} now")
         elif vocab_digest(values.slice(0, n).take(pa.array(range(n)))) != v["digest"]:
-            out.append(f"feature {name}: its first {n} values differ (renumbered)")
+            out.append(f"feature {name}: its first {n} values differ (renumbered){on(name)}")
     return out
 
 
 def check_same_data(saved: dict | None, manifest: dict, checkpoint: str,
-                    prepared_dir: str) -> str:
+                    prepared_dir: str, grow: bool = False) -> str:
     """Stop when the prepared data changed since the checkpoint was written, unless it only
     extends the checkpoint's vocabularies (:func:`extension_problems`: ``dataset.vocab_from``
-    with a ``capacity``, docs/data.md).
+    with a ``capacity``, docs/data.md), or, with ``grow`` (warm start and resume, which load
+    into larger tables: :func:`grown_tables`), extends them and grew their tables.
 
     ``saved``: the checkpoint meta's ``data`` (:func:`data_identity` at save time; None for a
     checkpoint written before fingerprints, which is not checked); ``manifest``: the prepared
@@ -169,7 +229,7 @@ def check_same_data(saved: dict | None, manifest: dict, checkpoint: str,
     now = data_identity(manifest)
     if saved["fingerprint"] == now["fingerprint"]:
         return "same"
-    problems = extension_problems(saved, manifest, prepared_dir)
+    problems = extension_problems(saved, manifest, prepared_dir, grow)
     if not problems:
         return "extends"
     old_t, new_t = saved.get("tables", {}), now["tables"]
@@ -181,8 +241,9 @@ def check_same_data(saved: dict | None, manifest: dict, checkpoint: str,
         f"{now['fingerprint'][:12]} now: " + ("; ".join(diff) if diff else
                                               "same table sizes, other vocabularies or schema")
         + "), so its ids would mean other things; prepare into another prepared_dir for the "
-          "new data, or train afresh (without --resume / --warm-start); to continue on new data, prepare it with "
-          "dataset.vocab_from and a capacity per feature (not a prefix: "
+          "new data, or train afresh (without --resume / --warm-start); to continue on new "
+          "data, prepare it with dataset.vocab_from (with a capacity per feature the tables "
+          "keep their size; without, --warm-start and --resume grow them) (not a prefix: "
         + "; ".join(problems) + ")")
 
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from rectrain.config import RETRIEVAL_MODELS
 from rectrain.data import storage
 from rectrain.data.order import GlobalOrder
-from rectrain.data.schema import check_same_data, data_identity, load_manifest
+from rectrain.data.schema import check_same_data, data_identity, grown_tables, load_manifest
 from rectrain.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from rectrain.train.state import Best, EpochCarry, TrainState
 
@@ -143,7 +143,7 @@ def prepare_run(cfg):
         meta = storage.join(ck_url, "meta.json")
         if manifest is not None and storage.exists(meta):  # before workers, not in each
             check_same_data(storage.read_json(meta).get("data"), manifest, ck_url,
-                            cfg.prepared_dir)
+                            cfg.prepared_dir, grow=True)
     return cfg
 
 
@@ -181,7 +181,8 @@ class Checkpointer:
                                   columns) if self.deterministic else None)
         self._t_epoch = 0.0
         self.manifest = load_manifest(cfg.prepared_dir)
-        #: {"from": checkpoint URL, "data": "same"|"extends"|"unchecked"} after a warm start
+        #: {"from": checkpoint URL, "data": "same"|"extends"|"unchecked", "grown": {table:
+        #: [rows at the checkpoint, rows now]}} after a warm start
         self.warm_started: dict | None = None
 
     # ---------------------------------------------------------------- restore
@@ -205,9 +206,10 @@ class Checkpointer:
         if url is None:  # a run restarted after a failure resumes its own checkpoint instead
             return self._warm_start() if self.spec.warm_start else False
         # before DCP: other table sizes would fail deep inside it, equal ones load silently
-        check_same_data(storage.read_json(storage.join(url, "meta.json")).get("data"),
-                        self.manifest, url, self.cfg.prepared_dir)
-        meta = load_checkpoint(url, self.dmp, self.optimizer)
+        saved_data = storage.read_json(storage.join(url, "meta.json")).get("data")
+        check_same_data(saved_data, self.manifest, url, self.cfg.prepared_dir, grow=True)
+        meta = load_checkpoint(url, self.dmp, self.optimizer,
+                               grow=grown_tables(saved_data, self.manifest))
         p = meta["progress"]
         saved = TrainState.from_dict(p)
         if saved.rows_done and not self.deterministic:
@@ -241,19 +243,24 @@ class Checkpointer:
     def _warm_start(self) -> bool:
         """Load ``checkpoint.warm_start``'s model and optimiser state (collective; DCP
         reshards to this world size and plan); epoch, step, best and history stay fresh.
+        Tables that grew since (``vocab`` without or with a raised ``capacity``) are loaded in
+        place: the saved rows keep their row, values and optimiser state, the new rows their
+        fresh initialisation (:func:`rectrain.checkpoint.load_checkpoint` ``grow``).
 
         Raises:
-            ValueError: the prepared data neither equals nor extends the checkpoint's
-                (:func:`rectrain.data.schema.check_same_data`).
+            ValueError: the prepared data neither equals nor extends the checkpoint's, or a
+                table shrank or was renumbered (:func:`rectrain.data.schema.check_same_data`).
         """
         url = resolve_warm_start(self.spec.warm_start)
-        how = check_same_data(storage.read_json(storage.join(url, "meta.json")).get("data"),
-                              self.manifest, url, self.cfg.prepared_dir)
-        load_checkpoint(url, self.dmp, self.optimizer)
-        self.warm_started = {"from": url, "data": how}
+        saved_data = storage.read_json(storage.join(url, "meta.json")).get("data")
+        how = check_same_data(saved_data, self.manifest, url, self.cfg.prepared_dir, grow=True)
+        grown = grown_tables(saved_data, self.manifest)
+        load_checkpoint(url, self.dmp, self.optimizer, grow=grown)
+        self.warm_started = {"from": url, "data": how, "grown": grown}
         if self.env.rank == 0:
-            print(f"[rectrain] warm start from {url} (prepared data: {how}); epoch, step and "
-                  f"best start afresh", flush=True)
+            rows = "".join(f"; table {t} grown {a} -> {b} rows" for t, (a, b) in grown.items())
+            print(f"[rectrain] warm start from {url} (prepared data: {how}{rows}); epoch, step "
+                  f"and best start afresh", flush=True)
         return True
 
     # ---------------------------------------------------------------- data
