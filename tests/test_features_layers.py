@@ -8,7 +8,7 @@ import torch
 from rectrain.data.features import FeatureLayout
 from rectrain.data.loader import padding_table, rebatch
 from rectrain.models import build_model
-from rectrain.models.layers import TargetAttention
+from rectrain.models.layers import Dice, TargetAttention
 from tests.support.tiny import N_GENRES, N_ITEMS, N_USERS, tiny_cfg
 
 MANIFEST = {"tables": {"user_id": N_USERS + 1, "item": N_ITEMS + 1, "age_bucket": 8,
@@ -75,9 +75,10 @@ def test_padding_rows_match_schema(tmp_path):
     assert b.sparse.to_dict()["hist_item_id"].lengths().tolist()[3:] == [0, 0, 0, 0]
 
 
-def test_target_attention_ignores_padding_and_handles_empty():
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_target_attention_ignores_padding_and_handles_empty(activation):
     torch.manual_seed(0)
-    att = TargetAttention(4, [8])
+    att = TargetAttention(4, [8], activation=activation)
     q = torch.randn(3, 4)
     keys = torch.randn(3, 5, 4)
     mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -91,6 +92,36 @@ def test_target_attention_ignores_padding_and_handles_empty():
     assert torch.allclose(out[0], (w[0, :2, None] * keys[0, :2]).sum(0), atol=1e-6)
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in att.parameters())
+
+
+def test_dice_matches_the_paper_formula():
+    """Zhou et al. 2018 eq. 9: p = sigmoid((s - E[s]) / sqrt(Var[s] + eps)), f = p s + (1-p) a s,
+    batch statistics in training, running ones in eval."""
+    torch.manual_seed(0)
+    dice = Dice(3)
+    with torch.no_grad():
+        dice.alpha.copy_(torch.tensor([0.0, 0.5, -1.0]))
+    x = torch.randn(64, 5, 3) * 2 + 1  # [B, L, H]: statistics over all B * L positions
+    s = x.reshape(-1, 3)
+    p = torch.sigmoid((x - s.mean(0)) / torch.sqrt(s.var(0, unbiased=False) + 1e-8))
+    assert torch.allclose(dice(x), p * x + (1 - p) * dice.alpha * x, atol=1e-5)
+    dice.eval()
+    rm, rv = dice.bn.running_mean, dice.bn.running_var
+    p = torch.sigmoid((x - rm) / torch.sqrt(rv + 1e-8))
+    assert torch.allclose(dice(x), p * x + (1 - p) * dice.alpha * x, atol=1e-5)
+
+
+def test_din_dice_option_and_prelu_default(tmp_path):
+    cfg = tiny_cfg(str(tmp_path))
+    lay = FeatureLayout(cfg, MANIFEST)
+    assert not any(isinstance(m, Dice) for m in build_model(lay, cfg.model).modules())
+    spec = cfg.model.model_copy(update={"attention_activation": "dice", "mlp_activation": "dice"})
+    model = build_model(lay, spec)
+    assert sum(isinstance(m, Dice) for m in model.modules()) == (
+        len(spec.attention_hidden) + len(spec.mlp_hidden))
+    logits, weights = model.forward_with_attention(lay.to_batch(_table()))
+    assert logits.shape == (3,) and torch.isfinite(logits).all() and torch.all(weights[1] == 0)
+    logits.sum().backward()
 
 
 def test_din_forward_shapes_and_empty_history(tmp_path):

@@ -57,6 +57,10 @@ class DinSpec(RankingBase):
 
     name: Literal["din"] = "din"
     attention_hidden: list[PositiveInt] = Field([64, 32], description="target-attention MLP sizes")
+    attention_activation: Literal["prelu", "dice"] = Field(
+        "prelu", description="activation of the target-attention MLP (dice: the paper's Dice)")
+    mlp_activation: Literal["prelu", "dice"] = Field(
+        "prelu", description="activation of the top MLP (dice: the paper's Dice)")
 
 
 class DlrmSpec(RankingBase):

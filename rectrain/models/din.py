@@ -25,7 +25,8 @@ class DIN(RankingModel):
       (``[B, L, k*E]``), as DIN concatenates goods and category ids; the query attends over
       the keys with :class:`TargetAttention` (masked padding).
     - ``[pooled, candidate, attention output, other sequence-table features (sum-pooled), dense]``
-      -> MLP (PReLU) -> one logit.
+      -> MLP (PReLU) -> one logit. ``model.attention_activation`` / ``model.mlp_activation``
+      ``dice`` use the paper's Dice (:class:`~rectrain.models.layers.Dice`) instead of PReLU.
     - With ``model.sequence_encoder`` (``mean``/``cnn``/``gru``/``lstm``/``transformer``), the
       encoder's vector for the history (:class:`~rectrain.models.zoo_layers.SequenceEncoder`)
       is one more MLP input next to the attention output (target attention is kept).
@@ -45,7 +46,8 @@ class DIN(RankingModel):
         E = self.E
         self.sparse = SparseArch(layout, spec.sequence_features, sparse_device)
         D = self.sparse.query_dim
-        self.attention = TargetAttention(D, spec.attention_hidden, device=dense_device)
+        self.attention = TargetAttention(D, spec.attention_hidden, device=dense_device,
+                                         activation=spec.attention_activation)
         in_dim = E * self.sparse.n_fields + D + layout.dense_dim
         # optional history encoder (model.sequence_encoder): its output is an extra MLP input
         # next to the target-attention output (attention stays; None = the original DIN)
@@ -55,8 +57,8 @@ class DIN(RankingModel):
                 spec.sequence_encoder, D, layout.max_sequence_length, kernel=spec.encoder_kernel,
                 heads=spec.attention_heads, layers=spec.attention_layers, device=dense_device)
             in_dim += D
-        self.mlp = MLP(in_dim, spec.mlp_hidden, activation="prelu", dropout=spec.dropout,
-                       device=dense_device)
+        self.mlp = MLP(in_dim, spec.mlp_hidden, activation=spec.mlp_activation,
+                       dropout=spec.dropout, device=dense_device)
         self.head = self.label_head(self.mlp.out_dim, layout, dense_device)
 
     def forward_with_attention(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

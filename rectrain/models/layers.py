@@ -15,12 +15,33 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
 
 
+class Dice(nn.Module):
+    """Dice activation (Zhou et al., "Deep Interest Network", KDD 2018, Sec. 4.3, eq. 9):
+    ``f(s) = p(s) * s + (1 - p(s)) * alpha * s`` with ``p(s) = sigmoid((s - E[s]) /
+    sqrt(Var[s] + eps))``, a PReLU whose rectifier point follows the data.
+
+    ``E[s]``/``Var[s]`` are per-channel batch statistics in training and their running averages
+    in eval (``nn.BatchNorm1d(dim, affine=False)`` over every leading position, e.g. ``B * L``
+    attention steps, padded ones included as in DeepCTR's ``Dice``); ``alpha`` is learned per
+    channel (init 0). Input float32 ``[..., dim]`` -> same shape.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-8, device: torch.device | None = None):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, eps=eps, affine=False, device=device)
+        self.alpha = nn.Parameter(torch.zeros(dim, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(self.bn(x.reshape(-1, x.shape[-1]))).reshape(x.shape)
+        return p * x + (1.0 - p) * self.alpha * x
+
+
 class MLP(nn.Sequential):
     """Multi-layer perceptron: ``[Linear -> activation -> Dropout] * len(hidden)``.
 
     Input float32 ``[..., in_dim]``, output ``[..., hidden[-1]]`` (``in_dim`` when ``hidden`` is
-    empty). ``activation`` is ``"prelu"`` (DIN, Zhou et al. 2018, uses PReLU/Dice), ``"relu"`` or
-    ``"sigmoid"``.
+    empty). ``activation`` is ``"prelu"``, ``"dice"`` (:class:`Dice`; DIN, Zhou et al. 2018, uses
+    PReLU/Dice), ``"relu"`` or ``"sigmoid"``.
     """
 
     def __init__(self, in_dim: int, hidden: Sequence[int], activation: str = "relu",
@@ -29,7 +50,8 @@ class MLP(nn.Sequential):
         d = in_dim
         for h in hidden:
             layers.append(nn.Linear(d, h, device=device))
-            layers.append({"relu": nn.ReLU, "prelu": nn.PReLU, "sigmoid": nn.Sigmoid}[activation]())
+            layers.append(Dice(h) if activation == "dice" else
+                          {"relu": nn.ReLU, "prelu": nn.PReLU, "sigmoid": nn.Sigmoid}[activation]())
             if dropout:
                 layers.append(nn.Dropout(dropout))
             d = h
@@ -50,22 +72,30 @@ class TargetAttention(nn.Module):
     Args:
         dim: embedding dimension E.
         hidden: hidden sizes of the activation-unit MLP.
+        activation: the activation-unit MLP's activation, ``"prelu"`` or ``"dice"`` (the paper's;
+            its batch statistics are taken over the valid steps only).
 
     Shapes: ``query`` float32 ``[B, E]``, ``keys`` float32 ``[B, L, E]``, ``mask`` bool
     ``[B, L]`` (True = real step). Returns ``(pooled [B, E], weights [B, L])``; padded steps have
     weight exactly 0, and a row with no valid step (empty history) pools to the zero vector.
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (64, 32), device=None):
+    def __init__(self, dim: int, hidden: Sequence[int] = (64, 32), device=None,
+                 activation: str = "prelu"):
         super().__init__()
-        self.mlp = MLP(4 * dim, hidden, activation="prelu", device=device)
+        self.dice = activation == "dice"
+        self.mlp = MLP(4 * dim, hidden, activation=activation, device=device)
         self.out = nn.Linear(self.mlp.out_dim, 1, device=device)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor):
         q = query.unsqueeze(1).expand_as(keys)
         x = torch.cat([q, keys, q - keys, q * keys], dim=-1)
-        w = self.out(self.mlp(x)).squeeze(-1)  # [B, L]
-        w = w.masked_fill(~mask, 0.0)
+        if self.dice:  # only valid steps: Dice's batch statistics must not see padding
+            w = x.new_zeros(mask.shape)
+            w[mask] = self.out(self.mlp(x[mask])).squeeze(-1)
+        else:
+            w = self.out(self.mlp(x)).squeeze(-1)  # [B, L]
+            w = w.masked_fill(~mask, 0.0)
         pooled = torch.bmm(w.unsqueeze(1), keys).squeeze(1)
         return pooled, w
 
