@@ -86,7 +86,23 @@ class FaissIndex:
             self.ef_search = int(ef_search)
         else:
             raise ValueError(f"index kind {kind!r}: expected ivf or hnsw")
+        self.threads = threads
         self.index.add(v)
+
+    def __getstate__(self) -> dict:
+        """Picklable (``ray.put`` to the actors): the faiss index as its
+        ``faiss.serialize_index`` bytes (uint8), the same structure, so searches are equal."""
+        import faiss
+
+        state = {k: v for k, v in self.__dict__.items() if k not in ("index", "quantizer")}
+        return {**state, "index": faiss.serialize_index(self.index)}
+
+    def __setstate__(self, state: dict) -> None:
+        import faiss
+
+        if state.get("threads"):
+            faiss.omp_set_num_threads(int(state["threads"]))
+        self.__dict__.update({**state, "index": faiss.deserialize_index(state["index"])})
 
     def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         n = min(int(n), self.ntotal)
