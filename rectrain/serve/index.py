@@ -71,6 +71,11 @@ class FaissIndex:
 
         if threads:
             faiss.omp_set_num_threads(int(threads))
+        # built on one OpenMP thread unless ``threads`` is given: HNSW's graph (and IVF's
+        # k-means) depend on the order of parallel inserts, and every run, resumed blocks
+        # included, must get the same index; searching uses all threads (per query, exact)
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(int(threads or 1))
         v = np.ascontiguousarray(vectors, dtype=np.float32)
         d = v.shape[1]
         self.kind, self.ntotal = kind, v.shape[0]
@@ -88,6 +93,7 @@ class FaissIndex:
             raise ValueError(f"index kind {kind!r}: expected ivf or hnsw")
         self.threads = threads
         self.index.add(v)
+        faiss.omp_set_num_threads(int(threads) if threads else before)
 
     def __getstate__(self) -> dict:
         """Picklable (``ray.put`` to the actors): the faiss index as its
