@@ -34,9 +34,8 @@ class BlockActor:
 
     def __init__(self, spec: dict, out: str, shared: list | None = None):
         t0 = time.time()
-        from rectrain.serve.blocks import Recommender  # torch, torchrec, faiss
+        from rectrain.serve.blocks import Recommender
 
-        t1 = time.time()
         self.spec, self.out = RecommendSpec(**spec), out
         if shared:
             import ray
@@ -44,8 +43,7 @@ class BlockActor:
             self.rec = ray.get(shared[0])
         else:
             self.rec = Recommender(self.spec)
-        self.times = {"actor_t0_ms": int(1000 * t0), "actor_imported_ms": int(1000 * t1),
-                      "actor_ready_ms": int(1000 * time.time())}
+        self.times = {"actor_t0_ms": int(1000 * t0), "actor_ready_ms": int(1000 * time.time())}
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -60,7 +58,7 @@ class BlockActor:
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
-_ACTOR_TIMES = ("actor_t0_ms", "actor_imported_ms", "actor_ready_ms")
+_ACTOR_TIMES = ("actor_t0_ms", "actor_ready_ms")
 
 
 def resolve_spec(cfg: JobConfig, **over) -> tuple[RecommendSpec, str]:

@@ -22,7 +22,6 @@ PHASES = {
     "ray_init_s": "Ray init",
     "share_s": "object store",
     "actor_start_s": "actor start",
-    "actor_imports_s": "actor imports",
     "actor_load_s": "actor fetch",
     "first_block_s": "first block",
     "blocks_s": "blocks",
@@ -71,18 +70,17 @@ class Phases:
 
 def actor_phases(stats: list[dict], started_ms: int) -> dict[str, float]:
     """Actor phases from the blocks' counts, each actor's figures reported with its first
-    block (``actor_t0_ms``, ``actor_imported_ms``, ``actor_ready_ms``: epoch ms): ``actor_start_s``
-    (the dataset's start to the first actor entering its constructor: process start, Ray
-    worker set-up), ``actor_imports_s`` (the slowest actor's torch / torchrec / faiss imports),
-    ``actor_load_s`` (the slowest actor's fetch of the shared runs and index),
-    ``first_block_s`` (the dataset's start to the first block written). ``started_ms``: epoch
-    ms when the driver started the dataset."""
+    block (``actor_t0_ms``, ``actor_ready_ms``: epoch ms): ``actor_start_s`` (the dataset's
+    start to the first actor entering its constructor: worker processes starting and
+    importing torch / torchrec as Ray unpickles the UDF), ``actor_load_s`` (the slowest
+    actor's constructor: fetching the shared runs and index), ``first_block_s`` (the dataset's
+    start to the first block written). ``started_ms``: epoch ms when the driver started the
+    dataset."""
     mine = [s for s in stats if s.get("actor_t0_ms")]
     out = {}
     if mine:
         out["actor_start_s"] = max(0, min(s["actor_t0_ms"] for s in mine) - started_ms) / 1000
-        out["actor_imports_s"] = max(s["actor_imported_ms"] - s["actor_t0_ms"] for s in mine) / 1000
-        out["actor_load_s"] = max(s["actor_ready_ms"] - s["actor_imported_ms"] for s in mine) / 1000
+        out["actor_load_s"] = max(s["actor_ready_ms"] - s["actor_t0_ms"] for s in mine) / 1000
     done = [s["done_ms"] for s in stats if s.get("done_ms")]
     if done:
         out["first_block_s"] = max(0, min(done) - started_ms) / 1000
