@@ -1,11 +1,13 @@
 """``rectrain recommend --config JOB.yaml``: the job's ``recommend:`` section as distributed
 batch inference on Ray Data (or in this process with ``actors: 0``).
 
-Users are split into blocks of ``users_per_block`` (user-row ranges); the blocks not yet
-written go through ``Dataset.map_batches`` with an actor pool (``concurrency = actors``, one
-block per call): each actor is a :class:`BlockActor` that loads the runs and the index once
-(:class:`rectrain.serve.blocks.Recommender`) and writes its block's Parquet file itself
-(temporary name, then rename), so the driver holds only per-block counts. A rerun skips the
+Users are split into blocks of ``users_per_block`` (user-row ranges). The driver loads the
+runs and the index once (:class:`rectrain.serve.blocks.Recommender`); small jobs then run
+their blocks in this process (:func:`choose_path`), the others through
+``Dataset.map_batches`` with an actor pool (at most ``actors``, one block per call): each
+actor is a :class:`BlockActor` that fetches the driver's Recommender from the object store
+once and writes its block's Parquet file itself (temporary name, then rename), so the driver
+holds only per-block counts. A rerun skips the
 blocks whose file is complete: a killed job resumes where it stopped, and every user is in
 exactly one block. Then :func:`rectrain.serve.recommend.finalize` writes ``top_k.parquet`` and
 ``summary.json`` and :func:`evaluate` is called with the lists and the candidates.
