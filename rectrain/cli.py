@@ -134,6 +134,8 @@ def _recommend_overrides(sp) -> None:
     sp.add_argument("--ranking-run", default=None)
     sp.add_argument("--users-per-block", type=_positive, default=None)
     sp.add_argument("--actors", type=int, default=None, help="Ray Data actors (0: no Ray)")
+    sp.add_argument("--in-process-pairs", type=int, default=None,
+                    help="no Ray up to this many users x scored items (0: Ray whenever actors)")
     sp.add_argument("--reference", default=None,
                     help="top_k.parquet of a brute-force run: stage 1's recall of its top-k")
     sp.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
@@ -150,7 +152,8 @@ def cmd_recommend_job(cfg: JobConfig, args) -> dict:
                       mode=args.mode, candidates=args.candidates, exclude=args.exclude,
                       index=args.index, retrieval_run=_abs(args.retrieval_run),
                       ranking_run=_abs(args.ranking_run), users_per_block=args.users_per_block,
-                      actors=args.actors, reference=_abs(args.reference),
+                      actors=args.actors, in_process_pairs=args.in_process_pairs,
+                      reference=_abs(args.reference),
                       evaluate=args.evaluate)
     rate = f", {s['users_per_s']:,.0f} users/s" if s.get("users_per_s") else ""
     print(f"[rectrain] {s['mode']} top-{s['k']} for {s['users']} users ({s['fallback_users']} "

@@ -76,8 +76,10 @@ def rec_over(work: str, mode: str, candidates: int, actors: int, block: int,
 
     ``mode`` ``two_tower``: the retriever alone (``two_stage`` with the retriever as ranking
     run); ``two_stage``: HNSW top-``candidates``, then ``ranking_run`` (default ``work/din``)."""
+    # in_process_pairs 0: the Ray Data actor pool at every size (what these benchmarks measure)
     common = {"k": 10, "exclude": "train", "evaluate": False, "actors": actors,
-              "users_per_block": block, "index": "hnsw", "index_params": HNSW}
+              "in_process_pairs": 0, "users_per_block": block, "index": "hnsw",
+              "index_params": HNSW}
     if mode == "two_tower":
         return {**common, "mode": "two_stage", "ranking_run": f"{work}/two_tower",
                 "retrieval_run": f"{work}/two_tower",

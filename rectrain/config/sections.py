@@ -446,6 +446,12 @@ class RecommendSpec(_Model):
     users_per_block: int = Field(1024, ge=1, description="users per block (and output file)")
     actors: int = Field(1, ge=0, description="Ray Data actors (each loads models and index "
                                              "once); 0: run in this process without Ray")
+    in_process_pairs: int = Field(
+        500_000, ge=0, description="run in this process without Ray, whatever actors says, "
+                                   "when users x items scored per user (brute force: the "
+                                   "catalogue; two_stage: the candidates; a retrieval run "
+                                   "alone: k) is at most this: Ray's start-up and the actors' "
+                                   "loading would cost more than they save; 0: never")
     explain: int = Field(0, ge=0, description="past items per recommendation that explain it")
     out: Optional[str] = Field(None, description="output folder (default RUN_DIR/"
                                                  "recommendations)")

@@ -1,11 +1,13 @@
 """``rectrain recommend --config JOB.yaml``: the job's ``recommend:`` section as distributed
 batch inference on Ray Data (or in this process with ``actors: 0``).
 
-Users are split into blocks of ``users_per_block`` (user-row ranges); the blocks not yet
-written go through ``Dataset.map_batches`` with an actor pool (``concurrency = actors``, one
-block per call): each actor is a :class:`BlockActor` that loads the runs and the index once
-(:class:`rectrain.serve.blocks.Recommender`) and writes its block's Parquet file itself
-(temporary name, then rename), so the driver holds only per-block counts. A rerun skips the
+Users are split into blocks of ``users_per_block`` (user-row ranges). The driver loads the
+runs and the index once (:class:`rectrain.serve.blocks.Recommender`); small jobs then run
+their blocks in this process (:func:`choose_path`), the others through
+``Dataset.map_batches`` with an actor pool (at most ``actors``, one block per call): each
+actor is a :class:`BlockActor` that fetches the driver's Recommender from the object store
+once and writes its block's Parquet file itself (temporary name, then rename), so the driver
+holds only per-block counts. A rerun skips the
 blocks whose file is complete: a killed job resumes where it stopped, and every user is in
 exactly one block. Then :func:`rectrain.serve.recommend.finalize` writes ``top_k.parquet`` and
 ``summary.json`` and :func:`evaluate` is called with the lists and the candidates.
@@ -28,22 +30,37 @@ from rectrain.serve.blocks import block_done, block_url
 
 
 class BlockActor:
-    """Ray Data callable class: one per actor, models and index loaded once in ``__init__``."""
+    """Ray Data callable class, one per actor: the driver's :class:`Recommender` fetched from
+    the object store once in ``__init__`` (``shared = [ObjectRef]``; without it the actor loads
+    the runs itself). The first block of each actor reports the actor's start-up times."""
 
-    def __init__(self, spec: dict, out: str):
+    def __init__(self, spec: dict, out: str, shared: list | None = None):
+        t0 = time.time()
         from rectrain.serve.blocks import Recommender
 
         self.spec, self.out = RecommendSpec(**spec), out
-        self.rec = Recommender(self.spec)
+        if shared:
+            import ray
+
+            self.rec = ray.get(shared[0])
+        else:
+            self.rec = Recommender(self.spec)
+        self.times = {"actor_t0_ms": int(1000 * t0), "actor_ready_ms": int(1000 * time.time())}
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
         from rectrain.serve.recommend import do_block
 
-        rows = [do_block(self.rec, self.out, int(b), int(lo), int(hi))
+        rows = [{**do_block(self.rec, self.out, int(b), int(lo), int(hi)),
+                 **dict.fromkeys(_ACTOR_TIMES, 0)}
                 for b, lo, hi in zip(batch["block"], batch["lo"], batch["hi"])]
+        rows[0].update(self.times)
+        self.times = dict.fromkeys(_ACTOR_TIMES, 0)  # reported once per actor
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+_ACTOR_TIMES = ("actor_t0_ms", "actor_ready_ms")
 
 
 def resolve_spec(cfg: JobConfig, **over) -> tuple[RecommendSpec, str]:
@@ -67,6 +84,13 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
                   **over) -> dict:
     """Run ``cfg.recommend`` (with ``over``); returns the summary (``out/summary.json``).
 
+    The driver loads the runs, the serving context and the index once
+    (:class:`~rectrain.serve.blocks.Recommender`); then the blocks run in this process when
+    ``actors`` is 0 or the job is small (:func:`choose_path`), else on a Ray Data actor pool
+    of at most one actor per block, each fetching that Recommender from the object store
+    (``ray.put``) instead of rebuilding it. ``summary["path"]`` / ``["path_reason"]`` say which
+    path ran, ``summary["timings"]`` the wall seconds per phase (:mod:`rectrain.serve.timing`).
+
     ``actor_max_restarts``: Ray restarts of a dead actor (-1: Ray Data's default, unlimited,
     its block retried; 0: the job fails and a rerun resumes from the written blocks).
 
@@ -76,31 +100,73 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
             (:func:`rectrain.serve.blocks.claim_out`).
         ray.exceptions.RayError: a block failed (the blocks already written stay).
     """
-    from rectrain.serve.blocks import claim_out
-    from rectrain.serve.recommend import finalize, plan_blocks, run_blocks
+    from rectrain.serve.blocks import Recommender, claim_out
+    from rectrain.serve.recommend import finalize, plan_blocks
+    from rectrain.serve.timing import Phases, process_age_s
 
-    spec, out = resolve_spec(cfg, **over)
-    check_spec(spec)
-    claim_out(out, spec)
-    t0 = time.perf_counter()
-    blocks = plan_blocks(spec)
-    todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
+    ph = Phases()
+    ph.add("driver_start_s", process_age_s())
+    t_start = time.perf_counter()
+    with ph("plan_s"):
+        spec, out = resolve_spec(cfg, **over)
+        check_spec(spec)
+        claim_out(out, spec)
+        t0 = time.perf_counter()
+        blocks = plan_blocks(spec)
+        todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
     n_users = sum(hi - lo for _, lo, hi in todo)
+    rec = None
+    if todo:
+        rec = Recommender(spec)
+        ph.update(rec.timings)
+    path, reason = choose_path(spec, rec, n_users)
+    print(f"[rectrain] recommend path: {path} ({reason})", flush=True)
     bar = tqdm(total=n_users, unit="users", desc="[rectrain] recommend", mininterval=1.0,
                disable=n_users == 0)
     try:
-        if spec.actors == 0:
-            summary = run_blocks(spec, out, progress=bar.update, wall_from=t0)
+        if path == "in_process":
+            stats = _run_here(rec, out, todo, bar, ph)
         else:
             stats = _run_ray(spec, out, todo, cluster_address(address, cfg), bar,
-                             actor_max_restarts)
+                             actor_max_restarts, rec, ph)
+        with ph("finalize_s"):
             summary = finalize(out, blocks, stats, spec, time.perf_counter() - t0)
     finally:
         bar.close()
-    metrics = evaluate(cfg, spec, out, summary)
+    del rec  # the driver's copy: the list metrics need none of it
+    with ph("metrics_s"):
+        metrics = evaluate(cfg, spec, out, summary)
+    ph.add("total_s", ph.s["driver_start_s"] + time.perf_counter() - t_start)
+    summary.update({"path": path, "path_reason": reason, "timings": ph.rounded()})
+    storage.write_json(summary, storage.join(out, "summary.json"))
+    print(f"[rectrain] recommend timings: {ph.line()}", flush=True)
     if metrics is not None:
         summary["list_metrics"] = metrics
     return summary
+
+
+def choose_path(spec: RecommendSpec, rec, n_users: int) -> tuple[str, str]:
+    """``("in_process" | "ray_data", why)``: in this process when ``actors`` is 0, when no
+    block is left, or when the job's pairs (``n_users`` x items scored per user: the catalogue
+    in brute force, the candidates in two-stage, k for a retrieval run alone through its
+    index) are at most ``in_process_pairs`` (Ray's start-up and the actors' loading, ~20 s on
+    2 cores, would cost more than a second core saves)."""
+    if spec.actors == 0:
+        return "in_process", "actors: 0"
+    if rec is None:
+        return "in_process", "every block already written"
+    if spec.mode == "brute_force":
+        per_user = rec.rank.n_items
+    elif rec.rank.retrieval:
+        per_user = spec.k
+    else:
+        per_user = sum(s.count or spec.candidates for s in spec.sources)
+    pairs = n_users * per_user
+    if pairs <= spec.in_process_pairs:
+        return "in_process", (f"{n_users:,} users x {per_user:,} = {pairs:,} pairs <= "
+                              f"in_process_pairs {spec.in_process_pairs:,}")
+    return "ray_data", (f"{pairs:,} pairs > in_process_pairs {spec.in_process_pairs:,}; "
+                        f"{spec.actors} actors")
 
 
 def check_spec(spec: RecommendSpec) -> None:
@@ -154,18 +220,41 @@ def _has_files(url: str) -> bool:
         return False
 
 
-def _run_ray(spec: RecommendSpec, out: str, todo, address, bar, max_restarts: int) -> list[dict]:
+def _run_here(rec, out: str, todo, bar, ph) -> list[dict]:
+    """The blocks ``todo`` in this process (no Ray)."""
+    from rectrain.serve.recommend import do_block
+
+    t, stats = time.perf_counter(), []
+    for b in todo:
+        stats.append(do_block(rec, out, *b))
+        if len(stats) == 1:
+            ph.add("first_block_s", time.perf_counter() - t)
+        bar.update(b[2] - b[1])
+    ph.add("blocks_s", time.perf_counter() - t)
+    ph.add("write_s", sum(s["write_ms"] for s in stats) / 1000)
+    return stats
+
+
+def _run_ray(spec: RecommendSpec, out: str, todo, address, bar, max_restarts: int, rec,
+             ph) -> list[dict]:
     if not todo:
         return []
-    connect(address)
+    from rectrain.serve.timing import actor_phases
+
+    with ph("ray_init_s"):
+        connect(address)
     import ray
 
+    with ph("share_s"):  # once, instead of every actor rebuilding the context and the index
+        shared = [ray.put(rec)]
+    started_ms, t = int(1000 * time.time()), time.perf_counter()
     ds = ray.data.from_items([{"block": b, "lo": lo, "hi": hi} for b, lo, hi in todo],
                              override_num_blocks=len(todo))
-    # one block per call; each actor thread-limits torch to its own CPU
+    # one block per call; each actor thread-limits torch to its own CPU; no idle actors
     ds = ds.map_batches(BlockActor, batch_size=1, num_cpus=1,
-                        compute=ray.data.ActorPoolStrategy(size=spec.actors),
-                        fn_constructor_kwargs={"spec": spec.model_dump(), "out": out},
+                        compute=ray.data.ActorPoolStrategy(size=min(spec.actors, len(todo))),
+                        fn_constructor_kwargs={"spec": spec.model_dump(), "out": out,
+                                               "shared": shared},
                         max_restarts=max_restarts,
                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
                                                   **_fault_env()}})
@@ -173,6 +262,9 @@ def _run_ray(spec: RecommendSpec, out: str, todo, address, bar, max_restarts: in
     for row in ds.iter_rows():
         stats.append({k: int(v) for k, v in row.items()})
         bar.update(int(row["users"]))
+    ph.add("blocks_s", time.perf_counter() - t)
+    ph.update(actor_phases(stats, started_ms))
+    ph.add("write_s", sum(s.get("write_ms", 0) for s in stats) / 1000)
     return stats
 
 

@@ -14,6 +14,7 @@ for fallback rows the item's train popularity (events).
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,7 @@ def write_block(table: pa.Table, url: str) -> None:
 
 
 #: spec fields that do not change the lists (how they are computed, where they go)
-_NOT_IN_LISTS = ("actors", "out")
+_NOT_IN_LISTS = ("actors", "out", "in_process_pairs")
 
 
 def claim_out(out: str, spec: RecommendSpec) -> None:
@@ -126,6 +127,7 @@ class Recommender:
     @torch.no_grad()
     def __init__(self, spec: RecommendSpec, rows_per_chunk: int = 16384):
         self.spec, self.rows_per_chunk = spec, rows_per_chunk
+        t0 = time.perf_counter()
         self.rank = RunContext(spec.ranking_run, holdout=spec.evaluate)
         r = self.rank
         self.excl = None
@@ -146,6 +148,7 @@ class Recommender:
                         f"recommend.retrieval_run: {spec.retrieval_run} (prepared data "
                         f"{self.retr.prepared}) shares no item id with recommend.ranking_run "
                         f"{spec.ranking_run} ({r.prepared}); train both on the same items")
+        t1 = time.perf_counter()
         if self.retr is not None:
             n, c = self.retr.n_items, rows_per_chunk
             self.item_vectors = torch.cat([  # once per process, in chunks of items
@@ -156,7 +159,16 @@ class Recommender:
             kind = "exact" if r.retrieval and spec.mode == "brute_force" else spec.index
             self.vectors = self.item_vectors.float().numpy()
             self.index = build_index(self.vectors, kind, **spec.index_params)
+        t2 = time.perf_counter()
         self.recent = r.recent(self._count("recent")) if "recent" in names else None
+        #: wall seconds of the loading (``rectrain.serve.timing``): models, the rest of the
+        #: serving context (states, exclusion, popularity, recent), the item vectors + index
+        ctxs = [r] + ([self.retr] if self.retr is not None and self.retr is not r else [])
+        models = sum(c.timings["models_s"] for c in ctxs)
+        self.timings = {"models_s": models, "index_s": t2 - t1,
+                        "context_s": (t1 - t0) - models + (time.perf_counter() - t2)}
+        #: the stage-1 candidates of the last two-stage block: ``(block, u, i, src)``
+        self.last_candidates = None
 
     def _count(self, name: str) -> int:
         s = next(s for s in self.spec.sources if s.name == name)
@@ -224,6 +236,7 @@ class Recommender:
                 src = np.full(len(u), SOURCE_NAMES.index("brute_force"), np.int8)
             else:
                 u, i, src = self.candidates(lo, hi)
+                self.last_candidates = (block, u, i, src)  # written beside the lists
             n_cand = len(u)
             s = self._score(u, i)
             top = cand.top_k_per_user(u, i, s, k)

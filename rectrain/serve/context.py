@@ -10,6 +10,7 @@ Rows: users and items are addressed by *rows* (0-based positions in :attr:`RunCo
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -158,7 +159,9 @@ class RunContext:
     """
 
     def __init__(self, path: str, holdout: bool = False):
+        t0 = time.perf_counter()
         loaded = load_model(path)
+        t1 = time.perf_counter()
         self.history = HISTORY[holdout]
         self.model, self.layout, self.cfg = loaded.model, loaded.layout, loaded.cfg
         self.retrieval = task_of(self.model) == RETRIEVAL
@@ -193,6 +196,8 @@ class RunContext:
             u, i = self.rows(train[USER], train[ITEM])
             self.train_users[u[u >= 0]] = True
             self.popularity = np.bincount(i[i >= 0], minlength=self.n_items)
+        #: wall seconds: loading the model, building the rest (``rectrain.serve.timing``)
+        self.timings = {"models_s": t1 - t0, "context_s": time.perf_counter() - t1}
 
     def _items(self, url: str, feature_cols: list[str], seq_names: list[str]) -> pa.Table:
         if storage.exists(url):

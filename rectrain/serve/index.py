@@ -71,6 +71,11 @@ class FaissIndex:
 
         if threads:
             faiss.omp_set_num_threads(int(threads))
+        # built on one OpenMP thread unless ``threads`` is given: HNSW's graph (and IVF's
+        # k-means) depend on the order of parallel inserts, and every run, resumed blocks
+        # included, must get the same index; searching uses all threads (per query, exact)
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(int(threads or 1))
         v = np.ascontiguousarray(vectors, dtype=np.float32)
         d = v.shape[1]
         self.kind, self.ntotal = kind, v.shape[0]
@@ -86,7 +91,24 @@ class FaissIndex:
             self.ef_search = int(ef_search)
         else:
             raise ValueError(f"index kind {kind!r}: expected ivf or hnsw")
+        self.threads = threads
         self.index.add(v)
+        faiss.omp_set_num_threads(int(threads) if threads else before)
+
+    def __getstate__(self) -> dict:
+        """Picklable (``ray.put`` to the actors): the faiss index as its
+        ``faiss.serialize_index`` bytes (uint8), the same structure, so searches are equal."""
+        import faiss
+
+        state = {k: v for k, v in self.__dict__.items() if k not in ("index", "quantizer")}
+        return {**state, "index": faiss.serialize_index(self.index)}
+
+    def __setstate__(self, state: dict) -> None:
+        import faiss
+
+        if state.get("threads"):
+            faiss.omp_set_num_threads(int(state["threads"]))
+        self.__dict__.update({**state, "index": faiss.deserialize_index(state["index"])})
 
     def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         n = min(int(n), self.ntotal)

@@ -52,11 +52,16 @@ def plan_blocks(spec: RecommendSpec) -> list[tuple[int, int, int]]:
 
 def do_block(rec: Recommender, out: str, block: int, lo: int, hi: int) -> dict:
     """Compute and write one block (lists, and the stage-1 candidates in two-stage mode);
-    ``ms``: its wall milliseconds (compute and write)."""
+    ``ms``: its wall milliseconds (compute and write), ``write_ms``: the writing alone,
+    ``done_ms``: epoch milliseconds when it was written."""
     t0 = time.perf_counter()
+    rec.last_candidates = None
     table, stats = rec.block(block, lo, hi, out)
+    t1 = time.perf_counter()
     if rec.spec.mode == "two_stage" and not rec.rank.retrieval:
-        u, i, src = rec.candidates(lo, hi)
+        kept = rec.last_candidates  # stage 1 of this block, as block() computed it
+        u, i, src = kept[1:] if kept is not None and kept[0] == block else \
+            rec.candidates(lo, hi)
         write_block(pa.table({"user_id": rec.rank.user_keys.take(pa.array(u)),
                               "item_id": rec.rank.item_keys.take(pa.array(i)),
                               "source": pa.DictionaryArray.from_arrays(
@@ -65,8 +70,10 @@ def do_block(rec: Recommender, out: str, block: int, lo: int, hi: int) -> dict:
     write_block(table, block_url(out, block))
     # ru_maxrss: KiB on Linux; the process's peak so far (models, index, the largest block)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t2 = time.perf_counter()
     return {"block": block, **stats, "peak_rss_mb": int(peak),
-            "ms": int(1000 * (time.perf_counter() - t0))}
+            "ms": int(1000 * (t2 - t0)), "write_ms": int(1000 * (t2 - t1)),
+            "done_ms": int(1000 * time.time())}
 
 
 def run_blocks(spec: RecommendSpec, out: str, progress=None,
