@@ -159,7 +159,7 @@ def plot_curves(rows: list[dict], url: str) -> Optional[str]:
                and r["window"] > 0]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=policy)
-    ax.set_xlabel("window T+1 (the model of window T evaluated on it)")
+    ax.set_xlabel("window T (its model evaluated on window T+1)")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
