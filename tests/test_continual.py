@@ -58,3 +58,24 @@ def test_continual_warm_and_never_over_windows(tmp_path, ray_local, monkeypatch)
     again = cont.continual(config_from_dict(job), ["warm", "never"])
     assert trained == [] and [r["test_auc"] for r in again] == [r["test_auc"] for r in rows]
     assert "window" in cont.table_text(rows)
+
+
+def test_a_partial_last_window_ends_the_loop_and_an_empty_middle_window_does_not(tmp_path):
+    """The log's last window is often partial: when the second-to-last window's prepare finds
+    its successor's valid or test split empty, ``rectrain continual`` stops there (no Ray)."""
+    import json
+
+    from rectrain.launch.continual import _short_tail
+
+    def manifest(name, index, test_rows):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({
+            "window": {"index": index, "num_windows": 7},
+            "rows_per_split": {"train": 100, "valid": 10, "test": test_rows}}))
+        return str(d)
+
+    assert _short_tail(manifest("tail", 5, 0))
+    assert not _short_tail(manifest("tail_full", 5, 3))
+    assert not _short_tail(manifest("middle", 2, 0))
+    assert not _short_tail(str(tmp_path / "missing"))

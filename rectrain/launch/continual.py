@@ -43,6 +43,20 @@ def _window_cfg(cfg: JobConfig, w: int, policy: str, warm_from: Optional[str]) -
     return c
 
 
+def _short_tail(prepared_dir: str) -> bool:
+    """Whether ``prepared_dir`` is the prepare of the log's second-to-last window whose
+    successor (the last, often partial, window) has an empty valid or test split: the loop
+    ends there instead of failing (a window earlier in the log with no events stays an error)."""
+    from rectrain.data.schema import load_manifest
+
+    if not storage.exists(storage.join(prepared_dir, "manifest.json")):
+        return False
+    m = load_manifest(prepared_dir)
+    win, split = m.get("window") or {}, m.get("rows_per_split") or {}
+    return (win.get("index") == win.get("num_windows", 0) - 2
+            and not (split.get("valid") and split.get("test")))
+
+
 def evaluate_on(run_dir: str, prepared_dir: str) -> dict:
     """The test metrics (``test_auc``, ``test_logloss``, ``test_rows``) of ``run_dir``'s best
     checkpoint on another window's prepared test split, in this process (no Ray).
@@ -117,10 +131,20 @@ def continual(cfg: JobConfig, policies=("warm",), address: Optional[str] = None,
             t0 = time.perf_counter()
             prev = storage.join(cfg.run_dir, "warm", f"window-{w - 1:03d}")
             c = _window_cfg(cfg, w, policy, prev if policy == "warm" and w else None)
-            if not storage.exists(storage.join(c.prepared_dir, "manifest.json")):
-                prepare_job(c, address=address)
+            try:
+                if not storage.exists(storage.join(c.prepared_dir, "manifest.json")):
+                    prepare_job(c, address=address)
+            except ValueError:
+                if not _short_tail(c.prepared_dir):
+                    raise
             manifest = load_manifest(c.prepared_dir)
             n_windows = manifest["window"]["num_windows"]
+            if _short_tail(c.prepared_dir):
+                print(f"[rectrain] continual: window {w} stops the loop: its successor, the "
+                      f"log's last window, has no valid or test events "
+                      f"({manifest['rows_per_split']})", flush=True)
+                n_windows = w + 1
+                break
             if policy == "never":
                 m = storage.read_json(storage.join(cfg.run_dir, "warm", "window-000",
                                                    "metrics.json")) if w == 0 else \
@@ -131,7 +155,10 @@ def continual(cfg: JobConfig, policies=("warm",), address: Optional[str] = None,
             else:
                 m = train(c, address)
             rows.append(_row(w, policy, m, manifest, time.perf_counter() - t0))
-        w += 1
+        else:
+            w += 1
+            continue
+        break
     rows = [r for r in rows if r["policy"] in policies]
     storage.write_json({"policies": list(policies), "rows": rows},
                        storage.join(cfg.run_dir, "continual.json"))
