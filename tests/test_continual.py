@@ -79,3 +79,13 @@ def test_a_partial_last_window_ends_the_loop_and_an_empty_middle_window_does_not
     assert not _short_tail(manifest("tail_full", 5, 3))
     assert not _short_tail(manifest("middle", 2, 0))
     assert not _short_tail(str(tmp_path / "missing"))
+
+
+def test_a_windows_zch_counts_sum_its_epochs_and_keep_the_last_held():
+    from rectrain.launch.continual import _zch_counts
+
+    epochs = [{"zch_item_admitted": 30, "zch_item_evicted": 5, "zch_item_held": 25, "loss": 1},
+              {"zch_item_admitted": 4, "zch_item_evicted": 4, "zch_item_held": 25}]
+    assert _zch_counts(epochs) == {"zch_item_admitted": 34, "zch_item_evicted": 9,
+                                   "zch_item_held": 25}
+    assert _zch_counts([]) == {}

@@ -99,8 +99,18 @@ def _row(w: int, policy: str, m: dict, manifest: dict, seconds: float) -> dict:
             "new_ids": {f: g["new"] for f, g in growth.items()},
             "oov_rows": {f: g["oov_rows"] for f, g in growth.items()},
             "train_seconds": m.get("train_seconds", 0.0), "seconds": round(seconds, 3),
-            # zch tables: admitted / evicted / colliding / held ids of the window's last epoch
-            **{k: v for k, v in ((m.get("epochs") or [{}])[-1]).items() if k.startswith("zch_")}}
+            **_zch_counts(m.get("epochs") or [])}
+
+
+def _zch_counts(epochs: list[dict]) -> dict:
+    """A window's zch counts from its run's epoch records (each epoch's own counts): admitted,
+    evicted and colliding summed over the epochs, held at the last."""
+    out = {}
+    for e in epochs:
+        for k, v in e.items():
+            if k.startswith("zch_"):
+                out[k] = v if k.endswith("_held") or k not in out else out[k] + v
+    return out
 
 
 def continual(cfg: JobConfig, policies=("warm",), address: Optional[str] = None,
