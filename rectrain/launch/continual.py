@@ -185,6 +185,7 @@ def plot_curves(rows: list[dict], url: str) -> Optional[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     key = next((k for k in ("test_auc", "test_hr@10") if any(k in r for r in rows)), None)
@@ -196,6 +197,7 @@ def plot_curves(rows: list[dict], url: str) -> Optional[str]:
                and r["window"] > 0]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=policy)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("window T (its model evaluated on window T+1)")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
