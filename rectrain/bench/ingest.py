@@ -4,7 +4,8 @@
   process: the floor cost of reading the bytes.
 - ``pyarrow read + to_batch``: the same read, sliced into batches of ``B`` rows and converted by
   :meth:`FeatureLayout.to_batch` (Arrow offsets → KeyedJaggedTensor), one process.
-- ``rectrain Ray Data``: the path training uses, inside ``W`` Ray Train workers:
+- ``rectrain Ray Data``: the path training uses, inside ``W`` Ray Train workers (blocks as
+  training asks for them, :func:`rectrain.launch.ray_launch.read_blocks`):
   ``ray.data.read_parquet`` (files in a seeded per-epoch order) → exact ``streaming_split`` → whole
   Arrow blocks (:class:`~rectrain.data.loader.RayShard`) → local shuffle and slicing
   (:func:`~rectrain.data.loader.rebatch`) → ``to_batch`` in a prefetch thread, with no model:
