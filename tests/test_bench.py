@@ -147,6 +147,10 @@ def test_trainstep_and_ingest_tiny(tmp_path):
     assert row["rows"] == 2048 == row["pyarrow"]["read_to_batch_rows"] == row["ray_rows_per_epoch"]
     assert row["ray_rows_per_s"] > 0 and row["pyarrow_read_rows_per_s"] > 0
     assert row["ray_over_pyarrow_to_batch"] > 0
+    # per core used: CPU seconds of both paths, Ray's split by process class
+    assert row["pyarrow_to_batch_cpu_s"] > 0 and row["ray_cpu_s"] > 0
+    assert row["ray_cpu_s_by_class"]["train_worker"] > 0 and row["ray_over_pyarrow_per_core"] > 0
+    assert row["ray_blocks"] == 8  # read_blocks: at least 4 per worker
     assert os.path.getsize(os.path.join(out, "ingest.png")) > 0
 
 

@@ -147,6 +147,16 @@ def _job(tmp, run):
     return config_from_dict(job)
 
 
+def test_read_blocks_large_blocks_but_four_per_worker():
+    from rectrain.launch.ray_launch import MIN_BLOCK_ROWS, read_blocks
+
+    assert read_blocks(265, 16, 2) == 8  # a tiny split still spreads over both workers
+    assert read_blocks(409_600, 1024, 2) == 8
+    assert read_blocks(2_048_000, 1024, 2) == 2_048_000 // MIN_BLOCK_ROWS
+    assert read_blocks(10_000_000, 16_384, 2) == 10_000_000 // (8 * 16_384)
+    assert read_blocks(0, 1024, 1) == 4
+
+
 def test_ray_train_awkward_files_equal_steps_and_every_row_once(awkward_prepared):
     from rectrain.data import storage
     from rectrain.launch.ray_launch import train

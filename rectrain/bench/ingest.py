@@ -4,12 +4,21 @@
   process: the floor cost of reading the bytes.
 - ``pyarrow read + to_batch``: the same read, sliced into batches of ``B`` rows and converted by
   :meth:`FeatureLayout.to_batch` (Arrow offsets → KeyedJaggedTensor), one process.
-- ``rectrain Ray Data``: the path training uses, inside ``W`` Ray Train workers:
+- ``rectrain Ray Data``: the path training uses, inside ``W`` Ray Train workers (blocks as
+  training asks for them, :func:`rectrain.launch.ray_launch.read_blocks`):
   ``ray.data.read_parquet`` (files in a seeded per-epoch order) → exact ``streaming_split`` → whole
   Arrow blocks (:class:`~rectrain.data.loader.RayShard`) → local shuffle and slicing
   (:func:`~rectrain.data.loader.rebatch`) → ``to_batch`` in a prefetch thread, with no model:
   global rows/s per epoch (all rows / slowest worker's time), with and without each epoch's
   wait for its first batch (the streaming executor's start-up).
+
+Per core used: each path's CPU seconds (user + system, all threads) over the same work, and
+``rows / CPU seconds`` = rows/s per core used (cores used = CPU seconds / wall seconds). One
+process: its own ``time.process_time``. Ray: every process under the driver (Ray's servers,
+the 2 workers, the read tasks' pooled workers, the split coordinator, Ray Train's controller),
+summed by :func:`rectrain.bench.proctree.cpu_snapshot` between rank 0's epoch barriers; so
+Ray Data's scheduling loops and idle polling are counted, which on a loaded machine grow with
+the wall time.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rectrain.bench import report
+from rectrain.bench.proctree import CLASSES
 from rectrain.bench.workloads import Workload
 
 
@@ -32,6 +42,7 @@ def _ingest_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from rectrain.bench.trainstep import _layout, bench_config
+    from rectrain.bench.proctree import cpu_seconds, cpu_snapshot
     from rectrain.data.loader import RayShard, prefetch, rebatch
 
     if config.get("threads"):
@@ -42,7 +53,10 @@ def _ingest_worker(config: dict) -> None:
     rng = np.random.default_rng(ctx.get_world_rank())
     shard = RayShard(ray.train.get_dataset_shard("train"))
     history = []
+    rank0 = ctx.get_world_rank() == 0
     for epoch in range(config["epochs"]):
+        dist.barrier()
+        snap = cpu_snapshot(config["tree_pid"]) if rank0 else None
         t0 = time.perf_counter()
         first = None
         rows = 0
@@ -59,9 +73,10 @@ def _ingest_worker(config: dict) -> None:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         sm = t.clone()
         dist.all_reduce(sm)
+        cpu = cpu_seconds(snap, cpu_snapshot(config["tree_pid"])) if rank0 else {}
         history.append({"epoch": epoch, "seconds": float(mx[0]),
                         "steady_seconds": float(mx[1]), "first_batch_seconds": float(mx[2]),
-                        "rows": int(sm[3])})
+                        "rows": int(sm[3]), "cpu_seconds": cpu})
         ray.train.report(history[-1])
     if ctx.get_world_rank() == 0:  # Ray Train 2.60 keeps no metrics without a checkpoint
         from rectrain.data import storage
@@ -75,7 +90,8 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     from ray.data import FileShuffleConfig
 
     from rectrain.bench.trainstep import _layout, bench_config
-    from rectrain.launch.ray_launch import fit, init_ray
+    from rectrain.data import storage
+    from rectrain.launch.ray_launch import fit, init_ray, read_blocks
 
     job = wl.job("/tmp/rectrain-bench-ingest", batch_size=batch, num_workers=world)
     # rank 0 writes its per-epoch figures here (local mode: the driver's file system)
@@ -83,10 +99,16 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     cfg = bench_config(job)
     init_ray(cfg)
     layout = _layout(cfg)
-    ds = ray.data.read_parquet(os.path.join(wl.prepared_dir, "train"), columns=layout.columns,
-                               shuffle=FileShuffleConfig(seed=cfg.train.seed))
+    train = os.path.join(wl.prepared_dir, "train")
+    # the block count train() uses (read_blocks)
+    files = storage.list_parquet_files(train)[0]
+    blocks = read_blocks(sum(pq.read_metadata(f).num_rows for f in files), batch, world)
+    ds = ray.data.read_parquet(train, columns=layout.columns,
+                               shuffle=FileShuffleConfig(seed=cfg.train.seed),
+                               override_num_blocks=blocks)
     fit(_ingest_worker,
         {"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch,
+         "tree_pid": os.getpid(),
          "threads": max(1, (os.cpu_count() or 1) // world), "result_path": result_path},
         num_workers=world, datasets={"train": ds}, name="bench_ingest",
         storage_path="/tmp/rectrain-bench-ingest/ray",
@@ -94,7 +116,7 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     with open(result_path) as f:
         history = json.load(f)["epochs"]
     return [{k: h[k] for k in ("epoch", "seconds", "steady_seconds", "first_batch_seconds",
-                               "rows")} for h in history]
+                               "rows", "cpu_seconds")} | {"blocks": blocks} for h in history]
 
 
 def run_pyarrow(wl: Workload, batch: int, repeats: int = 2) -> dict:
@@ -104,20 +126,24 @@ def run_pyarrow(wl: Workload, batch: int, repeats: int = 2) -> dict:
     cfg = bench_config(wl.job("/tmp/rectrain-bench-ingest"))
     layout = _layout(cfg)
     path = os.path.join(wl.prepared_dir, "train")
-    best_read, best_conv, rows, conv_rows = float("inf"), float("inf"), 0, 0
+    best_read, best_conv, rows, conv_rows, conv_cpu = float("inf"), float("inf"), 0, 0, 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
         t = pq.read_table(path, columns=layout.columns)
         best_read = min(best_read, time.perf_counter() - t0)
         rows = t.num_rows
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         t = pq.read_table(path, columns=layout.columns)
         conv_rows = 0
         for lo in range(0, t.num_rows - batch + 1, batch):
             conv_rows += layout.to_batch(t.slice(lo, batch)).batch_size
-        best_conv = min(best_conv, time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        if dt < best_conv:
+            best_conv, conv_cpu = dt, time.process_time() - c0
     return {"rows": rows, "read_rows_per_s": rows / best_read,
-            "read_to_batch_rows": conv_rows, "read_to_batch_rows_per_s": conv_rows / best_conv}
+            "read_to_batch_rows": conv_rows, "read_to_batch_rows_per_s": conv_rows / best_conv,
+            "read_to_batch_cpu_s": conv_cpu,
+            "read_to_batch_rows_per_cpu_s": conv_rows / max(conv_cpu, 1e-9)}
 
 
 def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world: int = 2,
@@ -136,6 +162,8 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
             progress.update(1)
         best = max(ray_res, key=lambda e: e["rows"] / e["seconds"])
         ray_rps = best["rows"] / best["seconds"]
+        ray_cpu = best["cpu_seconds"].get("total") or float("nan")
+        ray_per_core = best["rows"] / ray_cpu
         ray_steady = max(e["rows"] / max(e["steady_seconds"], 1e-9) for e in ray_res)
         rows.append({
             "workload": wl.name, "rows": pa_res["rows"],
@@ -145,16 +173,38 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
             "ray_first_batch_s": best["first_batch_seconds"],
             "ray_rows_per_epoch": best["rows"],
             "ray_over_pyarrow_to_batch": ray_rps / pa_res["read_to_batch_rows_per_s"],
+            "pyarrow_to_batch_cpu_s": pa_res["read_to_batch_cpu_s"],
+            "pyarrow_to_batch_rows_per_core": pa_res["read_to_batch_rows_per_cpu_s"],
+            "ray_cpu_s": ray_cpu, "ray_cores_used": ray_cpu / best["seconds"],
+            "ray_rows_per_core": ray_per_core,
+            "ray_over_pyarrow_per_core": ray_per_core / pa_res["read_to_batch_rows_per_cpu_s"],
+            "ray_cpu_s_by_class": best["cpu_seconds"], "ray_blocks": best["blocks"],
             "epochs": ray_res, "pyarrow": pa_res})
     cols = ["workload", "rows", "pyarrow_read_rows_per_s", "pyarrow_to_batch_rows_per_s",
             "ray_rows_per_s", "ray_steady_rows_per_s", "ray_first_batch_s",
             "ray_over_pyarrow_to_batch"]
+    core_cols = ["workload", "pyarrow_to_batch_cpu_s", "pyarrow_to_batch_rows_per_core",
+                 "ray_cpu_s", "ray_cores_used", "ray_rows_per_core",
+                 "ray_over_pyarrow_per_core"]
+    by_class = [{"workload": r["workload"], "blocks": r["ray_blocks"],
+                 **{k: r["ray_cpu_s_by_class"].get(k, 0.0) for k in CLASSES}} for r in rows]
     md = ("### Ingest: Parquet → Batch(KJT), rows/s over the same files\n\n"
           f"pyarrow: one process; Ray: rectrain's Ray Data path in {world} Ray Train workers, "
           f"batch {batch}, best of {epochs} epochs ('steady' excludes the wait for the first "
           "batch).\n\n"
           + report.markdown_table(rows, cols, {"ray_over_pyarrow_to_batch": ".2f",
                                                "ray_first_batch_s": ".2f"})
+          + "\n\nPer core used (rows/s per core = rows / CPU seconds; cores used = CPU seconds "
+          "/ wall seconds). pyarrow: the read + to_batch process; Ray: every process of the "
+          "embedded Ray over the same epoch (workers, read tasks, split coordinator, Ray's "
+          "servers; `rectrain.bench.proctree.cpu_snapshot`):\n\n"
+          + report.markdown_table(rows, core_cols, {
+              "pyarrow_to_batch_cpu_s": ".2f", "ray_cpu_s": ".2f", "ray_cores_used": ".2f",
+              "ray_over_pyarrow_per_core": ".2f"})
+          + "\n\nRay's CPU seconds of that epoch by process class (rectrain.bench.proctree), "
+          "and the read's block count:\n\n"
+          + report.markdown_table(by_class, ["workload", "blocks", *CLASSES], {
+              k: ".2f" for k in CLASSES})
           + "\n\n" + report.LOADED_NOTE + "\n")
     labels, vals = [], []
     for r in rows:

@@ -132,6 +132,38 @@ class TreeSampler:
                 "top_processes_mb": {k: round(v, 1) for k, v in top}, "samples": self.samples}
 
 
+def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
+    """``{pid: (class, CPU seconds so far)}`` of process ``pid`` and all its descendants (user +
+    system time of all of a process's threads, psutil ``cpu_times``); classes as in
+    :func:`classify`, a Ray Train worker's kept from its title. Processes that exit meanwhile
+    are skipped."""
+    ps = _psutil()
+    root = ps.Process(pid)
+    try:
+        procs = [root] + root.children(recursive=True)
+    except ps.Error:
+        return {}
+    out = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            cls = classify(p.cmdline(), p.pid == pid)
+        except ps.Error:
+            continue
+        out[p.pid] = (cls, t.user + t.system)
+    return out
+
+
+def cpu_seconds(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds per class spent between two :func:`cpu_snapshot` calls (a process first seen
+    in ``after`` counts from its start; one that exited in between is lost), plus ``"total"``."""
+    out = {c: 0.0 for c in CLASSES}
+    for pid, (cls, t) in after.items():
+        out[cls] += t - (before[pid][1] if pid in before else 0.0)
+    out["total"] = sum(out.values())
+    return out
+
+
 def dir_bytes(path: str) -> int:
     """Bytes of the regular files under ``path`` (0 when it does not exist)."""
     if os.path.isfile(path):

@@ -17,7 +17,8 @@ from rectrain.data import storage
 from rectrain.launch import quiet
 from rectrain.launch.cluster import check_cluster_cpus, cluster_address, init_ray
 
-__all__ = ["fit", "init_ray", "ray_train_worker", "read_placement", "train", "worker_resources"]
+__all__ = ["fit", "init_ray", "ray_train_worker", "read_blocks", "read_placement", "train",
+           "worker_resources"]
 
 
 def exact_split_config():
@@ -38,6 +39,29 @@ def exact_split_config():
             return output
 
     return ExactSplitDataConfig()
+
+
+#: fewest rows a Ray Data read block of a split should hold (see :func:`read_blocks`)
+MIN_BLOCK_ROWS = 65_536
+
+
+def read_blocks(rows: int, batch_size: int, workers: int) -> int:
+    """``override_num_blocks`` for ``ray.data.read_parquet`` of a split of ``rows`` rows read by
+    ``workers`` training workers: blocks of about ``max(MIN_BLOCK_ROWS, 8 * batch_size)`` rows,
+    and at least 4 blocks per worker so that ``streaming_split(equal=False)`` (evaluation)
+    still spreads a small split over the workers.
+
+    Ray Data's own choice (at least ``DataContext.read_op_min_num_blocks`` = 200 blocks) cut
+    the 25 files of 16,384 rows of the DIN benchmark into 150 blocks of 2,730 rows
+    (``ReadParquet->SplitBlocks(6)``), under 3 batches each: every block is a task output, an
+    object in the store and a hand-off by the split coordinator, which cost 2.6 CPU-s per epoch
+    of 409,600 rows against 0.7 CPU-s in 4 blocks (docs/benchmarks.md, "Ingest: where the time
+    went"). The read still caps a block at ``DataContext.target_max_block_size`` bytes, so a
+    large file does not make one block too large for memory. The rows and the exact split
+    are the same whatever the count; only their grouping into blocks (and so the streaming
+    order) changes."""
+    per_block = max(MIN_BLOCK_ROWS, 8 * batch_size)
+    return max(4 * max(workers, 1), rows // per_block)
 
 
 def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
@@ -94,8 +118,10 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         # file listing, see cluster._configure_data_context). Rows are already globally shuffled by
         # prepare and each block is permuted again by the loader (loader.rebatch).
         shuffle = FileShuffleConfig(seed=tc.seed) if split == "train" else None
+        blocks = read_blocks(manifest["rows_per_split"].get(split, 0), tc.batch_size,
+                             tc.num_workers)
         datasets[split] = ray.data.read_parquet(path, columns=cols, filesystem=fs,
-                                                shuffle=shuffle)
+                                                shuffle=shuffle, override_num_blocks=blocks)
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // tc.num_workers) if not address else None
     t0 = time.perf_counter()
