@@ -60,25 +60,42 @@ def test_continual_warm_and_never_over_windows(tmp_path, ray_local, monkeypatch)
     assert "window" in cont.table_text(rows)
 
 
-def test_a_partial_last_window_ends_the_loop_and_an_empty_middle_window_does_not(tmp_path):
+def test_a_partial_last_window_ends_the_loop_and_an_empty_middle_window_does_not(
+        tmp_path, monkeypatch):
     """The log's last window is often partial: when the second-to-last window's prepare finds
     its successor's valid or test split empty, ``rectrain continual`` stops there (no Ray)."""
     import json
+    import types
 
-    from rectrain.launch.continual import _short_tail
+    import pytest
 
-    def manifest(name, index, test_rows):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "manifest.json").write_text(json.dumps({
-            "window": {"index": index, "num_windows": 7},
-            "rows_per_split": {"train": 100, "valid": 10, "test": test_rows}}))
-        return str(d)
+    from rectrain.launch import continual, jobs
 
-    assert _short_tail(manifest("tail", 5, 0))
-    assert not _short_tail(manifest("tail_full", 5, 3))
-    assert not _short_tail(manifest("middle", 2, 0))
-    assert not _short_tail(str(tmp_path / "missing"))
+    def manifest(index, test_rows):
+        return {"window": {"index": index, "num_windows": 7},
+                "rows_per_split": {"train": 100, "valid": 10, "test": test_rows}}
+
+    assert continual._short_tail(manifest(5, 0))
+    assert not continual._short_tail(manifest(5, 3))
+    assert not continual._short_tail(manifest(2, 0))
+    assert not continual._short_tail({})
+
+    def failing_prepare(written):  # prepare saves its manifest, then raises on empty splits
+        def prepare(c, address=None):
+            if written is not None:
+                (tmp_path / c.prepared_dir).mkdir()
+                (tmp_path / c.prepared_dir / "manifest.json").write_text(json.dumps(written))
+            raise ValueError("the test split of window 6 is empty")
+        return prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(jobs, "prepare_job", failing_prepare(manifest(5, 0)))
+    got = continual._prepared(types.SimpleNamespace(prepared_dir="tail"), None)
+    assert got["window"]["index"] == 5 and continual._short_tail(got)
+    for name, written in (("middle", manifest(2, 0)), ("none", None)):
+        monkeypatch.setattr(jobs, "prepare_job", failing_prepare(written))
+        with pytest.raises(ValueError, match="is empty"):
+            continual._prepared(types.SimpleNamespace(prepared_dir=name), None)
 
 
 def test_a_windows_zch_counts_sum_its_epochs_and_keep_the_last_held():

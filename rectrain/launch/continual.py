@@ -43,18 +43,31 @@ def _window_cfg(cfg: JobConfig, w: int, policy: str, warm_from: Optional[str]) -
     return c
 
 
-def _short_tail(prepared_dir: str) -> bool:
-    """Whether ``prepared_dir`` is the prepare of the log's second-to-last window whose
-    successor (the last, often partial, window) has an empty valid or test split: the loop
-    ends there instead of failing (a window earlier in the log with no events stays an error)."""
-    from rectrain.data.schema import load_manifest
-
-    if not storage.exists(storage.join(prepared_dir, "manifest.json")):
-        return False
-    m = load_manifest(prepared_dir)
-    win, split = m.get("window") or {}, m.get("rows_per_split") or {}
+def _short_tail(manifest: dict) -> bool:
+    """Whether ``manifest`` is the prepare of the log's second-to-last window whose successor
+    (the last, often partial, window) has an empty valid or test split: the loop ends there
+    instead of failing (a window earlier in the log with no events stays an error)."""
+    win, split = manifest.get("window") or {}, manifest.get("rows_per_split") or {}
     return (win.get("index") == win.get("num_windows", 0) - 2
             and not (split.get("valid") and split.get("test")))
+
+
+def _prepared(c: JobConfig, address: Optional[str]) -> dict:
+    """The manifest of window job ``c``, preparing it first unless its folder has one. A
+    prepare that fails only because its successor is the log's partial last window has
+    still written its manifest (prepare saves it before raising), which is returned so the
+    loop can end there (:func:`_short_tail`)."""
+    from rectrain.data.schema import load_manifest
+    from rectrain.launch.jobs import prepare_job
+
+    url = storage.join(c.prepared_dir, "manifest.json")
+    if not storage.exists(url):
+        try:
+            prepare_job(c, address=address)
+        except ValueError:
+            if not (storage.exists(url) and _short_tail(load_manifest(c.prepared_dir))):
+                raise
+    return load_manifest(c.prepared_dir)
 
 
 def evaluate_on(run_dir: str, prepared_dir: str) -> dict:
@@ -121,8 +134,6 @@ def continual(cfg: JobConfig, policies=("warm",), address: Optional[str] = None,
     Raises:
         ValueError: the job has no ``dataset.windows``, or an unknown policy.
     """
-    from rectrain.data.schema import load_manifest
-    from rectrain.launch.jobs import prepare_job
     from rectrain.launch.ray_launch import train
 
     if cfg.dataset.windows is None:
@@ -141,19 +152,13 @@ def continual(cfg: JobConfig, policies=("warm",), address: Optional[str] = None,
             t0 = time.perf_counter()
             prev = storage.join(cfg.run_dir, "warm", f"window-{w - 1:03d}")
             c = _window_cfg(cfg, w, policy, prev if policy == "warm" and w else None)
-            try:
-                if not storage.exists(storage.join(c.prepared_dir, "manifest.json")):
-                    prepare_job(c, address=address)
-            except ValueError:
-                if not _short_tail(c.prepared_dir):
-                    raise
-            manifest = load_manifest(c.prepared_dir)
+            manifest = _prepared(c, address)
             n_windows = manifest["window"]["num_windows"]
-            if _short_tail(c.prepared_dir):
+            if _short_tail(manifest):
                 print(f"[rectrain] continual: window {w} stops the loop: its successor, the "
                       f"log's last window, has no valid or test events "
                       f"({manifest['rows_per_split']})", flush=True)
-                n_windows = w + 1
+                n_windows = w + 1  # the while ends after this window
                 break
             if policy == "never":
                 m = storage.read_json(storage.join(cfg.run_dir, "warm", "window-000",
@@ -165,10 +170,7 @@ def continual(cfg: JobConfig, policies=("warm",), address: Optional[str] = None,
             else:
                 m = train(c, address)
             rows.append(_row(w, policy, m, manifest, time.perf_counter() - t0))
-        else:
-            w += 1
-            continue
-        break
+        w += 1
     rows = [r for r in rows if r["policy"] in policies]
     storage.write_json({"policies": list(policies), "rows": rows},
                        storage.join(cfg.run_dir, "continual.json"))
