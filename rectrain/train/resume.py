@@ -205,11 +205,7 @@ class Checkpointer:
             url = resolve_resume(self.cfg.run_dir, self.spec.resume)
         if url is None:  # a run restarted after a failure resumes its own checkpoint instead
             return self._warm_start() if self.spec.warm_start else False
-        # before DCP: other table sizes would fail deep inside it, equal ones load silently
-        saved_data = storage.read_json(storage.join(url, "meta.json")).get("data")
-        check_same_data(saved_data, self.manifest, url, self.cfg.prepared_dir, grow=True)
-        meta = load_checkpoint(url, self.dmp, self.optimizer,
-                               grow=grown_tables(saved_data, self.manifest))
+        meta, _, _ = self._load(url)
         p = meta["progress"]
         saved = TrainState.from_dict(p)
         if saved.rows_done and not self.deterministic:
@@ -240,6 +236,20 @@ class Checkpointer:
                   f"{env.world})", flush=True)
         return True
 
+    def _load(self, url: str) -> tuple[dict, str, dict]:
+        """Check the prepared data against checkpoint ``url``'s, then load it (collective),
+        growing the tables that grew since. Returns ``(meta, how, grown)``: the checkpoint's
+        ``meta.json``, :func:`check_same_data`'s verdict and :func:`grown_tables`.
+
+        Raises:
+            ValueError: the data neither equals nor extends the checkpoint's (checked before
+                DCP: other table sizes would fail deep inside it, equal ones load silently).
+        """
+        saved = storage.read_json(storage.join(url, "meta.json")).get("data")
+        how = check_same_data(saved, self.manifest, url, self.cfg.prepared_dir, grow=True)
+        grown = grown_tables(saved, self.manifest)
+        return load_checkpoint(url, self.dmp, self.optimizer, grow=grown), how, grown
+
     def _warm_start(self) -> bool:
         """Load ``checkpoint.warm_start``'s model and optimiser state (collective; DCP
         reshards to this world size and plan); epoch, step, best and history stay fresh.
@@ -252,10 +262,7 @@ class Checkpointer:
                 table shrank or was renumbered (:func:`rectrain.data.schema.check_same_data`).
         """
         url = resolve_warm_start(self.spec.warm_start)
-        saved_data = storage.read_json(storage.join(url, "meta.json")).get("data")
-        how = check_same_data(saved_data, self.manifest, url, self.cfg.prepared_dir, grow=True)
-        grown = grown_tables(saved_data, self.manifest)
-        load_checkpoint(url, self.dmp, self.optimizer, grow=grown)
+        _, how, grown = self._load(url)
         self.warm_started = {"from": url, "data": how, "grown": grown}
         if self.env.rank == 0:
             rows = "".join(f"; table {t} grown {a} -> {b} rows" for t, (a, b) in grown.items())
