@@ -282,9 +282,9 @@ its seconds per million events fall with size and its samples/s stay flat (its v
 test score one row per user each, which grows with the events). **Training memory flat**: the
 workers stream blocks of the prepared samples (Ray Data `streaming_split`), so neither a
 worker nor the driver holds the log; only the tables grow (users ∝ events). **Prepare memory
-bounded by the bucket size, not by the log**: each sequence task holds one user bucket; with
-prepare's fixed 16 buckets a bucket is events / 16, so per-task memory grows with the log
-unless the bucket count grows with it."""
+bounded by the bucket size, not by the log**: each sequence task holds one user bucket, and
+prepare uses 16 buckets up to 8M events and one per 500,000 events above
+(`rectrain.data.prepare.bucket_count`), so a bucket holds at most ~500k events on average."""
 
 
 def write_report(out_dir: str, res: dict) -> None:

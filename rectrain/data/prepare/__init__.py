@@ -47,7 +47,21 @@ __all__ = ["DataValidationError", "build_sequences", "prepare"]
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) -> dict:
+#: user buckets grow with the log so that one sequence task holds about this many events at most
+EVENTS_PER_BUCKET = 500_000
+MIN_BUCKETS = 16
+
+
+def bucket_count(rows: int, per_bucket: int = EVENTS_PER_BUCKET, minimum: int = MIN_BUCKETS
+                 ) -> int:
+    """User buckets for a log of ``rows`` events: at least ``minimum``, and enough that a
+    bucket averages at most ``per_bucket`` events (users are bucketed by id modulo the count,
+    so a bucket's memory follows its events, not the log's)."""
+    return max(minimum, -(-rows // per_bucket))
+
+
+def prepare(cfg: JobConfig, num_buckets: int | None = None, rows_per_file: int = 20_000
+            ) -> dict:
     """Run the prepare stage for ``cfg`` on the connected Ray cluster; returns the manifest
     (:meth:`rectrain.data.schema.Manifest.to_dict`, as written to ``manifest.json``).
 
@@ -56,7 +70,8 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
     features per id), ``vocab/<feature>.parquet`` (raw value -> id) and ``manifest.json``.
     With ``dataset.vocab_from`` the vocabularies extend that folder's (known values keep
     their ids) and features with a ``capacity`` get fixed table sizes (docs/data.md).
-    ``num_buckets`` user buckets (bucket tasks); output files of at most ``rows_per_file`` rows.
+    ``num_buckets`` user buckets (bucket tasks; None: :func:`bucket_count` of the log's rows,
+    16 up to 8M events); output files of at most ``rows_per_file`` rows.
 
     Raises:
         DataValidationError: bad input under ``on_invalid: error`` (names file/column/row/value).
@@ -78,7 +93,9 @@ def prepare(cfg: JobConfig, num_buckets: int = 16, rows_per_file: int = 20_000) 
                           if f.kind in ("sparse", "multi_hot") and f.encoding == "vocab"]))
     encode_side_features(cfg, side, roles, vocab)
     event_feats = [f for f in cfg.features if roles.get(f.name) == "events"]
-    col_types = check_event_schemas(event_files, spec, [f.source for f in event_feats])
+    col_types, n_rows = check_event_schemas(event_files, spec, [f.source for f in event_feats])
+    num_buckets = num_buckets or bucket_count(n_rows)
+    read_tasks["user_buckets"] = num_buckets
     event_vocabularies(event_files, spec, event_feats, col_types, "users" not in side.raw, vocab,
                        groups)
     events = read_events(cfg, event_files, side, vocab, col_types, event_feats, num_buckets,

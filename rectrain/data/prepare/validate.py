@@ -95,15 +95,17 @@ def null_list_elements(col) -> pa.Array:
 
 # ----------------------------------------------------------------------------- footers
 def check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: list[str]
-                        ) -> dict[str, pa.DataType]:
+                        ) -> tuple[dict[str, pa.DataType], int]:
     """Read every events file's footer (no data) and check that the job's columns exist and
     have the same type in every file, naming the first file that disagrees. Integer widths
     may differ (compared as int64), and a column of type ``null`` (all values null in that
     file) agrees with any type: its rows are then caught by the per-row null checks.
-    Returns each column's type (from the first file where it is not ``null``)."""
+    Returns each column's type (from the first file where it is not ``null``) and the rows of
+    all the files (from the footers)."""
     needed = list(dict.fromkeys([spec.user_column, spec.item_column, spec.timestamp_column,
                                  spec.label.column] + feature_sources))
     first: dict[str, tuple[str, pa.DataType]] = {}
+    rows = 0
     for path in files:
         fs, p = storage.url_to_fs(path)
         try:
@@ -112,6 +114,7 @@ def check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: li
                 schema, n = pf.schema_arrow, pf.metadata.num_rows
         except (pa.ArrowInvalid, OSError) as e:
             raise DataValidationError(f"{path}: cannot read as Parquet: {e}") from None
+        rows += n
         if n == 0:
             continue  # an empty file's schema does not matter
         for c in needed:
@@ -138,7 +141,7 @@ def check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: li
                         f"{path}: column {c!r} has type {ty}, but {first[c][0]} has {first[c][1]}; "
                         f"all events files must agree")
             first.setdefault(c, (path, ty))
-    return {c: ty for c, (_, ty) in first.items()}
+    return {c: ty for c, (_, ty) in first.items()}, rows
 
 
 # ----------------------------------------------------------------------------- rows
