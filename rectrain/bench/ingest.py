@@ -42,7 +42,7 @@ def _ingest_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from rectrain.bench.trainstep import _layout, bench_config
-    from rectrain.bench.proctree import cpu_seconds, cpu_snapshot
+    from rectrain.bench.proctree import cpu_seconds, cpu_snapshot, rss_by_title
     from rectrain.data.loader import RayShard, prefetch, rebatch
 
     if config.get("threads"):
@@ -74,9 +74,10 @@ def _ingest_worker(config: dict) -> None:
         sm = t.clone()
         dist.all_reduce(sm)
         cpu = cpu_seconds(snap, cpu_snapshot(config["tree_pid"])) if rank0 else {}
+        rss = rss_by_title(config["tree_pid"]) if rank0 else {}
         history.append({"epoch": epoch, "seconds": float(mx[0]),
                         "steady_seconds": float(mx[1]), "first_batch_seconds": float(mx[2]),
-                        "rows": int(sm[3]), "cpu_seconds": cpu})
+                        "rows": int(sm[3]), "cpu_seconds": cpu, "rss_mb": rss})
         ray.train.report(history[-1])
     if ctx.get_world_rank() == 0:  # Ray Train 2.60 keeps no metrics without a checkpoint
         from rectrain.data import storage
@@ -116,7 +117,8 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     with open(result_path) as f:
         history = json.load(f)["epochs"]
     return [{k: h[k] for k in ("epoch", "seconds", "steady_seconds", "first_batch_seconds",
-                               "rows", "cpu_seconds")} | {"blocks": blocks} for h in history]
+                               "rows", "cpu_seconds", "rss_mb")} | {"blocks": blocks}
+            for h in history]
 
 
 def run_pyarrow(wl: Workload, batch: int, repeats: int = 2) -> dict:

@@ -154,6 +154,27 @@ def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
+def rss_by_title(pid: int) -> dict[str, float]:
+    """The largest resident set (MiB) per process title (:func:`title`; ``driver`` for ``pid``
+    itself) among ``pid`` and its descendants now, one psutil pass. Shared pages count in
+    every process that maps them (see the module docstring)."""
+    ps = _psutil()
+    root = ps.Process(pid)
+    try:
+        procs = [root] + root.children(recursive=True)
+    except ps.Error:
+        return {}
+    out: dict[str, float] = {}
+    for p in procs:
+        try:
+            rss, cmd = p.memory_info().rss / 2**20, p.cmdline()
+        except ps.Error:
+            continue
+        name = "driver" if p.pid == pid else title(cmd)
+        out[name] = round(max(out.get(name, 0.0), rss), 1)
+    return out
+
+
 def cpu_seconds(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds per class spent between two :func:`cpu_snapshot` calls (a process first seen
     in ``after`` counts from its start; one that exited in between is lost), plus ``"total"``."""
