@@ -233,3 +233,29 @@ def test_scale_skip_reason_extrapolates_from_the_largest_smaller_size():
                         "two_stage") == "needs train, which was failed"
     assert _skip_reason("recommend", 500, [], {"prepare": "ok", "train": "was failed"}, 1e9) \
         is None
+
+
+def test_tree_sampler_keeps_private_memory_apart_from_shared_pages():
+    """A child that maps and touches shared memory: its RSS counts those pages, its private
+    memory (RSS minus shared) does not; the tree's classes and titles are kept for both."""
+    import subprocess
+    import sys
+
+    from rectrain.bench.proctree import TreeSampler, rss_by_title
+
+    code = ("import mmap, time; m = mmap.mmap(-1, 200 * 2**20); c = b'x' * 2**20\n"
+            "for _ in range(200): m.write(c)\ntime.sleep(3)")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        with TreeSampler(os.getpid(), interval_s=0.2) as s:
+            import time
+            time.sleep(2.5)
+            now = rss_by_title(os.getpid()), rss_by_title(os.getpid(), private=True)
+    finally:
+        p.wait()
+    r = s.result()
+    child = max(v for k, v in r["top_processes_mb"].items() if k != "driver")
+    child_private = max(v for k, v in r["top_private_mb"].items() if k != "driver")
+    assert child >= 200 and child_private < 100  # the 200 MiB mapping is shared, not private
+    assert 0 < r["peak_private_mb"]["driver"] <= r["peak_rss_mb"]["driver"]
+    assert now[1]["driver"] <= now[0]["driver"]

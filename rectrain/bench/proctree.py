@@ -13,7 +13,11 @@ titles with ``setproctitle``):
 - ``ray_system``: the rest of the tree (``gcs_server``, ``raylet``, dashboard, log monitor).
 
 RSS counts shared pages (Ray's object store is shared memory) in every process that maps
-them, so the tree sum over-counts them; the per-process maxima are the figures to compare.
+them, so the tree sum over-counts them, and a long-lived Ray worker's RSS grows with every
+object it ever read (the pages stay mapped). So the sampler also keeps each process's
+*private* resident memory, RSS minus shared pages (``memory_info().shared``: the object
+store's pages and shared libraries), the figure that says what a process itself holds; the
+object store is bounded by its own configured capacity (spilling beyond it).
 A process that lives less than one interval may be missed.
 """
 
@@ -72,7 +76,7 @@ class TreeSampler:
         self.psutil = _psutil()
         self.root = self.psutil.Process(pid)
         self.interval_s = interval_s
-        self.procs: dict[int, dict] = {}  # pid -> {"cls", "rss", "title"} (at its peak)
+        self.procs: dict[int, dict] = {}  # pid -> {"cls", "rss", "title", "private"} (peaks)
         self.tree_peak = 0.0
         self.samples = 0
         self._stop = threading.Event()
@@ -101,35 +105,49 @@ class TreeSampler:
         total = 0.0
         for p in procs:
             try:
-                rss = p.memory_info().rss / 2**20
+                mi = p.memory_info()
                 cmd = p.cmdline()
             except ps.Error:
                 continue
+            rss, private = mi.rss / 2**20, (mi.rss - getattr(mi, "shared", 0)) / 2**20
             c = classify(cmd, p.pid == self.root.pid)
-            rec = self.procs.setdefault(p.pid, {"cls": c, "rss": 0.0, "title": ""})
+            rec = self.procs.setdefault(p.pid, {"cls": c, "rss": 0.0, "title": "",
+                                                "private": 0.0, "private_title": ""})
             if c == "train_worker":
                 rec["cls"] = c
+            name = "driver" if c == "driver" else title(cmd)
             if rss >= rec["rss"]:
-                rec["rss"], rec["title"] = rss, "driver" if c == "driver" else title(cmd)
+                rec["rss"], rec["title"] = rss, name
+            if private >= rec["private"]:
+                rec["private"], rec["private_title"] = private, name
             total += rss
         self.tree_peak = max(self.tree_peak, total)
         self.samples += 1
 
     def result(self) -> dict:
-        """``{"peak_rss_mb": {class: MiB}, "processes": {class: distinct processes seen},
-        "tree_peak_rss_mb", "top_processes_mb": {title: MiB} (the 10 largest), "samples"}``;
-        a class never seen has peak 0."""
+        """``{"peak_rss_mb": {class: MiB}, "peak_private_mb": {class: MiB}, "processes":
+        {class: distinct processes seen}, "tree_peak_rss_mb", "top_processes_mb": {title: MiB}
+        and "top_private_mb" (the 10 largest), "samples"}``; a class never seen has peak 0."""
         peak = {c: 0.0 for c in CLASSES}
+        peak_priv = {c: 0.0 for c in CLASSES}
         count = {c: 0 for c in CLASSES}
         by_title: dict[str, float] = {}
+        by_title_priv: dict[str, float] = {}
         for rec in self.procs.values():
             peak[rec["cls"]] = max(peak[rec["cls"]], rec["rss"])
+            peak_priv[rec["cls"]] = max(peak_priv[rec["cls"]], rec["private"])
             count[rec["cls"]] += 1
             by_title[rec["title"]] = max(by_title.get(rec["title"], 0.0), rec["rss"])
-        top = sorted(by_title.items(), key=lambda kv: -kv[1])[:10]
+            t = rec["private_title"]
+            by_title_priv[t] = max(by_title_priv.get(t, 0.0), rec["private"])
+
+        def top(d):
+            return {k: round(v, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:10]}
         return {"peak_rss_mb": {c: round(v, 1) for c, v in peak.items()},
+                "peak_private_mb": {c: round(v, 1) for c, v in peak_priv.items()},
                 "processes": count, "tree_peak_rss_mb": round(self.tree_peak, 1),
-                "top_processes_mb": {k: round(v, 1) for k, v in top}, "samples": self.samples}
+                "top_processes_mb": top(by_title), "top_private_mb": top(by_title_priv),
+                "samples": self.samples}
 
 
 def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
@@ -154,10 +172,10 @@ def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
-def rss_by_title(pid: int) -> dict[str, float]:
+def rss_by_title(pid: int, private: bool = False) -> dict[str, float]:
     """The largest resident set (MiB) per process title (:func:`title`; ``driver`` for ``pid``
-    itself) among ``pid`` and its descendants now, one psutil pass. Shared pages count in
-    every process that maps them (see the module docstring)."""
+    itself) among ``pid`` and its descendants now, one psutil pass; with ``private``, RSS
+    minus shared pages (see the module docstring)."""
     ps = _psutil()
     root = ps.Process(pid)
     try:
@@ -167,7 +185,8 @@ def rss_by_title(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for p in procs:
         try:
-            rss, cmd = p.memory_info().rss / 2**20, p.cmdline()
+            mi, cmd = p.memory_info(), p.cmdline()
+            rss = (mi.rss - (getattr(mi, "shared", 0) if private else 0)) / 2**20
         except ps.Error:
             continue
         name = "driver" if p.pid == pid else title(cmd)

@@ -180,11 +180,15 @@ def _row(stage: str, events: int, users: int, items: int, r: dict, work: str, lo
     mem = r["memory"]
     for c in CLASSES:
         row[f"{c}_peak_rss_mb"] = mem["peak_rss_mb"][c]
+        row[f"{c}_peak_private_mb"] = mem.get("peak_private_mb", {}).get(c, 0.0)
     row["driver_peak_rss_mb"] = max(row["driver_peak_rss_mb"],
                                     r["child"].get("driver_ru_maxrss_mb", 0))
     row["worker_peak_rss_mb"] = max(mem["peak_rss_mb"]["train_worker"],
                                     mem["peak_rss_mb"]["ray_worker"])
+    row["worker_peak_private_mb"] = max(row["train_worker_peak_private_mb"],
+                                        row["ray_worker_peak_private_mb"])
     row["tree_peak_rss_mb"] = mem["tree_peak_rss_mb"]
+    row["top_private_mb"] = mem.get("top_private_mb", {})
     row["processes"] = mem["processes"]
     row["top_processes_mb"] = mem["top_processes_mb"]
     row["disk_bytes"] = dir_bytes(os.path.join(work, OUTPUT[stage]))
@@ -265,6 +269,7 @@ def run_scale(out_dir: str, size: str = "quick", events: list[int] | None = None
             print(f"[bench] scale {n:,} events {stage}: " + (
                 f"{row['wall_s']:.1f} s, {row['rate']:,.0f} {row['rate_unit']}, driver "
                 f"{row['driver_peak_rss_mb']:.0f} MiB, worker {row['worker_peak_rss_mb']:.0f} "
+                f"(private {row['worker_peak_private_mb']:.0f}) "
                 f"MiB" if row["status"] == "ok" else row["reason"]),
                 flush=True)
             if progress:
@@ -292,8 +297,8 @@ def write_report(out_dir: str, res: dict) -> None:
     matplotlib)."""
     s = res["settings"]
     cols = ["events", "users", "status", "wall_s", "s_per_m_events", "rate",
-            "driver_peak_rss_mb", "train_worker_peak_rss_mb", "ray_worker_peak_rss_mb",
-            "ray_system_peak_rss_mb", "disk_mb"]
+            "driver_peak_rss_mb", "train_worker_peak_private_mb", "ray_worker_peak_private_mb",
+            "train_worker_peak_rss_mb", "ray_worker_peak_rss_mb", "disk_mb"]
     md = [f"### Cost curves: synth → prepare → train → recommend ({s['size']})\n",
           f"Synthetic logs (`rectrain synth`): {s['events_per_user']} events per user on "
           f"average, {s['items']:,} items; DIN (dim 16) on {s['workers']} Ray Train workers, "
@@ -301,8 +306,11 @@ def write_report(out_dir: str, res: dict) -> None:
           f"{s['train_steps']} steps; recommend: {s['recommend']} (HNSW, top 10, "
           f"{s['recommend_actors']} Ray Data actors). "
           "Each stage in its own subprocess and embedded Ray; wall includes the start-up. "
-          "Peak RSS in MiB per process (driver; the largest Ray Train worker, other `ray::` "
-          "worker or actor, Ray system process), sampled every 0.5 s.\n"]
+          "Peak memory in MiB per process, sampled every 0.5 s: the driver's RSS; for the "
+          "largest Ray Train worker and other `ray::` worker or actor, *private* memory (RSS "
+          "minus shared pages: what the process itself holds) and RSS (which also counts every "
+          "object-store page the process has read, so a long-lived Ray worker's RSS grows "
+          "with the data that passed through it).\n"]
     for stage in STAGES:
         rows = [dict(r, disk_mb=r.get("disk_bytes", 0) / 2**20, status=r["status"] if
                      r["status"] == "ok" else f"{r['status']}: {r['reason']}")
@@ -329,13 +337,15 @@ def _plots(out_dir: str, res: dict) -> None:
             x = [r["events"] for r in rs]
             secs[stage] = (x, [r["s_per_m_events"] for r in rs])
             mem[f"{stage}: driver"] = (x, [r["driver_peak_rss_mb"] for r in rs])
-            mem[f"{stage}: largest worker"] = (x, [r["worker_peak_rss_mb"] for r in rs])
+            mem[f"{stage}: largest worker (private)"] = (
+                x, [r.get("worker_peak_private_mb", r["worker_peak_rss_mb"]) for r in rs])
     if not secs:
         return
     report.plot_lines(os.path.join(out_dir, "scale_seconds.png"), secs, "events",
                       "seconds per million events", "cost per event, per stage", logx=True)
     report.plot_lines(os.path.join(out_dir, "scale_memory.png"), mem, "events",
-                      "peak RSS per process (MiB)", "peak memory, per stage", logx=True)
+                      "peak MiB per process (driver RSS; worker private)",
+                      "peak memory, per stage", logx=True)
 
 
 if __name__ == "__main__":
