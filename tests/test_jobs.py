@@ -135,3 +135,21 @@ def test_job_trains_a_few_steps(path, tmp_path, gloo_rank):
     m = loop.run(cfg, file_env(cfg, 0, 1))
     assert len(m["epochs"]) == 1 and m["model"] == cfg.model.name
     assert storage.exists(storage.join(cfg.run_dir, "metrics.json"))
+
+
+def test_bench_flags_on_the_command_line_win_over_the_config(tmp_path):
+    """`rectrain bench scale --config jobs/bench_scale.yaml --out DIR` writes to DIR: the
+    file's `bench:` values fill only the options left at their defaults."""
+    from rectrain.bench import cli as bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_parser(parser.add_subparsers(dest="verb"))
+    spec = os.path.join(ROOT, "jobs", "bench_scale.yaml")
+    args = parser.parse_args(["bench", "scale", "--config", spec, "--out", str(tmp_path),
+                              "--budget-s", "60"])
+    bench_cli._apply_config(args)
+    assert args.out == str(tmp_path) and args.budget_s == 60
+    assert args.events == "1000000,10000000,50000000"  # not given: from the file
+    args = parser.parse_args(["bench", "scale", "--config", spec])
+    bench_cli._apply_config(args)
+    assert args.out == "benchmarks/results" and args.budget_s == 900

@@ -31,7 +31,8 @@ SETTINGS = {
 
 def add_parser(sub) -> None:
     """Register the ``bench`` verb on an argparse subparsers object."""
-    sp = sub.add_parser("bench", help="benchmark jobs: " + ", ".join(BENCHES))
+    global _PARSER
+    sp = _PARSER = sub.add_parser("bench", help="benchmark jobs: " + ", ".join(BENCHES))
     sp.add_argument("name", choices=BENCHES)
     sp.add_argument("--config", default=None,
                     help="a jobs/bench_*.yaml spec (its `bench:` section sets these options)")
@@ -80,7 +81,12 @@ def _workloads(names: list[str], data: str, s: dict):
     return out
 
 
+_PARSER = None  # the bench subparser, for its defaults (a flag set on the command line wins)
+
+
 def _apply_config(args) -> None:
+    """The ``bench:`` section of ``args.config`` onto ``args``, except the options given on the
+    command line (a value other than the flag's default), which win over the file."""
     if not args.config:
         return
     import yaml
@@ -96,8 +102,10 @@ def _apply_config(args) -> None:
     if bench.get("name") and bench["name"] != args.name:
         raise ValueError(f"{args.config}: bench.name is {bench['name']!r}, not {args.name!r}")
     for k, v in bench.items():
-        if k != "name":
-            setattr(args, k, ",".join(map(str, v)) if isinstance(v, list) else v)
+        if k == "name" or (_PARSER is not None and getattr(args, k, None) is not None
+                           and getattr(args, k) != _PARSER.get_default(k)):
+            continue
+        setattr(args, k, ",".join(map(str, v)) if isinstance(v, list) else v)
 
 
 def scale_events(text) -> list[int]:
