@@ -123,9 +123,10 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
         t0 = time.perf_counter()
         blocks = plan_blocks(spec)
         todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
+        # from the stored config and manifest: the driver loads no model when sharded
+        scoring, why = choose_scoring(spec) if todo else ("unsharded", "")
     n_users = sum(hi - lo for _, lo, hi in todo)
     rec = None
-    scoring, why = choose_scoring(spec) if todo else ("unsharded", "")
     if todo and scoring == "unsharded":
         rec = Recommender(spec)
         ph.update(rec.timings)

@@ -116,7 +116,8 @@ def load_sharded(path: str, env) -> LoadedModel:
     layout = FeatureLayout(cfg, manifest)  # the run's table dtype: TBE returns fp32 rows
     model = build_model(layout, cfg.model, sparse_device=torch.device("meta"),
                         dense_device=env.device)
-    dmp, _, plan = shard_model(model, cfg.sharding, cfg.optim, env.device, cfg.train)
+    with torch.enable_grad():  # the fused optimiser's hooks need autograd (Recommender: off)
+        dmp, _, plan = shard_model(model, cfg.sharding, cfg.optim, env.device, cfg.train)
     meta = load_checkpoint(url, dmp)
     dmp.eval()
     return LoadedModel(model=dmp, layout=layout, cfg=cfg,
