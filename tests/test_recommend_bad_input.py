@@ -147,3 +147,44 @@ def test_short_lists_from_an_ivf_index_that_probes_few_items_are_counted(runs, t
              sources=[{"name": "retrieval"}], exclude="none")
     assert s["users_with_short_list"] > 0 and s["rows"] < 30 * 3
     assert f"{s['users_with_short_list']} of 30 users get fewer than k=3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rec, field", [({"scoring": "unsharded", "workers": 2}, "workers"),
+                                        ({"actor_memory_gb": -1}, "actor_memory_gb"),
+                                        ({"scoring": "sharded", "explain": 2}, "explain")])
+def test_scoring_settings_that_conflict_are_config_errors(runs, rec, field):
+    with pytest.raises(ConfigError, match=f"recommend.{field}"):
+        config_from_dict({**runs["job"], "recommend": rec})
+
+
+def test_auto_scoring_shards_the_ranker_only_when_its_tables_exceed_the_budget(runs):
+    """The chooser reads the stored config and manifest (no model, no Ray); its table bytes
+    are those of the unsharded model's EBC/EC weights (fp32)."""
+    import torch
+
+    from rectrain.config.sections import RecommendSpec
+    from rectrain.serve.loading import load_model
+    from rectrain.serve.sharded import choose_scoring
+    from rectrain.train.planning import embedding_modules
+
+    model = load_model(runs["din"]).model
+    nbytes = sum(p.numel() * p.element_size() for m in embedding_modules(model)
+                 for p in m.parameters())
+    assert nbytes > 0 and all(p.dtype == torch.float32 for m in embedding_modules(model)
+                              for p in m.parameters())
+    spec = lambda **kw: RecommendSpec(ranking_run=runs["din"], **kw)  # noqa: E731
+    path, why = choose_scoring(spec())  # default budget: 8 GiB
+    assert path == "unsharded" and f"ranking tables {nbytes:,} bytes" in why and "<=" in why
+    path, why = choose_scoring(spec(actor_memory_gb=(nbytes - 1) / 2**30))
+    assert path == "sharded" and f"{nbytes:,} bytes" in why and "> actor_memory_gb" in why
+    assert "2 workers" in why  # the run's train.num_workers
+    assert choose_scoring(spec(actor_memory_gb=nbytes / 2**30))[0] == "unsharded"
+    assert choose_scoring(spec(actor_memory_gb=1e-9, workers=3))[1].endswith("3 workers")
+    assert choose_scoring(spec(actor_memory_gb=1e-9, scoring="unsharded"))[0] == "unsharded"
+    with pytest.raises(ValueError, match=r"^recommend.explain: .* exceed actor_memory_gb"):
+        choose_scoring(spec(actor_memory_gb=1e-9, explain=2))
+    # a retrieval run serves through its index: never sharded
+    tt = RecommendSpec(ranking_run=runs["two_tower"], actor_memory_gb=1e-9)
+    assert choose_scoring(tt)[0] == "unsharded"
+    with pytest.raises(ValueError, match=r"^recommend.scoring: .*two_tower run"):
+        choose_scoring(tt.model_copy(update={"scoring": "sharded"}))

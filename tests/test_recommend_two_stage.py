@@ -293,3 +293,29 @@ def test_evaluate_holds_the_test_split_out_and_scores_the_lists(runs, tmp_path):
     assert 0 <= m["most_popular"]["hr@5"] <= 1 and m["most_popular"]["users_evaluated"] == 30
     assert 8 < m["stage1"]["candidates_per_user"] <= 12  # 8 retrieval + 4 popular, de-duplicated
     assert m["model"]["hr@5"] <= m["stage1"]["truth_recall"] <= 1  # the lists' ceiling
+
+
+@pytest.mark.slow
+def test_sharded_scoring_on_two_ranks_gives_the_unsharded_lists(runs, tmp_path):
+    """scoring: sharded: a 2-rank gloo worker group (Ray Train) holding DIN's tables sharded
+    by the training's plan; 5 blocks, 3 on rank 0 and 2 on rank 1, so rank 1 steps on padding
+    while rank 0 finishes; the lists and candidates equal the unsharded ones."""
+    kw2 = dict(mode="two_stage", candidates=20, users_per_block=6,
+               sources=[{"name": "retrieval", "count": 12}, {"name": "popular", "count": 8}])
+    cfg, kw = _job(runs, tmp_path / "one", **kw2)
+    ref = recommend_job(cfg, **kw)
+    assert ref["path"] == "in_process" and "<= actor_memory_gb 8" in ref["path_reason"]
+    cfg, kw = _job(runs, tmp_path / "sh", actor_memory_gb=1e-6, **kw2)  # auto: over budget
+    s = recommend_job(cfg, **kw)
+    assert s["path"] == "sharded" and "> actor_memory_gb 1e-06; 2 workers" in s["path_reason"]
+    assert [r["blocks"] for r in s["ranks"]] == [3, 2]
+    assert len({r["forwards"] for r in s["ranks"]}) == 1  # the same collective steps
+    assert s["ranks"][1]["padding_forwards"] >= 1
+    a, b = _lists(ref), _lists(s)
+    for c in ("user_id", "rank", "item_id", "source"):
+        assert a[c].equals(b[c]), c
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=0, atol=1e-5)
+    assert pq.read_table(tmp_path / "one" / "candidates.parquet").equals(
+        pq.read_table(tmp_path / "sh" / "candidates.parquet"))
+    assert not os.path.exists(tmp_path / "sh" / "_sharded")
+    assert s["users"] == 30 and s["blocks_skipped"] == 0

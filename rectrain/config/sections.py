@@ -408,7 +408,8 @@ class RecommendSpec(_Model):
     run); ``two_stage`` takes each user's candidates from ``sources`` (retrieval: an index over
     ``retrieval_run``'s item vectors) and scores only those with ``ranking_run``. Users go in
     blocks of ``users_per_block`` through a Ray Data actor pool (``actors``; 0: in this process,
-    no Ray); one Parquet file per block under ``out``, a rerun skips finished blocks."""
+    no Ray); one Parquet file per block under ``out``, a rerun skips finished blocks. A ranking
+    model whose tables exceed ``actor_memory_gb`` is scored on its shards (``scoring``)."""
 
     mode: Literal["brute_force", "two_stage"] = "brute_force"
     retrieval_run: Optional[str] = Field(None, description="two-tower or SASRec run directory "
@@ -453,6 +454,17 @@ class RecommendSpec(_Model):
                                    "alone: k) is at most this: Ray's start-up and the actors' "
                                    "loading would cost more than they save; 0: never")
     explain: int = Field(0, ge=0, description="past items per recommendation that explain it")
+    scoring: Literal["auto", "unsharded", "sharded"] = Field(
+        "auto", description="how the ranking model is held: unsharded (one copy per process), "
+                            "sharded (a Ray Train worker group with the training's sharding "
+                            "plan, blocks divided among the ranks); auto: sharded when the "
+                            "ranking tables' bytes exceed actor_memory_gb")
+    actor_memory_gb: float = Field(
+        8.0, gt=0, description="auto: memory budget (GiB) of one scoring process for the "
+                               "ranking model's embedding tables")
+    workers: Optional[int] = Field(
+        None, ge=1, description="sharded: ranks of the worker group (default: the ranking "
+                                "run's train.num_workers)")
     out: Optional[str] = Field(None, description="output folder (default RUN_DIR/"
                                                  "recommendations)")
 
@@ -470,4 +482,11 @@ class RecommendSpec(_Model):
             low = 2 if key == "m" else 1
             if value < low:
                 raise ValueError(f"recommend.index_params.{key}: {value} must be >= {low}")
+        if self.workers is not None and self.scoring == "unsharded":
+            raise ValueError(f"recommend.workers: {self.workers} sizes the sharded worker "
+                             f"group, which scoring: unsharded never starts; drop it or set "
+                             f"scoring: sharded / auto")
+        if self.explain and self.scoring == "sharded":
+            raise ValueError("recommend.explain: explanations read the unsharded model's "
+                             "attention or item vectors; set explain: 0 or scoring: unsharded")
         return self

@@ -7,7 +7,9 @@ their blocks in this process (:func:`choose_path`), the others through
 ``Dataset.map_batches`` with an actor pool (at most ``actors``, one block per call): each
 actor is a :class:`BlockActor` that fetches the driver's Recommender from the object store
 once and writes its block's Parquet file itself (temporary name, then rename), so the driver
-holds only per-block counts. A rerun skips the
+holds only per-block counts. A ranking model whose tables exceed ``actor_memory_gb`` is not
+loaded by the driver: its blocks run on the model's shards (path ``sharded``,
+:mod:`rectrain.launch.sharded_recommend`). A rerun skips the
 blocks whose file is complete: a killed job resumes where it stopped, and every user is in
 exactly one block. Then :func:`rectrain.serve.recommend.finalize` writes ``top_k.parquet`` and
 ``summary.json`` and :func:`evaluate` is called with the lists and the candidates.
@@ -88,8 +90,13 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
     (:class:`~rectrain.serve.blocks.Recommender`); then the blocks run in this process when
     ``actors`` is 0 or the job is small (:func:`choose_path`), else on a Ray Data actor pool
     of at most one actor per block, each fetching that Recommender from the object store
-    (``ray.put``) instead of rebuilding it. ``summary["path"]`` / ``["path_reason"]`` say which
-    path ran, ``summary["timings"]`` the wall seconds per phase (:mod:`rectrain.serve.timing`).
+    (``ray.put``) instead of rebuilding it. When the ranking model's tables exceed
+    ``actor_memory_gb`` (or ``scoring: sharded``; :func:`rectrain.serve.sharded.
+    choose_scoring`) the driver loads no model and the blocks run on the model's shards in a
+    Ray Train worker group instead (:func:`rectrain.launch.sharded_recommend.run_sharded`).
+    ``summary["path"]`` (``in_process`` / ``ray_data`` / ``sharded``) and ``["path_reason"]``
+    say which path ran and why (pairs vs ``in_process_pairs``, table bytes vs the budget),
+    ``summary["timings"]`` the wall seconds per phase (:mod:`rectrain.serve.timing`).
 
     ``actor_max_restarts``: Ray restarts of a dead actor (-1: Ray Data's default, unlimited,
     its block retried; 0: the job fails and a rerun resumes from the written blocks).
@@ -100,8 +107,10 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
             (:func:`rectrain.serve.blocks.claim_out`).
         ray.exceptions.RayError: a block failed (the blocks already written stay).
     """
+    from rectrain.launch.sharded_recommend import rank_summary, run_sharded
     from rectrain.serve.blocks import Recommender, claim_out
     from rectrain.serve.recommend import finalize, plan_blocks
+    from rectrain.serve.sharded import choose_scoring
     from rectrain.serve.timing import Phases, process_age_s
 
     ph = Phases()
@@ -114,18 +123,26 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
         t0 = time.perf_counter()
         blocks = plan_blocks(spec)
         todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
+        # from the stored config and manifest: the driver loads no model when sharded
+        scoring, why = choose_scoring(spec) if todo else ("unsharded", "")
     n_users = sum(hi - lo for _, lo, hi in todo)
     rec = None
-    if todo:
+    if todo and scoring == "unsharded":
         rec = Recommender(spec)
         ph.update(rec.timings)
-    path, reason = choose_path(spec, rec, n_users)
+    if scoring == "sharded":
+        path, reason = "sharded", why
+    else:
+        path, reason = choose_path(spec, rec, n_users)
+        reason += f"; {why}" if why else ""
     print(f"[rectrain] recommend path: {path} ({reason})", flush=True)
     bar = tqdm(total=n_users, unit="users", desc="[rectrain] recommend", mininterval=1.0,
                disable=n_users == 0)
     try:
         if path == "in_process":
             stats = _run_here(rec, out, todo, bar, ph)
+        elif path == "sharded":
+            stats = run_sharded(spec, out, todo, cluster_address(address, cfg), bar, ph)
         else:
             stats = _run_ray(spec, out, todo, cluster_address(address, cfg), bar,
                              actor_max_restarts, rec, ph)
@@ -138,6 +155,8 @@ def recommend_job(cfg: JobConfig, address: str | None = None, actor_max_restarts
         metrics = evaluate(cfg, spec, out, summary)
     ph.add("total_s", ph.s["driver_start_s"] + time.perf_counter() - t_start)
     summary.update({"path": path, "path_reason": reason, "timings": ph.rounded()})
+    if path == "sharded":
+        summary["ranks"] = rank_summary(stats)
     storage.write_json(summary, storage.join(out, "summary.json"))
     print(f"[rectrain] recommend timings: {ph.line()}", flush=True)
     if metrics is not None:

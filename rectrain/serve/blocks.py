@@ -29,6 +29,7 @@ from rectrain.serve import candidates as cand
 from rectrain.serve.context import EXCLUDE_SPLITS, RunContext, _key_rows
 from rectrain.serve.explain import explain_attention, explain_nearest
 from rectrain.serve.index import build_index
+from rectrain.serve.loading import load_model
 
 #: fault hook for tests: ``block:N[:raise|exit]``: fail (once, marker under OUT/_faults) in block N
 FAULT_ENV = "RECTRAIN_RECOMMEND_FAULT"
@@ -47,7 +48,7 @@ def write_block(table: pa.Table, url: str) -> None:
 
 
 #: spec fields that do not change the lists (how they are computed, where they go)
-_NOT_IN_LISTS = ("actors", "out", "in_process_pairs")
+_NOT_IN_LISTS = ("actors", "out", "in_process_pairs", "scoring", "actor_memory_gb", "workers")
 
 
 def claim_out(out: str, spec: RecommendSpec) -> None:
@@ -125,10 +126,12 @@ class Recommender:
     """
 
     @torch.no_grad()
-    def __init__(self, spec: RecommendSpec, rows_per_chunk: int = 16384):
+    def __init__(self, spec: RecommendSpec, rows_per_chunk: int = 16384, loader=None):
         self.spec, self.rows_per_chunk = spec, rows_per_chunk
         t0 = time.perf_counter()
-        self.rank = RunContext(spec.ranking_run, holdout=spec.evaluate)
+        # loader: how the ranking run's model is loaded (default unsharded, see RunContext)
+        self.rank = RunContext(spec.ranking_run, holdout=spec.evaluate,
+                               loader=loader or load_model)
         r = self.rank
         self.excl = None
         if spec.exclude != "none":
@@ -184,12 +187,20 @@ class Recommender:
 
     @torch.no_grad()
     def _score(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
-        """Ranking-model scores float32 of (user row, item row) pairs, in row chunks."""
-        out = [label_prediction(self.rank.model(self.rank.batch(u[a:a + self.rows_per_chunk],
-                                                                i[a:a + self.rows_per_chunk])),
-                                self.rank.layout.regression).numpy()
-               for a in range(0, len(u), self.rows_per_chunk)]
+        """Ranking-model scores float32 of (user row, item row) pairs, in row chunks of
+        :meth:`score_chunk`."""
+        c = self.rows_per_chunk
+        out = [self.score_chunk(u[a:a + c], i[a:a + c]) for a in range(0, len(u), c)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    @torch.no_grad()
+    def score_chunk(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """The model callable: scores float32 ``[n]`` of ``n`` (user row, item row) pairs
+        (int64 ``[n]`` each) by the ranking model in this process; the sharded path
+        (:class:`rectrain.serve.sharded.ShardedRecommender`) replaces it by a collective
+        forward of the model's shards."""
+        return label_prediction(self.rank.model(self.rank.batch(u, i)),
+                                self.rank.layout.regression).numpy()
 
     @torch.no_grad()
     def candidates(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -153,14 +153,16 @@ class RunContext:
     the item-side feature columns of their first event. With ``holdout`` each user's state
     comes from the train and valid events only (:data:`HISTORY`), as of the start of the test
     split, so lists can be scored against the test events without the ranker seeing them.
+    ``loader(path) -> LoadedModel`` loads the model (default
+    :func:`~rectrain.serve.loading.load_model`, unsharded).
 
     Raises:
         FileNotFoundError: no complete checkpoint, or its prepared data is gone.
     """
 
-    def __init__(self, path: str, holdout: bool = False):
+    def __init__(self, path: str, holdout: bool = False, loader=load_model):
         t0 = time.perf_counter()
-        loaded = load_model(path)
+        loaded = loader(path)  # a LoadedModel; the sharded path passes its own loader
         t1 = time.perf_counter()
         self.history = HISTORY[holdout]
         self.model, self.layout, self.cfg = loaded.model, loaded.layout, loaded.cfg

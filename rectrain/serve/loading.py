@@ -1,5 +1,6 @@
 """Load a training run's model for serving: one process, unsharded (DCP gathers the table
-shards of a sharded checkpoint), eval mode."""
+shards of a sharded checkpoint), eval mode. The sharded form is
+:func:`rectrain.serve.sharded.load_sharded`."""
 
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def checkpoint_url(path: str) -> str:
                             f"run directory with one (expected {url}/meta.json)")
 
 
-def load_model(path: str) -> LoadedModel:
-    """The model of the checkpoint at ``path`` (see :func:`checkpoint_url`), unsharded.
+def read_run(path: str) -> tuple[str, JobConfig, dict]:
+    """``(checkpoint url, stored job config, manifest)`` of the run at ``path`` (see
+    :func:`checkpoint_url`), no model built.
 
     Raises:
         FileNotFoundError: no complete checkpoint there, or the run's prepared data is gone.
@@ -61,6 +63,17 @@ def load_model(path: str) -> LoadedModel:
     cfg = config_from_dict(saved["config"])
     manifest = load_manifest(cfg.prepared_dir)
     check_same_data(saved.get("data"), manifest, url, cfg.prepared_dir)
+    return url, cfg, manifest
+
+
+def load_model(path: str) -> LoadedModel:
+    """The model of the checkpoint at ``path`` (see :func:`checkpoint_url`), unsharded.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there, or the run's prepared data is gone.
+        ValueError: the prepared data changed since the checkpoint (manifest fingerprint).
+    """
+    url, cfg, manifest = read_run(path)
     layout = FeatureLayout(cfg, manifest)
     layout.table_dtype = "fp32"  # unsharded nn.EmbeddingBag would return fp16 to fp32 layers
     model = build_model(layout, cfg.model)

@@ -23,6 +23,7 @@ PHASES = {
     "share_s": "object store",
     "actor_start_s": "actor start",
     "actor_load_s": "actor fetch",
+    "shard_load_s": "sharded model load (slowest rank)",
     "first_block_s": "first block",
     "blocks_s": "blocks",
     "write_s": "block writes (in blocks)",
