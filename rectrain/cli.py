@@ -136,6 +136,13 @@ def _recommend_overrides(sp) -> None:
     sp.add_argument("--actors", type=int, default=None, help="Ray Data actors (0: no Ray)")
     sp.add_argument("--in-process-pairs", type=int, default=None,
                     help="no Ray up to this many users x scored items (0: Ray whenever actors)")
+    sp.add_argument("--scoring", choices=["auto", "unsharded", "sharded"], default=None,
+                    help="the ranker whole in each process, or on its shards in a Ray Train "
+                         "worker group (auto: sharded when its tables exceed --actor-memory-gb)")
+    sp.add_argument("--actor-memory-gb", type=float, default=None,
+                    help="memory budget of one scoring process for the ranker's tables")
+    sp.add_argument("--workers", type=int, default=None,
+                    help="sharded scoring: worker group size (default: the run's num_workers)")
     sp.add_argument("--reference", default=None,
                     help="top_k.parquet of a brute-force run: stage 1's recall of its top-k")
     sp.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
@@ -153,7 +160,8 @@ def cmd_recommend_job(cfg: JobConfig, args) -> dict:
                       index=args.index, retrieval_run=_abs(args.retrieval_run),
                       ranking_run=_abs(args.ranking_run), users_per_block=args.users_per_block,
                       actors=args.actors, in_process_pairs=args.in_process_pairs,
-                      reference=_abs(args.reference),
+                      scoring=args.scoring, actor_memory_gb=args.actor_memory_gb,
+                      workers=args.workers, reference=_abs(args.reference),
                       evaluate=args.evaluate)
     rate = f", {s['users_per_s']:,.0f} users/s" if s.get("users_per_s") else ""
     print(f"[rectrain] {s['mode']} top-{s['k']} for {s['users']} users ({s['fallback_users']} "
