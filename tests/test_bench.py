@@ -121,9 +121,10 @@ def test_sparse_dist_pipeline_matches_plain_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_trainstep_and_ingest_tiny(tmp_path):
+def test_trainstep_and_ingest_tiny(tmp_path, ray_local):
     """The tiny train-step job (paths a, b) and the ingest job (pyarrow vs rectrain's Ray Data
-    path in 2 Ray Train workers) write their files with positive ratios and equal row counts."""
+    path in 2 Ray Train workers, on the session's Ray) write their files with positive ratios
+    and equal row counts."""
     from rectrain.bench.ingest import run_ingest
     from rectrain.bench.trainstep import run_trainstep
 

@@ -1,7 +1,8 @@
 """Every job path on S3: raw logs on an S3-compatible server (moto's server mode on loopback,
 started by the test) → `rectrain run` (prepare → train with 2 Ray Train workers → checkpoint →
-recommend), all paths ``s3://``. The CLI runs in a subprocess so that its embedded Ray inherits
-the S3 endpoint and fake credentials from the environment, as a user's shell would give them.
+recommend), all paths ``s3://``. The CLI runs in this process on the session's local Ray
+(``ray_local``), whose processes were started with the S3 endpoint and fake credentials in their
+environment (tests/support/s3.py), as a user's shell would give them; the server listens there.
 Also: ``memory://`` is rejected with a clear message where Ray processes would need it."""
 
 import io
@@ -18,43 +19,33 @@ import pytest
 import yaml
 
 from rectrain.data import storage
-from tests.support.ports import free_port as _free_port
+from tests.support import s3
 from tests.support.tiny import N_ITEMS, N_USERS, tiny_job, tiny_tables
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def s3_env():
-    """A moto S3 server on 127.0.0.1 in its own process group; yields the env to talk to it."""
-    port = _free_port()
+    """A moto S3 server on the port the session's Ray processes know (tests/support/s3.py),
+    in its own process group; yields the env to talk to it, set in this process too."""
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.2)
-        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("rectrain-test")
-        yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+                             str(s3.PORT)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    with s3.environ(s3.ENV):
+        try:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", s3.PORT), 0.5).close()
+                    break
+                except OSError:
+                    if time.time() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"moto server did not start on port {s3.PORT}")
+                    time.sleep(0.2)
+            fsspec.filesystem("s3", skip_instance_cache=True).mkdir("rectrain-test")
+            yield dict(s3.ENV)
+        finally:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
 
 
 def _put(table, url):
@@ -64,7 +55,18 @@ def _put(table, url):
     fs.pipe(path, buf.getvalue())
 
 
-def test_s3_roundtrip_prepare_train_checkpoint_recommend(s3_env, tmp_path):
+def test_s3_roundtrip_prepare_train_checkpoint_recommend(s3_env, ray_local, tmp_path,
+                                                         monkeypatch):
+    from rectrain import cli
+
+    @ray_local.remote
+    def worker_env():
+        return os.environ.get("AWS_ENDPOINT_URL"), os.getcwd()
+
+    endpoint, worker_cwd = ray_local.get(worker_env.remote())
+    assert endpoint == s3_env["AWS_ENDPOINT_URL"], \
+        "the session's Ray was started outside the ray_local fixture (tests/conftest.py)"
+    worker_files = sorted(os.listdir(worker_cwd))
     root = "s3://rectrain-test/job"
     tables = tiny_tables(n_events=400)
     for name in ("users", "items"):
@@ -78,13 +80,12 @@ def test_s3_roundtrip_prepare_train_checkpoint_recommend(s3_env, tmp_path):
     job["ray"] = {"data_cpus": 1}
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(job))
-    env = {**os.environ, **s3_env, "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, "-m", "rectrain.cli", "run", "--config", str(cfg_path),
-                        "--k", "5"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    # everything was written to the bucket, nothing to the local working directory
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--config", str(cfg_path), "--k", "5"]) == 0
+    # everything was written to the bucket, nothing to the local working directory (the
+    # driver's, and that of Ray's task workers)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+    assert sorted(os.listdir(worker_cwd)) == worker_files
     assert fs.glob("rectrain-test/job/run/tensorboard/*tfevents*")
     m = storage.read_json(f"{root}/prepared/manifest.json")
     assert m["rows_read"] == 400 == m["rows_used"] and m["skipped_markers"] == [

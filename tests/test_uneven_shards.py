@@ -1,8 +1,8 @@
 """Two gloo ranks with very uneven shards (files of 103, 97 | 55, 9, 1 rows): training takes the
 same number of steps on both ranks, and evaluation with the sharded model scores every row exactly
 once (the short rank runs padding batches so the model's collectives stay matched). The same under
-Ray Train with 2 workers on prepared splits rewritten as awkward files, and a run where one rank
-raises (``RECTRAIN_FAULT``) and the job stops with that rank's error."""
+Ray Train with 2 workers on prepared splits rewritten as awkward files; that run goes into a
+folder an earlier run left and replaces its outputs (the failing half is in test_reliability)."""
 
 import os
 
@@ -158,11 +158,20 @@ def test_read_blocks_large_blocks_but_four_per_worker():
 
 
 def test_ray_train_awkward_files_equal_steps_and_every_row_once(awkward_prepared):
+    """Also the successful half of tests/test_reliability.py's "a failed run keeps the last
+    good one": the run goes into a folder holding an earlier run's outputs, a failed attempt
+    and a file of the user's, and replaces every run output, keeping the user's file."""
     from rectrain.data import storage
     from rectrain.launch.ray_launch import train
+    from tests.support.run_dirs import assert_replaced_by_a_new_run, old_run
 
     tmp, splits = awkward_prepared
+    old_run(tmp / "run_ok")
+    failed = tmp / "run_ok" / ".attempts" / "20260101-000000-0badf00d"  # a failed attempt
+    (failed / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (failed / "checkpoints" / "step-00000002" / "meta.json").write_text('{"step": 2}')
     m = train(_job(tmp, "run_ok"))
+    assert_replaced_by_a_new_run(tmp / "run_ok", m)
     # train: streaming_split(equal=True) gives each rank 132 of the 265 rows, i.e. 8 full batches
     # of 16 on both ranks whatever the file sizes
     for ep in m["epochs"]:

@@ -58,6 +58,19 @@ def spawn(fn, world: int, *args, timeout: float = 400) -> list:
     return [results[r] for r in range(world)]
 
 
+def in_process(fn, *args):
+    """``fn(0, 1, *args)`` on one gloo rank in this process: :func:`spawn` with ``world=1``
+    without a process start (seconds: torch and TorchRec imported again)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        return fn(0, 1, *args)
+    finally:
+        dist.destroy_process_group()
+
+
 def local_shards(dmp, optimizer) -> dict:
     """This rank's embedding shards and fused-optimiser state shards as NumPy copies (tensors
     sent through a queue would share memory with a process that exits):

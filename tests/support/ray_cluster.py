@@ -79,6 +79,9 @@ def _node_env() -> dict:
     # the test machine is shared: Ray's OOM killer looks at the whole machine's memory and
     # would kill this cluster's tiny workers for what other processes use
     env["RAY_memory_monitor_refresh_ms"] = "0"
+    # on SIGTERM a node first drains (up to 30 s, Ray's default for Kubernetes pods); these
+    # nodes have nothing to hand over, and LoopbackCluster.stop would wait 15 s for it
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     return env
 
 
