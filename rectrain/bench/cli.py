@@ -9,6 +9,7 @@ examples:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -29,39 +30,52 @@ SETTINGS = {
 }
 
 
+#: the options' defaults: the parser leaves an option it was not given unset
+#: (``argparse.SUPPRESS``), so :func:`_apply_config` can tell a flag given on the command line
+#: (even at its default value) from one left out, which the ``bench:`` file may fill
+DEFAULTS = {"size": "quick", "out": None, "data": "data/bench", "workers": 2, "workloads": None,
+            "paths": "a,b,c", "pipeline": "plain", "peer_venv": "benchmarks/.peer-venv",
+            "device": "cpu", "bf16": False, "ablations": False, "events": None,
+            "budget_s": None, "recommend": "two_tower"}
+#: the options with a fixed set of values (their flags' ``choices``)
+CHOICES = {"size": sorted(SETTINGS), "pipeline": ["plain", "sparse_dist"],
+           "device": ["cpu", "cuda"], "recommend": ["two_tower", "two_stage"]}
+
+
+def _opt(sp, flag: str, **kw) -> None:
+    dest = flag.lstrip("-").replace("-", "_")
+    if dest in CHOICES:
+        kw["choices"] = CHOICES[dest]
+    sp.add_argument(flag, default=argparse.SUPPRESS, **kw)
+
+
 def add_parser(sub) -> None:
     """Register the ``bench`` verb on an argparse subparsers object."""
-    global _PARSER
-    sp = _PARSER = sub.add_parser("bench", help="benchmark jobs: " + ", ".join(BENCHES))
+    sp = sub.add_parser("bench", help="benchmark jobs: " + ", ".join(BENCHES))
     sp.add_argument("name", choices=BENCHES)
     sp.add_argument("--config", default=None,
-                    help="a jobs/bench_*.yaml spec (its `bench:` section sets these options)")
-    sp.add_argument("--size", choices=sorted(SETTINGS), default="quick",
-                    help="tiny (seconds, tests), quick (the report, ~15 min), full")
-    sp.add_argument("--out", default=None,
-                    help="result folder (default benchmarks/results for --size quick, the "
-                         "committed report; benchmarks/results/SIZE otherwise)")
-    sp.add_argument("--data", default="data/bench", help="where workloads are written")
-    sp.add_argument("--workers", type=int, default=2)
-    sp.add_argument("--workloads", default=None,
-                    help="comma list of din_synth, dlrm_criteo, din_ml100k (default per bench)")
-    sp.add_argument("--paths", default="a,b,c", help="trainstep paths to run (a,b,c)")
-    sp.add_argument("--pipeline", choices=["plain", "sparse_dist"], default="plain",
-                    help="train step through TorchRec's TrainPipelineSparseDist in (b)/(c)")
-    sp.add_argument("--peer-venv", default="benchmarks/.peer-venv")
-    sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="trainstep on cuda: nccl, CUDA TBE kernels, one process per GPU")
-    sp.add_argument("--bf16", action="store_true", help="bf16 autocast of dense layers (cuda)")
-    sp.add_argument("--ablations", action="store_true",
-                    help="trainstep: also run each optimisation off/on (before/after table); "
-                         "on by default in `bench all`")
-    sp.add_argument("--events", default=None,
-                    help="scale: comma list of log sizes in events (default per --size)")
-    sp.add_argument("--budget-s", type=float, default=None,
-                    help="scale: skip a stage whose time, extrapolated from the previous "
-                         "size, exceeds this (default per --size)")
-    sp.add_argument("--recommend", choices=["two_tower", "two_stage"], default="two_tower",
-                    help="scale: the recommend stage's method")
+                    help="a jobs/bench_*.yaml spec (its `bench:` section sets the options not "
+                         "given on the command line)")
+    _opt(sp, "--size", help="tiny (seconds, tests), quick (the report, ~15 min), full")
+    _opt(sp, "--out", help="result folder (default benchmarks/results for --size quick, the "
+                           "committed report; benchmarks/results/SIZE otherwise)")
+    _opt(sp, "--data", help="where workloads are written (default data/bench)")
+    _opt(sp, "--workers", type=int, help="default 2")
+    _opt(sp, "--workloads",
+         help="comma list of din_synth, dlrm_criteo, din_ml100k (default per bench)")
+    _opt(sp, "--paths", help="trainstep paths to run (a,b,c)")
+    _opt(sp, "--pipeline", help="train step through TorchRec's TrainPipelineSparseDist in (b)/(c)")
+    _opt(sp, "--peer-venv", help="default benchmarks/.peer-venv")
+    _opt(sp, "--device", help="trainstep on cuda: nccl, CUDA TBE kernels, one process per GPU")
+    _opt(sp, "--bf16", action="store_true", help="bf16 autocast of dense layers (cuda)")
+    _opt(sp, "--ablations", action="store_true",
+         help="trainstep: also run each optimisation off/on (before/after table); "
+              "on by default in `bench all`")
+    _opt(sp, "--events", help="scale: comma list of log sizes in events (default per --size)")
+    _opt(sp, "--budget-s", type=float,
+         help="scale: skip a stage whose time, extrapolated from the previous "
+              "size, exceeds this (default per --size)")
+    _opt(sp, "--recommend", help="scale: the recommend stage's method (default two_tower)")
 
 
 def _workloads(names: list[str], data: str, s: dict):
@@ -81,31 +95,68 @@ def _workloads(names: list[str], data: str, s: dict):
     return out
 
 
-_PARSER = None  # the bench subparser, for its defaults (a flag set on the command line wins)
-
-
 def _apply_config(args) -> None:
     """The ``bench:`` section of ``args.config`` onto ``args``, except the options given on the
-    command line (a value other than the flag's default), which win over the file."""
-    if not args.config:
-        return
-    import yaml
+    command line (set on ``args``, even at their default value), which win over the file;
+    then the defaults (:data:`DEFAULTS`) for the options set by neither.
 
-    with open(args.config) as f:
-        spec = yaml.safe_load(f) or {}
-    bench = spec.get("bench", {})
-    unknown = set(bench) - {"name", "size", "out", "data", "workers", "workloads", "paths",
-                            "pipeline", "peer_venv", "device", "bf16", "ablations",
-                            "events", "budget_s", "recommend"}
-    if unknown:
-        raise ValueError(f"{args.config}: bench: unknown keys {sorted(unknown)}")
-    if bench.get("name") and bench["name"] != args.name:
-        raise ValueError(f"{args.config}: bench.name is {bench['name']!r}, not {args.name!r}")
-    for k, v in bench.items():
-        if k == "name" or (_PARSER is not None and getattr(args, k, None) is not None
-                           and getattr(args, k) != _PARSER.get_default(k)):
-            continue
-        setattr(args, k, ",".join(map(str, v)) if isinstance(v, list) else v)
+    Raises:
+        ValueError: the file is not a YAML mapping, ``bench`` is not a mapping, or a key of
+            it is unknown, names another bench, or has a bad value (``FILE: bench.KEY: ...``).
+    """
+    if args.config:
+        from pathlib import Path
+
+        from rectrain.config.load import read_yaml_mapping
+
+        where = args.config
+        bench = read_yaml_mapping(Path(args.config), error=ValueError).get("bench", {})
+        if bench is None:
+            bench = {}
+        if not isinstance(bench, dict):
+            raise ValueError(f"{where}: bench: expected a mapping of options, got "
+                             f"{bench!r}")
+        known = ["name", *DEFAULTS]
+        for k in bench:
+            if k not in known:
+                raise ValueError(f"{where}: bench.{k}: unknown key; known: {', '.join(known)}")
+        if bench.get("name") and bench["name"] != args.name:
+            raise ValueError(f"{where}: bench.name is {bench['name']!r}, not {args.name!r}")
+        for k, v in bench.items():
+            if k == "name" or v is None or getattr(args, k, None) is not None:
+                continue  # given on the command line: it wins (a null in the file: unset)
+            setattr(args, k, _file_value(where, k, v))
+    for k, v in DEFAULTS.items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
+
+
+def _file_value(where: str, key: str, v):
+    """The ``bench.KEY`` value ``v`` of the file ``where``, checked as its flag would be."""
+    field = f"{where}: bench.{key}"
+    if key in CHOICES and v not in CHOICES[key]:
+        raise ValueError(f"{field}: {v!r} is not one of {', '.join(CHOICES[key])}")
+    if key == "workers" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ValueError(f"{field}: expected an integer >= 1, got {v!r}")
+    if key in ("bf16", "ablations") and not isinstance(v, bool):
+        raise ValueError(f"{field}: expected true or false, got {v!r}")
+    if key in ("workloads", "paths", "events") and isinstance(v, list):  # comma lists
+        if not v:
+            raise ValueError(f"{field}: empty list; give one or more values, or drop the key")
+        v = ",".join(map(str, v))
+    if key in ("out", "data", "peer_venv", "workloads", "paths") and not isinstance(v, str):
+        raise ValueError(f"{field}: expected a string, got {v!r}")
+    if key == "events":
+        try:
+            scale_events(v)
+        except ValueError as e:
+            raise ValueError(f"{field}: {str(e).removeprefix('--events: ')}") from None
+    if key == "budget_s":
+        try:
+            budget_seconds(v)
+        except ValueError as e:
+            raise ValueError(f"{field}: {str(e).removeprefix('--budget-s: ')}") from None
+    return v
 
 
 def scale_events(text) -> list[int]:
@@ -138,7 +189,7 @@ def budget_seconds(value) -> float:
         ValueError: naming ``--budget-s`` and the value.
     """
     try:
-        v = float(value)
+        v = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         v = math.nan
     if not v > 0:
@@ -162,7 +213,7 @@ def run(args) -> dict:
 
     _apply_config(args)
     # before any folder, Ray or subprocess: a bad size would fail each stage three times
-    events = scale_events(args.events) if getattr(args, "events", None) else None
+    events = scale_events(args.events) if getattr(args, "events", None) is not None else None
     if getattr(args, "budget_s", None) is not None:
         args.budget_s = budget_seconds(args.budget_s)
     s = SETTINGS[args.size]

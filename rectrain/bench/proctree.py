@@ -23,6 +23,7 @@ A process that lives less than one interval may be missed.
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import time
@@ -66,6 +67,21 @@ def title(cmdline: list[str]) -> str:
     return names[0] if names else "?"
 
 
+def _pid(pid) -> int:
+    """``pid`` checked as a process id: psutil reads None as this process and True as 1."""
+    if isinstance(pid, bool) or not isinstance(pid, numbers.Integral) or pid < 1:
+        raise ValueError(f"pid must be a process id (an integer >= 1), got {pid!r}")
+    return int(pid)
+
+
+def _root(ps, pid):
+    """``psutil.Process(pid)``, or None when no such process exists (it exited)."""
+    try:
+        return ps.Process(_pid(pid))
+    except ps.NoSuchProcess:
+        return None
+
+
 class TreeSampler:
     """``with TreeSampler(pid) as s: ...``; then :meth:`result`. Peak RSS in MiB.
 
@@ -73,8 +89,17 @@ class TreeSampler:
     the method it runs, e.g. ``ray::RayTrainWorker.init_train_context``)."""
 
     def __init__(self, pid: int, interval_s: float = 0.5):
+        """Raises ValueError: ``pid`` is not a process id or no such process exists (nothing
+        to sample), or ``interval_s`` is not a number of seconds > 0 (0 would spin a core)."""
         self.psutil = _psutil()
-        self.root = self.psutil.Process(pid)
+        self.root = _root(self.psutil, pid)
+        if self.root is None:
+            raise ValueError(f"TreeSampler: no process with pid {pid} (it exited, or never "
+                             f"existed): nothing to sample")
+        if isinstance(interval_s, bool) or not isinstance(interval_s, numbers.Real) \
+                or not 0 < interval_s < float("inf"):
+            raise ValueError(f"TreeSampler: interval_s must be a number of seconds > 0, got "
+                             f"{interval_s!r}")
         self.interval_s = interval_s
         self.procs: dict[int, dict] = {}  # pid -> {"cls", "rss", "title", "private"} (peaks)
         self.tree_peak = 0.0
@@ -154,9 +179,14 @@ def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
     """``{pid: (class, CPU seconds so far)}`` of process ``pid`` and all its descendants (user +
     system time of all of a process's threads, psutil ``cpu_times``); classes as in
     :func:`classify`, a Ray Train worker's kept from its title. Processes that exit meanwhile
-    are skipped."""
+    are skipped; ``{}`` when ``pid`` itself has exited.
+
+    Raises:
+        ValueError: ``pid`` is not a process id (an integer >= 1)."""
     ps = _psutil()
-    root = ps.Process(pid)
+    root = _root(ps, pid)
+    if root is None:
+        return {}
     try:
         procs = [root] + root.children(recursive=True)
     except ps.Error:
@@ -175,9 +205,15 @@ def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
 def rss_by_title(pid: int, private: bool = False) -> dict[str, float]:
     """The largest resident set (MiB) per process title (:func:`title`; ``driver`` for ``pid``
     itself) among ``pid`` and its descendants now, one psutil pass; with ``private``, RSS
-    minus shared pages (see the module docstring)."""
+    minus shared pages (see the module docstring). ``{}`` when ``pid`` has exited (as when
+    it exits during the pass).
+
+    Raises:
+        ValueError: ``pid`` is not a process id (an integer >= 1)."""
     ps = _psutil()
-    root = ps.Process(pid)
+    root = _root(ps, pid)
+    if root is None:
+        return {}
     try:
         procs = [root] + root.children(recursive=True)
     except ps.Error:

@@ -167,9 +167,13 @@ def _describe(err: dict, raw: dict) -> str:
     if len(loc) >= 2 and loc[0] == "model" and loc[1] in MODEL_SPECS:
         loc.pop(1)  # model.sasrec.retrieval_loss -> model.retrieval_loss
     msg = err["msg"]
-    if not loc and err["type"] == "value_error":
-        # cross-field rules (JobConfig validators) put the dotted field in their message
-        return msg.removeprefix("Value error, ")
+    field = ".".join(str(x) for x in loc)
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        # cross-field rules (JobConfig and section validators) put the dotted field in
+        # their message: not "recommend: recommend.explain: ..."
+        if not loc or msg.startswith(f"{field}.") or msg.startswith(f"{field}:"):
+            return msg
     if err["type"] == "model_name":
         return msg  # "model.name: use one of ..."
     if err["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "model":
@@ -177,7 +181,7 @@ def _describe(err: dict, raw: dict) -> str:
         others = sorted(n for n, c in MODEL_SPECS.items() if loc[1] in c.model_fields)
         msg = (f"not a field of model {name}" + (f" (a field of {', '.join(others)})"
                                                  if others else ""))
-    return f"{'.'.join(str(x) for x in loc) or '<root>'}: {msg}"
+    return f"{field or '<root>'}: {msg}"
 
 
 def check_launch(cfg: JobConfig, source: str = "<dict>") -> None:

@@ -8,7 +8,7 @@ import re
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rectrain.config.zch import ZchSpec
 
@@ -460,13 +460,22 @@ class RecommendSpec(_Model):
                             "plan, blocks divided among the ranks); auto: sharded when the "
                             "ranking tables' bytes exceed actor_memory_gb")
     actor_memory_gb: float = Field(
-        8.0, gt=0, description="auto: memory budget (GiB) of one scoring process for the "
-                               "ranking model's embedding tables")
+        8.0, gt=0, allow_inf_nan=False,
+        description="auto: memory budget (GiB) of one scoring process for the ranking "
+                    "model's embedding tables (finite; scoring: unsharded never shards)")
     workers: Optional[int] = Field(
         None, ge=1, description="sharded: ranks of the worker group (default: the ranking "
                                 "run's train.num_workers)")
     out: Optional[str] = Field(None, description="output folder (default RUN_DIR/"
                                                  "recommendations)")
+
+    @field_validator("workers", "actor_memory_gb", mode="before")
+    @classmethod
+    def _no_bool(cls, v):
+        # pydantic's lax mode reads true / false as 1 / 0: a typo for a count or a budget
+        if isinstance(v, bool):
+            raise ValueError("expected a number, not a boolean")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "RecommendSpec":

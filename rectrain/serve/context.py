@@ -134,6 +134,10 @@ def serve_users(prepared: str, users: pa.Table | None = None) -> pa.Array:
     if users is not None:
         return pa.array(users[USER].to_numpy())
     ev = [t for t in (read_split(prepared, s, [USER]) for s in ("train", "valid", "test")) if t]
+    if not ev:
+        raise FileNotFoundError(f"{prepared}: no users to recommend for: neither "
+                                f"catalog/users.parquet nor train/valid/test samples; prepare "
+                                f"the data again")
     return pc.unique(pa.concat_tables(ev)[USER].combine_chunks()).sort()
 
 

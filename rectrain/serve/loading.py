@@ -59,11 +59,53 @@ def read_run(path: str) -> tuple[str, JobConfig, dict]:
         ValueError: the prepared data changed since the checkpoint (manifest fingerprint).
     """
     url = checkpoint_url(path)
-    saved = storage.read_json(storage.join(url, "meta.json"))
-    cfg = config_from_dict(saved["config"])
+    saved, cfg = stored_config(url)
     manifest = load_manifest(cfg.prepared_dir)
+    check_tables(cfg, manifest)
     check_same_data(saved.get("data"), manifest, url, cfg.prepared_dir)
     return url, cfg, manifest
+
+
+def stored_config(url: str) -> tuple[dict, JobConfig]:
+    """``(meta, job config)`` stored in the checkpoint folder ``url``'s ``meta.json``.
+
+    Raises:
+        ValueError: the meta holds no ``config`` mapping, or the stored config is invalid
+            (:class:`~rectrain.config.ConfigError`); both name ``url/meta.json``.
+    """
+    meta_url = storage.join(url, "meta.json")
+    saved = storage.read_json(meta_url)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{meta_url}: config: missing or not a mapping (the job config the "
+                         f"checkpoint was trained with); not a checkpoint written by rectrain "
+                         f"train, or a damaged one")
+    return saved, config_from_dict(saved["config"], source=f"{meta_url} (stored config)")
+
+
+def check_tables(cfg: JobConfig, manifest: dict) -> None:
+    """Every embedding table of ``cfg``'s features has a row count >= 1 in the manifest's
+    ``tables`` (what :class:`FeatureLayout` sizes the tables from), so a hand-edited or
+    truncated manifest stops here, not in TorchRec's table configs.
+
+    Raises:
+        ValueError: naming ``prepared_dir/manifest.json``, ``tables.<table>`` and the value.
+    """
+    url = storage.join(cfg.prepared_dir, "manifest.json")
+    tables = manifest.get("tables") if isinstance(manifest, dict) else None
+    if not isinstance(tables, dict):
+        raise ValueError(f"{url}: tables: missing or not a mapping (got {tables!r}): the "
+                         f"table sizes; prepare the data again")
+    for f in cfg.features:
+        if f.kind in ("dense", "text_embedding", "match"):
+            continue
+        name = f.table_name
+        if name not in tables:
+            raise ValueError(f"{url}: tables.{name}: missing (the table of feature {f.name!r}; "
+                             f"the manifest has {sorted(tables)}); prepare the data again")
+        v = tables[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{url}: tables.{name}: {v!r} is not a row count (an integer >= "
+                             f"1); prepare the data again")
 
 
 def load_model(path: str) -> LoadedModel:

@@ -23,23 +23,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rectrain.config import config_from_dict
 from rectrain.config.sections import RecommendSpec
 from rectrain.data import storage
 from rectrain.models import task_of
 from rectrain.serve.blocks import (SOURCE_NAMES, Recommender, block_done, block_url,
                                    claim_out, write_block)
 from rectrain.serve.context import append_truncate, latest_state, serve_users  # noqa: F401
-from rectrain.serve.loading import checkpoint_url
+from rectrain.serve.loading import checkpoint_url, stored_config
 
 #: the lists' columns of the legacy single-file output
 LIST_COLUMNS = ["user_id", "rank", "item_id", "score"]
 
 
 def run_config(run: str):
-    """The job config stored with a run's checkpoint (no model loaded)."""
-    return config_from_dict(storage.read_json(storage.join(checkpoint_url(run), "meta.json"))
-                            ["config"])
+    """The job config stored with a run's checkpoint (no model loaded); see
+    :func:`rectrain.serve.loading.stored_config`."""
+    return stored_config(checkpoint_url(run))[1]
 
 
 def plan_blocks(spec: RecommendSpec) -> list[tuple[int, int, int]]:

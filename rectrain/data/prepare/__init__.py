@@ -25,6 +25,7 @@ No MovieLens-specific code lives here: the job config names the columns (see
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 
 from rectrain.config import JobConfig
@@ -56,8 +57,17 @@ def bucket_count(rows: int, per_bucket: int = EVENTS_PER_BUCKET, minimum: int = 
                  ) -> int:
     """User buckets for a log of ``rows`` events: at least ``minimum``, and enough that a
     bucket averages at most ``per_bucket`` events (users are bucketed by id modulo the count,
-    so a bucket's memory follows its events, not the log's)."""
-    return max(minimum, -(-rows // per_bucket))
+    so a bucket's memory follows its events, not the log's).
+
+    Raises:
+        ValueError: ``rows`` is not an integer >= 0, or ``per_bucket`` / ``minimum`` not an
+            integer >= 1 (the message names the argument and the value).
+    """
+    for name, v, low in (("rows", rows, 0), ("per_bucket", per_bucket, 1),
+                         ("minimum", minimum, 1)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            raise ValueError(f"bucket_count: {name} must be an integer >= {low}, got {v!r}")
+    return int(max(minimum, -(-rows // per_bucket)))
 
 
 def prepare(cfg: JobConfig, num_buckets: int | None = None, rows_per_file: int = 20_000

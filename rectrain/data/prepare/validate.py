@@ -101,7 +101,13 @@ def check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: li
     may differ (compared as int64), and a column of type ``null`` (all values null in that
     file) agrees with any type: its rows are then caught by the per-row null checks.
     Returns each column's type (from the first file where it is not ``null``) and the rows of
-    all the files (from the footers)."""
+    all the files (from the footers).
+
+    Raises:
+        DataValidationError: a file is not Parquet, lacks a column or has a wrong type; or no
+            file holds a row (``dataset.events`` names them): an empty log cannot give the
+            valid and test splits, and prepare stops before removing the last output.
+    """
     needed = list(dict.fromkeys([spec.user_column, spec.item_column, spec.timestamp_column,
                                  spec.label.column] + feature_sources))
     first: dict[str, tuple[str, pa.DataType]] = {}
@@ -141,6 +147,12 @@ def check_event_schemas(files: list[str], spec: DatasetSpec, feature_sources: li
                         f"{path}: column {c!r} has type {ty}, but {first[c][0]} has {first[c][1]}; "
                         f"all events files must agree")
             first.setdefault(c, (path, ty))
+    if rows == 0:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataValidationError(
+            f"dataset.events {spec.events}: no events: " + (
+                f"every events file has 0 rows ({len(files)} file(s): {shown})" if files else
+                "no events file") + "; point dataset.events at a log with events")
     return {c: ty for c, (_, ty) in first.items()}, rows
 
 
