@@ -17,6 +17,7 @@ from rectrain.train.sharding import shard_model
 from tests.support.ports import free_port as _free_port
 from tests.support.prepared import batch_table as _batch_table
 from tests.support.prepared import tiny_manifest as _manifest
+from tests.support.dist import copy_into_shards
 from tests.support.tiny import tiny_cfg
 
 LR = 0.5
@@ -45,15 +46,7 @@ def _step(rank, world, sharding, tmp):
     dmp, opt, plan = shard_model(build_model(layout, cfg.model,
                                              sparse_device=torch.device("meta")),
                                  cfg.sharding, cfg.optim, torch.device("cpu"))
-    # copy the reference weights into the shards
-    with torch.no_grad():
-        for key, t in dmp.state_dict().items():
-            if hasattr(t, "local_shards"):
-                for s in t.local_shards():
-                    (r0, c0), (nr, nc) = s.metadata.shard_offsets, s.metadata.shard_sizes
-                    s.tensor.copy_(full[key][r0:r0 + nr, c0:c0 + nc])
-            else:
-                t.copy_(full[key])
+    copy_into_shards(dmp, full)  # the reference weights into the shards
     batches = [layout.to_batch(_batch_table(r)) for r in range(world)]
     loss_fn = torch.nn.BCEWithLogitsLoss()
     # sharded step on this rank's batch

@@ -18,6 +18,7 @@ from rectrain.models import MODELS, build_model
 from rectrain.models.base import main_logits
 from rectrain.train.objectives import eval_metrics, init_regression_head, main_loss
 from rectrain.train.sharding import shard_model
+from tests.support.dist import copy_into_shards
 from tests.support.tiny import tiny_cfg
 from tests.support.ports import free_port as _free_port
 from tests.support.prepared import batch_table as _batch_table
@@ -130,14 +131,7 @@ def _sharded_worker(rank, world, port, tmp, q):
         dmp, _, plan = shard_model(build_model(layout, cfg.model,
                                                sparse_device=torch.device("meta")),
                                    cfg.sharding, cfg.optim, torch.device("cpu"))
-        with torch.no_grad():
-            for key, t in dmp.state_dict().items():
-                if hasattr(t, "local_shards"):
-                    for s in t.local_shards():
-                        (r0, c0), (nr, nc) = s.metadata.shard_offsets, s.metadata.shard_sizes
-                        s.tensor.copy_(full[key][r0:r0 + nr, c0:c0 + nc])
-                else:
-                    t.copy_(full[key])
+        copy_into_shards(dmp, full)
         batches = [layout.to_batch(_batch_table(r)) for r in range(world)]
         loss_fn = torch.nn.BCEWithLogitsLoss()
         logits = dmp(batches[rank])

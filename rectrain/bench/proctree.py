@@ -82,6 +82,18 @@ def _root(ps, pid):
         return None
 
 
+def _tree(ps, pid) -> list:
+    """Process ``pid`` and all its descendants now; ``[]`` when ``pid`` has exited (before or
+    during the listing)."""
+    root = _root(ps, pid)
+    if root is None:
+        return []
+    try:
+        return [root] + root.children(recursive=True)
+    except ps.Error:
+        return []
+
+
 class TreeSampler:
     """``with TreeSampler(pid) as s: ...``; then :meth:`result`. Peak RSS in MiB.
 
@@ -184,15 +196,8 @@ def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
     Raises:
         ValueError: ``pid`` is not a process id (an integer >= 1)."""
     ps = _psutil()
-    root = _root(ps, pid)
-    if root is None:
-        return {}
-    try:
-        procs = [root] + root.children(recursive=True)
-    except ps.Error:
-        return {}
     out = {}
-    for p in procs:
+    for p in _tree(ps, pid):
         try:
             t = p.cpu_times()
             cls = classify(p.cmdline(), p.pid == pid)
@@ -211,15 +216,8 @@ def rss_by_title(pid: int, private: bool = False) -> dict[str, float]:
     Raises:
         ValueError: ``pid`` is not a process id (an integer >= 1)."""
     ps = _psutil()
-    root = _root(ps, pid)
-    if root is None:
-        return {}
-    try:
-        procs = [root] + root.children(recursive=True)
-    except ps.Error:
-        return {}
     out: dict[str, float] = {}
-    for p in procs:
+    for p in _tree(ps, pid):
         try:
             mi, cmd = p.memory_info(), p.cmdline()
             rss = (mi.rss - (getattr(mi, "shared", 0) if private else 0)) / 2**20

@@ -71,6 +71,21 @@ def in_process(fn, *args):
         dist.destroy_process_group()
 
 
+def copy_into_shards(dmp, full: dict) -> None:
+    """Copy an unsharded model's state dict ``full`` into the DMP's local shards (each shard
+    takes its ``shard_offsets`` slice) and plain tensors, so both start from the same weights."""
+    import torch
+
+    with torch.no_grad():
+        for key, t in dmp.state_dict().items():
+            if hasattr(t, "local_shards"):
+                for s in t.local_shards():
+                    (r0, c0), (nr, nc) = s.metadata.shard_offsets, s.metadata.shard_sizes
+                    s.tensor.copy_(full[key][r0:r0 + nr, c0:c0 + nc])
+            else:
+                t.copy_(full[key])
+
+
 def local_shards(dmp, optimizer) -> dict:
     """This rank's embedding shards and fused-optimiser state shards as NumPy copies (tensors
     sent through a queue would share memory with a process that exits):
