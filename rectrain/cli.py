@@ -53,9 +53,10 @@ def _overrides(args) -> dict:
 
 
 def _abs(path: str | None) -> str | None:
-    """A local path made absolute on the driver (Ray tasks and workers run in other
-    directories); URLs (``s3://``, ``file://``) and None as they are."""
-    return path if path is None or "://" in path else os.path.abspath(path)
+    """A local path made absolute on the driver (:func:`rectrain.data.storage.absolute`)."""
+    from rectrain.data.storage import absolute
+
+    return absolute(path)
 
 
 def _positive(text: str) -> int:

@@ -84,6 +84,12 @@ def arrow_fs(url: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute in this process (Ray tasks and workers run in other
+    directories); URLs (``s3://``, ``file://``) and None as they are."""
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
 def join(url: str, *parts: str) -> str:
     """Join URL path segments with '/' (works for local paths and URLs)."""
     return posixpath.join(url.rstrip("/"), *parts)

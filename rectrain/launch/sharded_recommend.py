@@ -43,8 +43,8 @@ def run_sharded(spec: RecommendSpec, out: str, todo: list[tuple[int, int, int]],
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else \
         res.get("GPU", 0) >= world
     # Ray Train workers run in their own working directory: local paths made absolute here
-    out = _abs(out)
-    spec = spec.model_copy(update={k: _abs(getattr(spec, k)) for k in
+    out = storage.absolute(out)
+    spec = spec.model_copy(update={k: storage.absolute(getattr(spec, k)) for k in
                                    ("ranking_run", "retrieval_run", "reference", "out")})
     run_id = f"{os.getpid()}-{time.time_ns()}"
     work = storage.join(out, "_sharded", run_id)
@@ -91,10 +91,6 @@ def sharded_worker(config: dict) -> None:
     stats = score_rank(RecommendSpec(**config["spec"]), config["out"],
                        [tuple(b) for b in config["blocks"]], env)
     storage.write_json(stats, storage.join(config["stats"], f"rank_{env.rank}.json"))
-
-
-def _abs(path: str | None) -> str | None:
-    return path if path is None or "://" in path else os.path.abspath(path)
 
 
 def _no_shard(split: str):
