@@ -100,11 +100,6 @@ def _no_shard(split: str):
 def rank_summary(stats: list[dict]) -> list[dict]:
     """Per rank that ran blocks: ``rank``, ``blocks``, ``forwards`` (collective forward calls,
     equal on every rank) and ``padding_forwards`` (those on padding only), by rank."""
-    blocks: dict[int, int] = {}
-    for s in stats:
-        if "rank" in s:
-            r = s["rank"]
-        blocks[r] = blocks.get(r, 0) + 1
-    return [{"rank": s["rank"], "blocks": blocks[s["rank"]], "forwards": s["forwards"],
+    return [{"rank": s["rank"], "blocks": s["rank_blocks"], "forwards": s["forwards"],
              "padding_forwards": s["padding_forwards"]}
             for s in sorted((s for s in stats if "rank" in s), key=lambda s: s["rank"])]

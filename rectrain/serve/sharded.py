@@ -180,7 +180,7 @@ def score_rank(spec: RecommendSpec, out: str, blocks: list[tuple[int, int, int]]
     """This rank's share of ``blocks`` (``(block, lo, hi)``; block ``b`` goes to rank
     ``b % env.world``), scored on the model's shards and written as the unsharded path writes
     them (:func:`rectrain.serve.recommend.do_block`); collective. Returns the blocks' stats,
-    the first with ``rank``, ``forwards`` / ``padding_forwards`` (this rank's collective
+    the first with ``rank``, ``rank_blocks`` (how many), ``forwards`` / ``padding_forwards`` (this rank's collective
     forwards, all of them / on padding only) and ``load_ms``. Rank 0 reports each block it
     finishes through ``say``."""
     from rectrain.serve.recommend import do_block
@@ -198,6 +198,6 @@ def score_rank(spec: RecommendSpec, out: str, blocks: list[tuple[int, int, int]]
                 f"{stats[-1]['ms'] / 1000:.1f} s)", flush=True)
     n_pad = rec.drain()
     if stats:
-        stats[0].update(rank=env.rank, forwards=rec.forwards, padding_forwards=n_pad,
-                        load_ms=load_ms)
+        stats[0].update(rank=env.rank, rank_blocks=len(stats), forwards=rec.forwards,
+                        padding_forwards=n_pad, load_ms=load_ms)
     return stats
