@@ -82,6 +82,12 @@ def _root(ps, pid):
         return None
 
 
+def _mem_mb(mi) -> tuple[float, float]:
+    """``(RSS, private)`` MiB of a psutil ``memory_info()``; private = RSS minus shared pages
+    (``shared`` is Linux's; elsewhere private = RSS)."""
+    return mi.rss / 2**20, (mi.rss - getattr(mi, "shared", 0)) / 2**20
+
+
 def _tree(ps, pid) -> list:
     """Process ``pid`` and all its descendants now; ``[]`` when ``pid`` has exited (before or
     during the listing)."""
@@ -146,7 +152,7 @@ class TreeSampler:
                 cmd = p.cmdline()
             except ps.Error:
                 continue
-            rss, private = mi.rss / 2**20, (mi.rss - getattr(mi, "shared", 0)) / 2**20
+            rss, private = _mem_mb(mi)
             c = classify(cmd, p.pid == self.root.pid)
             rec = self.procs.setdefault(p.pid, {"cls": c, "rss": 0.0, "title": "",
                                                 "private": 0.0, "private_title": ""})
@@ -219,8 +225,8 @@ def rss_by_title(pid: int, private: bool = False) -> dict[str, float]:
     out: dict[str, float] = {}
     for p in _tree(ps, pid):
         try:
-            mi, cmd = p.memory_info(), p.cmdline()
-            rss = (mi.rss - (getattr(mi, "shared", 0) if private else 0)) / 2**20
+            rss = _mem_mb(p.memory_info())[1 if private else 0]
+            cmd = p.cmdline()
         except ps.Error:
             continue
         name = "driver" if p.pid == pid else title(cmd)
