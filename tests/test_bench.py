@@ -260,3 +260,21 @@ def test_tree_sampler_keeps_private_memory_apart_from_shared_pages():
     assert r["peak_rss_mb"]["driver"] >= 200 and r["peak_private_mb"]["driver"] < 100
     assert r["top_private_mb"]["driver"] == r["peak_private_mb"]["driver"]
     assert now[0]["driver"] >= 200 and now[1]["driver"] < 100
+
+
+def test_cpu_seconds_by_class_and_by_title_of_two_snapshots():
+    """Per class and per title: a process seen in both snapshots counts its difference, one
+    first seen in the second counts from its start; titles of one class stay apart."""
+    from rectrain.bench.proctree import cpu_seconds, cpu_seconds_by_title, cpu_snapshot
+
+    before = {1: ("driver", 1.0, "driver"), 2: ("ray_worker", 5.0, "ray::SplitCoordinator")}
+    after = {1: ("driver", 1.5, "driver"), 2: ("ray_worker", 7.0, "ray::SplitCoordinator"),
+             3: ("ray_worker", 0.25, "ray::IDLE")}
+    by_class = cpu_seconds(before, after)
+    assert by_class["driver"] == 0.5 and by_class["ray_worker"] == 2.25
+    assert by_class["total"] == 2.75
+    assert cpu_seconds_by_title(before, after) == {"ray::SplitCoordinator": 2.0,
+                                                   "driver": 0.5, "ray::IDLE": 0.25}
+    import os
+    me = cpu_snapshot(os.getpid())[os.getpid()]
+    assert me[0] == "driver" and me[2] == "driver" and me[1] > 0

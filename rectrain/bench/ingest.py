@@ -42,7 +42,8 @@ def _ingest_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from rectrain.bench.trainstep import _layout, bench_config
-    from rectrain.bench.proctree import cpu_seconds, cpu_snapshot, rss_by_title
+    from rectrain.bench.proctree import (cpu_seconds, cpu_seconds_by_title, cpu_snapshot,
+                                         rss_by_title)
     from rectrain.data.loader import RayShard, prefetch, rebatch
 
     if config.get("threads"):
@@ -73,12 +74,14 @@ def _ingest_worker(config: dict) -> None:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         sm = t.clone()
         dist.all_reduce(sm)
-        cpu = cpu_seconds(snap, cpu_snapshot(config["tree_pid"])) if rank0 else {}
+        after = cpu_snapshot(config["tree_pid"]) if rank0 else None
+        cpu = cpu_seconds(snap, after) if rank0 else {}
+        by_title = cpu_seconds_by_title(snap, after) if rank0 else {}
         rss = rss_by_title(config["tree_pid"]) if rank0 else {}
         priv = rss_by_title(config["tree_pid"], private=True) if rank0 else {}
         history.append({"epoch": epoch, "seconds": float(mx[0]),
                         "steady_seconds": float(mx[1]), "first_batch_seconds": float(mx[2]),
-                        "rows": int(sm[3]), "cpu_seconds": cpu, "rss_mb": rss,
+                        "rows": int(sm[3]), "cpu_seconds": cpu, "cpu_by_title": by_title, "rss_mb": rss,
                         "private_mb": priv})
         ray.train.report(history[-1])
     if ctx.get_world_rank() == 0:  # Ray Train 2.60 keeps no metrics without a checkpoint
@@ -119,7 +122,7 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     with open(result_path) as f:
         history = json.load(f)["epochs"]
     return [{k: h[k] for k in ("epoch", "seconds", "steady_seconds", "first_batch_seconds",
-                               "rows", "cpu_seconds", "rss_mb", "private_mb")}
+                               "rows", "cpu_seconds", "cpu_by_title", "rss_mb", "private_mb")}
             | {"blocks": blocks}
             for h in history]
 

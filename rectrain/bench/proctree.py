@@ -193,11 +193,11 @@ class TreeSampler:
                 "samples": self.samples}
 
 
-def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
-    """``{pid: (class, CPU seconds so far)}`` of process ``pid`` and all its descendants (user +
-    system time of all of a process's threads, psutil ``cpu_times``); classes as in
-    :func:`classify`, a Ray Train worker's kept from its title. Processes that exit meanwhile
-    are skipped; ``{}`` when ``pid`` itself has exited.
+def cpu_snapshot(pid: int) -> dict[int, tuple[str, float, str]]:
+    """``{pid: (class, CPU seconds so far, title)}`` of process ``pid`` and all its descendants
+    (user + system time of all of a process's threads, psutil ``cpu_times``); classes as in
+    :func:`classify`, titles as in :func:`title` (``driver`` for ``pid``). Processes that exit
+    meanwhile are skipped; ``{}`` when ``pid`` itself has exited.
 
     Raises:
         ValueError: ``pid`` is not a process id (an integer >= 1)."""
@@ -206,10 +206,11 @@ def cpu_snapshot(pid: int) -> dict[int, tuple[str, float]]:
     for p in _tree(ps, pid):
         try:
             t = p.cpu_times()
-            cls = classify(p.cmdline(), p.pid == pid)
+            cmd = p.cmdline()
         except ps.Error:
             continue
-        out[p.pid] = (cls, t.user + t.system)
+        root = p.pid == pid
+        out[p.pid] = (classify(cmd, root), t.user + t.system, "driver" if root else title(cmd))
     return out
 
 
@@ -238,10 +239,19 @@ def cpu_seconds(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds per class spent between two :func:`cpu_snapshot` calls (a process first seen
     in ``after`` counts from its start; one that exited in between is lost), plus ``"total"``."""
     out = {c: 0.0 for c in CLASSES}
-    for pid, (cls, t) in after.items():
+    for pid, (cls, t, _) in after.items():
         out[cls] += t - (before[pid][1] if pid in before else 0.0)
     out["total"] = sum(out.values())
     return out
+
+
+def cpu_seconds_by_title(before: dict, after: dict) -> dict[str, float]:
+    """As :func:`cpu_seconds`, summed per process title instead of class (e.g. the split
+    coordinator, the read tasks' pooled workers and each Ray server apart), largest first."""
+    out: dict[str, float] = {}
+    for pid, (_, t, name) in after.items():
+        out[name] = out.get(name, 0.0) + t - (before[pid][1] if pid in before else 0.0)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def dir_bytes(path: str) -> int:

@@ -1,0 +1,38 @@
+"""Many epochs of the ingest report's Ray Data path for one workload, with each epoch's CPU
+seconds per process title (``rectrain.bench.proctree.cpu_seconds_by_title``), to see where the
+Ray path's CPU goes once the first epoch's start-up is over.
+
+    PYTHONPATH=. python benchmarks/ingest_epochs.py --workload din_synth --epochs 12 \
+        --data /tmp/ingest_prof/data
+
+The workload's prepared data is written under ``--data`` on first use (as ``rectrain bench
+ingest`` does). Prints one line per epoch: seconds, rows, Ray CPU seconds, rows per CPU second,
+and the titles that spent the most.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rectrain.bench.cli import SETTINGS, _workloads
+from rectrain.bench.ingest import run_ray_ingest
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", default="din_synth", help="din_synth or dlrm_criteo")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--data", default="data/bench", help="where the workloads are written")
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--top", type=int, default=6, help="titles shown per epoch")
+    a = ap.parse_args(argv)
+    wl = _workloads([a.workload], a.data, SETTINGS["quick"])[0]
+    for e in run_ray_ingest(wl, a.batch, 2, a.epochs):
+        tot = e["cpu_seconds"]["total"]
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(e["cpu_by_title"].items())[:a.top])
+        print(f"epoch {e['epoch']}: {e['seconds']:.2f} s, {e['rows']:,} rows, Ray CPU "
+              f"{tot:.2f} s, {e['rows'] / tot:,.0f} rows/CPU s | {top}")
+
+
+if __name__ == "__main__":
+    main()
