@@ -116,6 +116,11 @@ def _configure_data_context() -> None:
     # the first block; the V1 datasource gave its first block in 0.1-0.6 s on the same files
     # (first batch of epoch 1 of a 2M-row Criteo run: 11.9 s -> 0.3 s; docs/benchmarks.md)
     ctx.use_datasource_v2 = False
+    # the scheduling loop spins while no task is in flight (backpressured read, drained
+    # input): a short pause then gives the training workers their cores back
+    from rectrain.launch.data_loop import IdleLoopPause
+    if IdleLoopPause not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(IdleLoopPause)
 
 
 
