@@ -23,12 +23,15 @@ seconds to consume); a step that moved anything is never delayed.
 
 from __future__ import annotations
 
+import os
 import time
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-#: seconds slept after a scheduling-loop step in which nothing moved
-IDLE_PAUSE_S = 0.02
+#: seconds slept after a scheduling-loop step in which nothing moved; the environment variable
+#: ``RECTRAIN_DATA_IDLE_PAUSE_S`` (read in each process that runs an executor; a local Ray's
+#: workers inherit the driver's environment) sets it, 0 turns the pause off (for measuring it)
+IDLE_PAUSE_S = float(os.environ.get("RECTRAIN_DATA_IDLE_PAUSE_S", "0.02"))
 
 
 def progress_state(topology) -> tuple | None:
@@ -57,6 +60,6 @@ class IdleLoopPause(ExecutionCallback):
         if not topology:
             return
         now = progress_state(topology)
-        if now is not None and now == self._last:
+        if IDLE_PAUSE_S > 0 and now is not None and now == self._last:
             time.sleep(IDLE_PAUSE_S)
         self._last = now
