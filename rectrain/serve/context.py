@@ -9,6 +9,7 @@ Rows: users and items are addressed by *rows* (0-based positions in :attr:`RunCo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -83,9 +84,9 @@ def _event_files(prepared: str, splits: tuple[str, ...]) -> list[str]:
 
 #: rows of the event files read as one batch by the streaming reductions of this module:
 #: their transient memory is ~50 bytes per row of a batch, whatever the log's size
-BATCH_ROWS = 1 << 20
+BATCH_ROWS = 1 << 19
 #: pairs per user range in :func:`_merge_csr` (int64 keys exist for one range at a time)
-MERGE_PAIRS = 1 << 22
+MERGE_PAIRS = 1 << 20
 
 
 def iter_split_batches(prepared: str, splits: tuple[str, ...], columns: list[str],
@@ -230,6 +231,13 @@ def _row_dtype(n: int):
     return np.int32 if n < 2**31 else np.int64
 
 
+def _sorted_unique(a: np.ndarray, kind: str = "quicksort") -> np.ndarray:
+    """``np.unique(a)`` by a sort (numpy 2's hash-based ``np.unique`` takes ~5x the time and
+    memory on int64 keys); ``kind="stable"`` (timsort) merges sorted runs in linear time."""
+    a = np.sort(a, kind=kind)
+    return a[np.r_[True, a[1:] != a[:-1]]] if len(a) else a
+
+
 def _merge_csr(indptr: np.ndarray, items: np.ndarray, key: np.ndarray, n_items: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """The union of CSR ``(indptr int64 [n_users + 1], items, sorted within each user)`` and
@@ -246,9 +254,8 @@ def _merge_csr(indptr: np.ndarray, items: np.ndarray, key: np.ndarray, n_items: 
     for a, b in zip(cuts[:-1], cuts[1:]):
         old = np.repeat(np.arange(a, b, dtype=np.int64), np.diff(indptr[a:b + 1])) * n_items
         # two sorted runs: the stable sort (timsort) merges them in linear time
-        k = np.sort(np.concatenate([old + items[indptr[a]:indptr[b]],
-                                    key[new_ptr[a]:new_ptr[b]]]), kind="stable")
-        k = k[np.r_[True, k[1:] != k[:-1]]] if len(k) else k
+        k = _sorted_unique(np.concatenate([old + items[indptr[a]:indptr[b]],
+                                           key[new_ptr[a]:new_ptr[b]]]), kind="stable")
         counts.append(np.bincount(k // n_items - a, minlength=b - a))
         parts.append((k % n_items).astype(items.dtype))
     out = np.zeros(n_users + 1, dtype=np.int64)
@@ -267,14 +274,14 @@ def seen_csr(prepared: str, splits: tuple[str, ...], user_keys: pa.Array, item_k
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     items = np.zeros(0, dtype=_row_dtype(n_items))
     buf, n = [], 0
-    for t in [*iter_split_batches(prepared, splits, [USER, ITEM]), None]:
+    for t in itertools.chain(iter_split_batches(prepared, splits, [USER, ITEM]), [None]):
         if t is not None:
             u, i = _key_rows(t[USER], user_keys), _key_rows(t[ITEM], item_keys)
             ok = (u >= 0) & (i >= 0)
-            buf.append(np.unique(u[ok] * n_items + i[ok]))
+            buf.append(_sorted_unique(u[ok] * n_items + i[ok]))
             n += len(buf[-1])
         if buf and (t is None or n >= max(BATCH_ROWS, len(items) // 4)):
-            key = np.unique(np.concatenate(buf)) if len(buf) > 1 else buf[0]
+            key = _sorted_unique(np.concatenate(buf)) if len(buf) > 1 else buf[0]
             indptr, items = _merge_csr(indptr, items, key, n_items)
             buf, n = [], 0
     return indptr, items
