@@ -5,6 +5,8 @@ batch without per-row Python.
 
 Rows: users and items are addressed by *rows* (0-based positions in :attr:`RunContext.user_keys`
 / :attr:`RunContext.item_keys`, the raw ids); two runs (retrieval and ranking) meet on raw ids.
+What is read from the events is reduced by batches of files (:func:`iter_split_batches`):
+memory is what is kept plus one batch, never a whole-log array.
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ def _event_files(prepared: str, splits: tuple[str, ...]) -> list[str]:
             for f in storage.list_parquet_files(storage.join(prepared, s))[0]]
 
 
-#: rows of the event files read as one batch by the streaming reductions of this module:
-#: their transient memory is ~50 bytes per row of a batch, whatever the log's size
+#: rows of the event files read as one batch by this module's reductions: their transient
+#: memory is bounded by a batch (~100-150 MiB at 2**19 rows), whatever the log's size
 BATCH_ROWS = 1 << 19
 #: pairs per user range in :func:`_merge_csr` (int64 keys exist for one range at a time)
 MERGE_PAIRS = 1 << 20
@@ -137,7 +139,7 @@ def _last_per_user(user: np.ndarray, *cols: np.ndarray) -> tuple[np.ndarray, ...
 
 def _last_events(prepared: str, splits: tuple[str, ...], cols: list[str]) -> pa.Table:
     """``cols`` of each user's last event (largest ``POS``) over ``splits``, one row per user
-    sorted by user id. Two passes over the files, so memory is O(users) plus one file, never
+    sorted by user id. Two passes over the files, so memory is O(users) plus a batch, never
     the whole log: (user, position) of each file's rows merged into a running per-user last
     (user, position, file, row); then the full columns of the chosen rows, file by file.
 
@@ -293,7 +295,7 @@ def recent_csr(prepared: str, n: int, user_keys: pa.Array, item_keys: pa.Array
     positions in file order) as CSR ``(indptr int64, item rows int64)``. Each file's
     (user, item, position, event number) rows are merged into the running top ``n`` per user
     and reduced again (a user's top ``n`` over all files is within the union of the per-file
-    top ``n``): memory O(users x n) plus one file."""
+    top ``n``): memory O(users x n) plus a batch."""
     n_users, n_items = len(user_keys), len(item_keys)
     top = tuple(np.zeros(0, dtype=np.int64) for _ in range(4))  # (user, item, pos, event)
     done = 0
