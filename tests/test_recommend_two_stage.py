@@ -89,6 +89,82 @@ def test_popular_skips_each_users_own_exclusions():
     assert u.tolist() == [0, 0, 0] and i.tolist() == [6, 7, 8]
 
 
+def test_serving_context_streamed_by_batches_equals_the_whole_table(tmp_path, monkeypatch):
+    """The context's reductions (last events, users, train counts, exclusion CSR, recent items,
+    items without catalog), read in batches of a few files and merged, against one sort of
+    every event: 9 files, ties on position across files, ids outside the keys, negatives."""
+    import json
+
+    from rectrain.data.schema import LABEL, POS
+    from rectrain.serve import context as ctx
+
+    rng = np.random.default_rng(4)
+    files = {"train": 5, "valid": 2, "test": 2}
+    for s, k in files.items():
+        for f in range(k):
+            n = int(rng.integers(20, 60))
+            t = pa.table({USER: rng.integers(0, 25, n) * 7 + 3, ITEM: rng.integers(0, 30, n) * 5,
+                          POS: rng.integers(0, 12, n),  # ties within and across files
+                          "hist_item_id": [rng.integers(0, 30, int(m)).tolist()
+                                           for m in rng.integers(0, 4, n)],
+                          "cat": rng.integers(0, 3, n),
+                          LABEL: (rng.random(n) < (0.8 if s == "train" else 1.1)).astype(
+                              np.float32)})  # sampled negatives (label 0) in train only
+            (tmp_path / s).mkdir(exist_ok=True)
+            pq.write_table(t, tmp_path / s / f"p{f}.parquet")
+    (tmp_path / "manifest.json").write_text(json.dumps({"negatives": {"splits": ["train"]}}))
+    monkeypatch.setattr(ctx, "BATCH_ROWS", 70)  # batches of 1-3 files
+    monkeypatch.setattr(ctx, "MERGE_PAIRS", 16)  # the CSR merged in many user ranges
+    p, splits = str(tmp_path), ("train", "valid", "test")
+    cols = [USER, POS, "hist_item_id", ITEM, "cat", LABEL]
+    whole = pa.concat_tables([pq.read_table(tmp_path / s / f"p{f}.parquet")
+                              for s in splits for f in range(files[s])])
+    whole = whole.append_column("_n", pa.array(np.arange(whole.num_rows)))
+    # reference last event: one stable sort; a negative shares its position, never last
+    lastpos = np.where(whole[LABEL].to_numpy() >= 0.5, whole[POS].to_numpy(), -1)
+    order = np.lexsort((lastpos, whole[USER].to_numpy()))
+    u = whole[USER].to_numpy()[order]
+    ref = whole.take(pa.array(order[np.r_[u[1:] != u[:-1], True]])).select(cols)
+    assert ctx._last_events(p, splits, cols).to_pylist() == ref.to_pylist()
+    obs = whole.filter(pc.greater_equal(whole[LABEL], 0.5))  # what read_split reads
+    users = ctx.serve_users(p)
+    assert users.to_pylist() == sorted(set(obs[USER].to_pylist()))
+    user_keys = pa.array(users.to_numpy()[::2])  # every other user: ids outside the keys
+    item_keys = pa.array(np.arange(0, 120, 5))  # items 120..145 are not in the catalogue
+    row_u = {x: r for r, x in enumerate(user_keys.to_pylist())}
+    row_i = {x: r for r, x in enumerate(item_keys.to_pylist())}
+    # (user row, item row, position, event number) of every observed event
+    ev = [(row_u.get(a, -1), row_i.get(b, -1), q, n) for a, b, q, n in zip(
+        *(obs[c].to_pylist() for c in (USER, ITEM, POS, "_n")))]
+    train_n = sum(pq.read_metadata(tmp_path / "train" / f"p{f}.parquet").num_rows
+                  for f in range(files["train"]))  # train's files come first
+    train = [e for e in ev if e[3] < train_n]
+    got_users, pop = ctx.train_counts(p, user_keys, item_keys)
+    assert got_users.tolist() == [r in {e[0] for e in train} for r in range(len(user_keys))]
+    assert pop.tolist() == [sum(e[1] == r for e in train) for r in range(len(item_keys))]
+    for sp, evs in ((("train",), train), (splits, ev)):
+        indptr, items = ctx.seen_csr(p, sp, user_keys, item_keys)
+        assert items.dtype == np.int32 and indptr.dtype == np.int64
+        seen = [sorted({e[1] for e in evs if e[0] == r and e[1] >= 0 and e[0] >= 0})
+                for r in range(len(user_keys))]
+        assert [items[indptr[r]:indptr[r + 1]].tolist() for r in range(len(user_keys))] == seen
+    indptr, items = ctx.recent_csr(p, 3, user_keys, item_keys)
+    for r in range(len(user_keys)):  # most recent first, equal positions in file order
+        mine = sorted((e for e in train if e[0] == r and e[1] >= 0), key=lambda e: (-e[2], e[3]))
+        want = list(dict.fromkeys(e[1] for e in mine))[:3]
+        assert items[indptr[r]:indptr[r + 1]].tolist() == want
+    # items without a catalogue: each item's first observed event, sorted by raw id
+    from types import SimpleNamespace as NS
+
+    fake = NS(prepared=p, cfg=NS(features=[NS(name="cat", source="item_id", kind="sparse")],
+                                 dataset=NS(item_column="item_id")))
+    got = ctx.RunContext._items(fake, str(tmp_path / "no_items.parquet"), ["cat"], [])
+    first = {}
+    for x, c in zip(obs[ITEM].to_pylist(), obs["cat"].to_pylist()):
+        first.setdefault(x, c)
+    assert got.to_pylist() == [{ITEM: x, "cat": first[x]} for x in sorted(first)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ray_local):
     return tiny_recommend_runs(str(tmp_path_factory.mktemp("rec")))

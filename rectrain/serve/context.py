@@ -5,10 +5,13 @@ batch without per-row Python.
 
 Rows: users and items are addressed by *rows* (0-based positions in :attr:`RunContext.user_keys`
 / :attr:`RunContext.item_keys`, the raw ids); two runs (retrieval and ranking) meet on raw ids.
+What is read from the events is reduced by batches of files (:func:`iter_split_batches`):
+memory is what is kept plus one batch, never a whole-log array.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -18,7 +21,7 @@ import pyarrow.compute as pc
 
 from rectrain.data import storage
 from rectrain.data.encode import positions_in_lists
-from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, negative_splits, read_split
+from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, negative_splits
 from rectrain.models import task_of
 from rectrain.models.base import RETRIEVAL
 from rectrain.serve.loading import load_model
@@ -75,11 +78,70 @@ def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, 
     return pa.table(out)
 
 
+def _event_files(prepared: str, splits: tuple[str, ...]) -> list[str]:
+    """The Parquet files of ``splits`` (in split order, each split's files sorted)."""
+    return [f for s in splits if storage.exists(storage.join(prepared, s))
+            for f in storage.list_parquet_files(storage.join(prepared, s))[0]]
+
+
+#: rows of the event files read as one batch by this module's reductions: their transient
+#: memory is bounded by a batch (~100-150 MiB at 2**19 rows), whatever the log's size
+BATCH_ROWS = 1 << 19
+#: pairs per user range in :func:`_merge_csr` (int64 keys exist for one range at a time)
+MERGE_PAIRS = 1 << 20
+
+
+def iter_split_batches(prepared: str, splits: tuple[str, ...], columns: list[str],
+                       rows: int | None = None):
+    """``columns`` of the observed events of ``splits`` as Arrow tables of consecutive files
+    (the order of :func:`_event_files`), each of about ``rows`` rows (one file, when a file
+    is larger): what :func:`rectrain.data.schema.read_split` reads, checked at the door the
+    same way (sampled negatives left out), without holding the whole split. ``rows``:
+    :data:`BATCH_ROWS` by default.
+
+    Raises:
+        rectrain.data.door.PreparedDataError: a bad id in a file, or a file whose schema
+            differs from the first file of its split (names file, column and both types).
+    """
+    from rectrain.data.door import prepared_bounds, read_checked
+
+    bounds, neg = prepared_bounds(prepared), negative_splits(prepared)
+    rows = BATCH_ROWS if rows is None else rows
+    buf, n = [], 0
+    for s in splits:
+        files = _event_files(prepared, (s,))
+        cols = list(dict.fromkeys([*columns, LABEL])) if s in neg else columns
+        first = None
+        for f in files:
+            t = read_checked([f], cols, bounds)
+            if first is None:
+                first = t.schema
+            elif t.schema != first:  # read_checked names the file, column and both types
+                read_checked([files[0], f], cols, bounds)
+            buf.append(t.filter(pc.greater_equal(t[LABEL], 0.5)).select(columns)
+                       if s in neg else t)
+            n += buf[-1].num_rows
+            if n >= rows:
+                yield pa.concat_tables(buf)
+                buf, n = [], 0
+    if buf:
+        yield pa.concat_tables(buf)
+
+
+def _last_per_user(user: np.ndarray, *cols: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(user, *cols)`` at each user's last row by ``cols[0]`` (the position), sorted by user;
+    ties go to the later row (stable sort), so a running merge equals one sort of the whole."""
+    order = np.lexsort((cols[0], user))
+    u = user[order]
+    last = order[np.r_[u[1:] != u[:-1], True]]
+    return (user[last], *(c[last] for c in cols))
+
+
 def _last_events(prepared: str, splits: tuple[str, ...], cols: list[str]) -> pa.Table:
     """``cols`` of each user's last event (largest ``POS``) over ``splits``, one row per user
-    sorted by user id. Two passes, so memory is O(events) ints plus one file, not every
-    event's behaviour sequences: (user, position) of every event, then the full columns of
-    the chosen rows, file by file.
+    sorted by user id. Two passes over the files, so memory is O(users) plus a batch, never
+    the whole log: (user, position) of each file's rows merged into a running per-user last
+    (user, position, file, row); then the full columns of the chosen rows, file by file.
 
     Raises:
         ValueError: the splits have no event files.
@@ -87,23 +149,26 @@ def _last_events(prepared: str, splits: tuple[str, ...], cols: list[str]) -> pa.
     from rectrain.data.door import prepared_bounds, read_checked
 
     bounds = prepared_bounds(prepared)
-    files = [f for s in splits if storage.exists(storage.join(prepared, s))
-             for f in storage.list_parquet_files(storage.join(prepared, s))[0]]
+    files = _event_files(prepared, splits)
     if not files:
         raise ValueError(f"{prepared}: no event files in splits {list(splits)}")
     neg = bool(negative_splits(prepared))
-    keys = [read_checked([f], [USER, POS, LABEL] if neg else [USER, POS], bounds) for f in files]
-    user = np.concatenate([t[USER].to_numpy() for t in keys])
-    pos = np.concatenate([t[POS].to_numpy() for t in keys])
-    if neg:  # a sampled negative (label 0) shares its event's position: never the last event
-        pos = np.where(np.concatenate([t[LABEL].to_numpy() for t in keys]) >= 0.5, pos, -1)
-    file = np.repeat(np.arange(len(files)), [t.num_rows for t in keys])
-    row = np.concatenate([np.arange(t.num_rows) for t in keys])
-    del keys
-    order = np.lexsort((pos, user))
-    u = user[order]
-    last = order[np.r_[u[1:] != u[:-1], True]]  # last event of each user, by user id
-    sel_file, sel_row = file[last], row[last]
+    best, buf, n = None, [], 0  # (user, pos, file, row) of each user's last event so far
+    for k, f in enumerate(files):
+        t = read_checked([f], [USER, POS, LABEL] if neg else [USER, POS], bounds)
+        pos = t[POS].to_numpy()
+        if neg:  # a sampled negative (label 0) shares its event's position: never the last
+            pos = np.where(t[LABEL].to_numpy() >= 0.5, pos, -1)
+        buf.append((t[USER].to_numpy(), pos, np.full(t.num_rows, k, dtype=np.int32),
+                    np.arange(t.num_rows, dtype=np.int64)))
+        n += t.num_rows
+        # merged once per batch (not per file): O(users) work per merge
+        if n >= max(BATCH_ROWS, 0 if best is None else len(best[0])) or k == len(files) - 1:
+            # earlier rows first: a tie on position goes to the later file, as one sort would
+            best = _last_per_user(*(np.concatenate(x) for x in zip(
+                *([best] if best is not None else []), *buf)))
+            buf, n = [], 0
+    _, _, sel_file, sel_row = best
     where, parts = [], []
     for f in np.unique(sel_file):
         m = np.flatnonzero(sel_file == f)
@@ -133,18 +198,122 @@ def serve_users(prepared: str, users: pa.Table | None = None) -> pa.Array:
         users = storage.read_parquet(url, columns=[USER])
     if users is not None:
         return pa.array(users[USER].to_numpy())
-    ev = [t for t in (read_split(prepared, s, [USER]) for s in ("train", "valid", "test")) if t]
-    if not ev:
+    seen = None  # the distinct users so far, merged file by file
+    for t in iter_split_batches(prepared, ("train", "valid", "test"), [USER]):
+        u = pc.unique(t[USER])
+        seen = u if seen is None else pc.unique(pa.concat_arrays([seen, u]))
+    if seen is None:
         raise FileNotFoundError(f"{prepared}: no users to recommend for: neither "
                                 f"catalog/users.parquet nor train/valid/test samples; prepare "
                                 f"the data again")
-    return pc.unique(pa.concat_tables(ev)[USER].combine_chunks()).sort()
+    return seen.sort()
 
 
 def _key_rows(keys: pa.Array, values: pa.Array) -> np.ndarray:
     """Row of each of ``keys`` in ``values`` (int64, -1 where absent)."""
     return pc.fill_null(pc.index_in(keys, value_set=values), -1).to_numpy(
         zero_copy_only=False).astype(np.int64)
+
+
+def train_counts(prepared: str, user_keys: pa.Array, item_keys: pa.Array
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_users bool [n_users], popularity int64 [n_items])``: which user rows have train
+    events, and the train events per item row, summed file by file (``np.bincount``)."""
+    train_users = np.zeros(len(user_keys), dtype=bool)
+    popularity = np.zeros(len(item_keys), dtype=np.int64)
+    for t in iter_split_batches(prepared, ("train",), [USER, ITEM]):
+        u, i = _key_rows(t[USER], user_keys), _key_rows(t[ITEM], item_keys)
+        train_users[u[u >= 0]] = True
+        popularity += np.bincount(i[i >= 0], minlength=len(item_keys))
+    return train_users, popularity
+
+
+def _row_dtype(n: int):
+    """int32 for rows below 2**31 (half the memory of the CSR's values), else int64."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _sorted_unique(a: np.ndarray, kind: str = "quicksort") -> np.ndarray:
+    """``np.unique(a)`` by a sort (numpy 2's hash-based ``np.unique`` takes ~5x the time and
+    memory on int64 keys); ``kind="stable"`` (timsort) merges sorted runs in linear time."""
+    a = np.sort(a, kind=kind)
+    return a[np.r_[True, a[1:] != a[:-1]]] if len(a) else a
+
+
+def _merge_csr(indptr: np.ndarray, items: np.ndarray, key: np.ndarray, n_items: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The union of CSR ``(indptr int64 [n_users + 1], items, sorted within each user)`` and
+    the sorted unique pair keys ``key`` (``user row * n_items + item row``, int64), as CSR of
+    the same dtypes. Merged in user ranges of about :data:`MERGE_PAIRS` pairs, so the int64
+    keys exist for one range at a time, not for every pair."""
+    n_users, chunk = len(indptr) - 1, MERGE_PAIRS
+    new_ptr = np.searchsorted(key, np.arange(n_users + 1, dtype=np.int64) * n_items)
+    total = indptr + new_ptr
+    cuts = np.unique(np.r_[np.searchsorted(total, np.arange(0, total[-1], chunk), "right") - 1,
+                           n_users])
+    cuts = cuts[cuts >= 0]
+    counts, parts = [np.diff(indptr[:cuts[0] + 1])], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        old = np.repeat(np.arange(a, b, dtype=np.int64), np.diff(indptr[a:b + 1])) * n_items
+        # two sorted runs: the stable sort (timsort) merges them in linear time
+        k = _sorted_unique(np.concatenate([old + items[indptr[a]:indptr[b]],
+                                           key[new_ptr[a]:new_ptr[b]]]), kind="stable")
+        counts.append(np.bincount(k // n_items - a, minlength=b - a))
+        parts.append((k % n_items).astype(items.dtype))
+    out = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(counts), out=out[1:])
+    return out, np.concatenate([items[:indptr[cuts[0]]]] + parts)
+
+
+def seen_csr(prepared: str, splits: tuple[str, ...], user_keys: pa.Array, item_keys: pa.Array
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Items each user row has events of in ``splits``, as CSR ``(indptr int64 [n_users + 1],
+    item rows int32 (int64 from 2**31 items), sorted within each user)``; ids not in the keys
+    are left out. Each batch's unique (user, item) keys are buffered, and merged into the
+    running CSR (:func:`_merge_csr`) once the buffer holds a quarter of its pairs (few merges,
+    each O(pairs)): memory 4 bytes per distinct pair, plus 2 of buffer, plus one batch."""
+    n_users, n_items = len(user_keys), len(item_keys)
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    items = np.zeros(0, dtype=_row_dtype(n_items))
+    buf, n = [], 0
+    for t in itertools.chain(iter_split_batches(prepared, splits, [USER, ITEM]), [None]):
+        if t is not None:
+            u, i = _key_rows(t[USER], user_keys), _key_rows(t[ITEM], item_keys)
+            ok = (u >= 0) & (i >= 0)
+            buf.append(_sorted_unique(u[ok] * n_items + i[ok]))
+            n += len(buf[-1])
+        if buf and (t is None or n >= max(BATCH_ROWS, len(items) // 4)):
+            key = _sorted_unique(np.concatenate(buf)) if len(buf) > 1 else buf[0]
+            indptr, items = _merge_csr(indptr, items, key, n_items)
+            buf, n = [], 0
+    return indptr, items
+
+
+def recent_csr(prepared: str, n: int, user_keys: pa.Array, item_keys: pa.Array
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Each user row's ``n`` most recent distinct train items (most recent first; equal
+    positions in file order) as CSR ``(indptr int64, item rows int64)``. Each file's
+    (user, item, position, event number) rows are merged into the running top ``n`` per user
+    and reduced again (a user's top ``n`` over all files is within the union of the per-file
+    top ``n``): memory O(users x n) plus a batch."""
+    n_users, n_items = len(user_keys), len(item_keys)
+    top = tuple(np.zeros(0, dtype=np.int64) for _ in range(4))  # (user, item, pos, event)
+    done = 0
+    for t in iter_split_batches(prepared, ("train",) if n > 0 else (), [USER, ITEM, POS],
+                                max(BATCH_ROWS, len(user_keys))):  # O(users) per merge
+        u, i = _key_rows(t[USER], user_keys), _key_rows(t[ITEM], item_keys)
+        ev = np.arange(done, done + t.num_rows, dtype=np.int64)
+        done += t.num_rows
+        ok = (u >= 0) & (i >= 0)
+        part = (u[ok], i[ok], t[POS].to_numpy()[ok], ev[ok])
+        u, i, pos, ev = (np.concatenate(x) for x in zip(top, part))
+        order = np.lexsort((ev, -pos, u))  # by user, most recent first, then file order
+        u, i, pos, ev = u[order], i[order], pos[order], ev[order]
+        _, first = np.unique(u * n_items + i, return_index=True)
+        first = np.sort(first)  # the most recent occurrence of each (user, item), in order
+        keep = first[rank_in_runs(u[first]) < n]
+        top = (u[keep], i[keep], pos[keep], ev[keep])
+    return np.searchsorted(top[0], np.arange(n_users + 1)).astype(np.int64), top[1]
 
 
 class RunContext:
@@ -195,13 +364,9 @@ class RunContext:
                                   self.layout.max_sequence_length, self.from_events,
                                   self.history)
         self.n_users, self.n_items = len(self.user_keys), len(self.item_keys)
-        train = read_split(prepared, "train", [USER, ITEM])
-        self.train_users = np.zeros(self.n_users, dtype=bool)
-        self.popularity = np.zeros(self.n_items, dtype=np.int64)  # train events per item row
-        if train is not None:
-            u, i = self.rows(train[USER], train[ITEM])
-            self.train_users[u[u >= 0]] = True
-            self.popularity = np.bincount(i[i >= 0], minlength=self.n_items)
+        #: user rows with train events; train events per item row (int64)
+        self.train_users, self.popularity = train_counts(prepared, self.user_keys,
+                                                         self.item_keys)
         #: wall seconds: loading the model, building the rest (``rectrain.serve.timing``)
         self.timings = {"models_s": t1 - t0, "context_s": time.perf_counter() - t1}
 
@@ -210,11 +375,13 @@ class RunContext:
             return storage.read_parquet(url)
         item_feats = [f.name for f in self.cfg.features if f.source == self.cfg.dataset.item_column
                       and f.kind in ("sparse", "multi_hot") and f.name in feature_cols]
-        ev = pa.concat_tables([t for t in (read_split(self.prepared, s, [ITEM] + item_feats)
-                                           for s in ("train", "valid", "test")) if t])
-        ids = ev[ITEM].to_numpy()
-        _, first = np.unique(ids, return_index=True)  # sorted by raw id
-        return ev.take(pa.array(first))
+        firsts = []  # each item's first event so far, sorted by raw id, merged batch by batch
+        for t in iter_split_batches(self.prepared, ("train", "valid", "test"),
+                                    [ITEM] + item_feats):
+            ev = pa.concat_tables(firsts + [t])  # earlier events first: they win
+            _, first = np.unique(ev[ITEM].to_numpy(), return_index=True)
+            firsts = [ev.take(pa.array(first))]
+        return pa.concat_tables(firsts)
 
     def rows(self, users: pa.Array, items: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(user rows, item rows) int64 of raw ids; -1 where an id is not in this run."""
@@ -234,35 +401,14 @@ class RunContext:
 
     def seen(self, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Items each user has events of in ``splits``, as CSR ``(indptr int64 [n_users + 1],
-        item rows int64, sorted within each user)``: memory O(events), not users x items."""
-        parts = [t for t in (read_split(self.prepared, s, [USER, ITEM]) for s in splits) if t]
-        if not parts:
-            return np.zeros(self.n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        ev = pa.concat_tables(parts)
-        u, i = self.rows(ev[USER], ev[ITEM])
-        ok = (u >= 0) & (i >= 0)
-        key = np.unique(u[ok] * self.n_items + i[ok])
-        indptr = np.searchsorted(key // self.n_items, np.arange(self.n_users + 1))
-        return indptr.astype(np.int64), key % self.n_items
+        item rows int32, sorted within each user)`` (:func:`seen_csr`): memory 4 bytes per
+        distinct (user, item), not users x items."""
+        return seen_csr(self.prepared, splits, self.user_keys, self.item_keys)
 
     def recent(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Each user's ``n`` most recent distinct train items (most recent first) as CSR
-        ``(indptr, item rows)``."""
-        train = read_split(self.prepared, "train", [USER, ITEM, POS])
-        if train is None or n <= 0:
-            return np.zeros(self.n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        u, i = self.rows(train[USER], train[ITEM])
-        pos = train[POS].to_numpy()
-        ok = (u >= 0) & (i >= 0)
-        u, i, pos = u[ok], i[ok], pos[ok]
-        order = np.lexsort((-pos, u))
-        u, i = u[order], i[order]
-        _, first = np.unique(u * self.n_items + i, return_index=True)
-        first = np.sort(first)  # the most recent occurrence of each (user, item), in order
-        u, i = u[first], i[first]
-        keep = rank_in_runs(u) < n
-        u, i = u[keep], i[keep]
-        return np.searchsorted(u, np.arange(self.n_users + 1)).astype(np.int64), i
+        ``(indptr, item rows)`` (:func:`recent_csr`)."""
+        return recent_csr(self.prepared, n, self.user_keys, self.item_keys)
 
 
 def rank_in_runs(group: np.ndarray) -> np.ndarray:
