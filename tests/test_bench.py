@@ -278,3 +278,20 @@ def test_cpu_seconds_by_class_and_by_title_of_two_snapshots():
     import os
     me = cpu_snapshot(os.getpid())[os.getpid()]
     assert me[0] == "driver" and me[2] == "driver" and me[1] > 0
+
+
+def test_scale_skip_reason_for_train_scales_only_what_is_not_the_fixed_steps():
+    """Training runs a fixed number of steps: only its start-up and evaluation (one row per
+    user) are extrapolated with the events, its train seconds are carried over as they are."""
+    from rectrain.bench.scale import _skip_reason
+
+    rows = [{"stage": "train", "events": 1_000_000, "status": "ok", "wall_s": 101.0,
+             "detail": {"train_seconds": 41.0}}]
+    ok = {"prepare": "ok"}
+    # 41 + 60 x 10 = 641 s: runs under 900 s (linear in events would be 1,010 s)
+    assert _skip_reason("train", 10_000_000, rows, ok, 900.0) is None
+    assert "extrapolated 1,241 s" in _skip_reason("train", 20_000_000, rows, ok, 900.0)
+    # a prepare row with the same numbers stays linear
+    prep = [{**rows[0], "stage": "prepare"}]
+    assert "extrapolated 1,010 s" in _skip_reason("prepare", 10_000_000, prep, {"synth": "ok"},
+                                                  900.0)
