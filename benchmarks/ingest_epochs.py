@@ -18,20 +18,36 @@ from rectrain.bench.cli import SETTINGS, _workloads
 from rectrain.bench.ingest import run_ray_ingest
 
 
+def _int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} is below {low}")
+        return v
+    return parse
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", default="din_synth", help="din_synth or dlrm_criteo")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--workload", default="din_synth",
+                    choices=("din_synth", "dlrm_criteo", "din_ml100k"))
+    ap.add_argument("--epochs", type=_int_at_least(1), default=12)
     ap.add_argument("--data", default="data/bench", help="where the workloads are written")
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--top", type=int, default=6, help="titles shown per epoch")
+    ap.add_argument("--batch", type=_int_at_least(1), default=1024)
+    ap.add_argument("--top", type=_int_at_least(0), default=6,
+                    help="titles shown per epoch (0: none)")
     a = ap.parse_args(argv)
     wl = _workloads([a.workload], a.data, SETTINGS["quick"])[0]
     for e in run_ray_ingest(wl, a.batch, 2, a.epochs):
         tot = e["cpu_seconds"]["total"]
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(e["cpu_by_title"].items())[:a.top])
+        per_cpu = f"{e['rows'] / tot:,.0f}" if tot > 0 else "-"  # no CPU time sampled
         print(f"epoch {e['epoch']}: {e['seconds']:.2f} s, {e['rows']:,} rows, Ray CPU "
-              f"{tot:.2f} s, {e['rows'] / tot:,.0f} rows/CPU s | {top}")
+              f"{tot:.2f} s, {per_cpu} rows/CPU s" + (f" | {top}" if top else ""))
 
 
 if __name__ == "__main__":

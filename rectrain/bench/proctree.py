@@ -237,12 +237,19 @@ def rss_by_title(pid: int, private: bool = False) -> dict[str, float]:
 
 def cpu_seconds(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds per class spent between two :func:`cpu_snapshot` calls (a process first seen
-    in ``after`` counts from its start; one that exited in between is lost), plus ``"total"``."""
+    in ``after`` counts from its start; one that exited in between is lost), plus ``"total"``.
+    A pid whose CPU time went down was reused by a new process: counted from its start."""
     out = {c: 0.0 for c in CLASSES}
     for pid, (cls, t, _) in after.items():
-        out[cls] += t - (before[pid][1] if pid in before else 0.0)
+        out[cls] += _spent(before, pid, t)
     out["total"] = sum(out.values())
     return out
+
+
+def _spent(before: dict, pid: int, t: float) -> float:
+    """CPU seconds of ``pid`` since ``before`` (all of ``t`` when ``pid`` is new or reused)."""
+    b = before[pid][1] if pid in before else 0.0
+    return t - b if t >= b else t
 
 
 def cpu_seconds_by_title(before: dict, after: dict) -> dict[str, float]:
@@ -250,7 +257,7 @@ def cpu_seconds_by_title(before: dict, after: dict) -> dict[str, float]:
     coordinator, the read tasks' pooled workers and each Ray server apart), largest first."""
     out: dict[str, float] = {}
     for pid, (_, t, name) in after.items():
-        out[name] = out.get(name, 0.0) + t - (before[pid][1] if pid in before else 0.0)
+        out[name] = out.get(name, 0.0) + _spent(before, pid, t)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 

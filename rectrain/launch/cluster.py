@@ -66,6 +66,10 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, *,
     :func:`rectrain.launch.worker_setup.preload` at start (Ray's ``worker_process_setup_hook``).
     ``address="local"`` always gives a fresh embedded instance, never a cluster some earlier
     ``ray start`` left running (``ray.init()`` with no address would join that one).
+
+    Raises:
+        ValueError: ``RECTRAIN_DATA_IDLE_PAUSE_S`` is not a number of seconds from 0 to 10
+            (:func:`rectrain.launch.data_loop.idle_pause_s`).
     """
     addr = cluster_address(address)
     import ray
@@ -118,7 +122,8 @@ def _configure_data_context() -> None:
     ctx.use_datasource_v2 = False
     # the scheduling loop spins while no task is in flight (backpressured read, drained
     # input): a short pause then gives the training workers their cores back
-    from rectrain.launch.data_loop import IdleLoopPause
+    from rectrain.launch.data_loop import IdleLoopPause, idle_pause_s
+    idle_pause_s()  # a bad RECTRAIN_DATA_IDLE_PAUSE_S fails here, not in a Ray actor
     if IdleLoopPause not in ctx.custom_execution_callback_classes:
         ctx.custom_execution_callback_classes.append(IdleLoopPause)
 

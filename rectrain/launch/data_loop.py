@@ -23,15 +23,55 @@ seconds to consume); a step that moved anything is never delayed.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
+log = logging.getLogger(__name__)
+
+#: the environment variable that sets :data:`IDLE_PAUSE_S`; its default; the largest value
+#: taken (a longer pause only starves the consumers; ``time.sleep`` overflows near 1e10 s)
+ENV, DEFAULT_S, MAX_S = "RECTRAIN_DATA_IDLE_PAUSE_S", 0.02, 10.0
+
+
+def idle_pause_s(environ=None) -> float:
+    """Seconds of the pause from ``RECTRAIN_DATA_IDLE_PAUSE_S`` in ``environ`` (default
+    ``os.environ``): a number from 0 to :data:`MAX_S`, 0 turns the pause off; unset or
+    empty: :data:`DEFAULT_S`.
+
+    Raises:
+        ValueError: the value is not a number of seconds from 0 to 10 (text, negative, inf,
+            nan, larger); the message names the variable."""
+    raw = (os.environ if environ is None else environ).get(ENV, "").strip()
+    if not raw:
+        return DEFAULT_S
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and 0 <= v <= MAX_S):
+        raise ValueError(f"{ENV}={raw!r}: needs a number of seconds from 0 to {MAX_S:g} (0 "
+                         f"turns the pause off; unset: {DEFAULT_S})")
+    return v
+
+
+def _pause_at_import() -> float:
+    # connect() raises on a bad value in the driver; a process that imports this module
+    # elsewhere (a Ray actor running an executor) keeps the default rather than failing there
+    try:
+        return idle_pause_s()
+    except ValueError as e:
+        log.warning("%s; using %s", e, DEFAULT_S)
+        return DEFAULT_S
+
+
 #: seconds slept after a scheduling-loop step in which nothing moved; the environment variable
 #: ``RECTRAIN_DATA_IDLE_PAUSE_S`` (read in each process that runs an executor; a local Ray's
 #: workers inherit the driver's environment) sets it, 0 turns the pause off (for measuring it)
-IDLE_PAUSE_S = float(os.environ.get("RECTRAIN_DATA_IDLE_PAUSE_S", "0.02"))
+IDLE_PAUSE_S = _pause_at_import()
 
 
 def progress_state(topology) -> tuple | None:

@@ -24,6 +24,8 @@ from rectrain.data.encode import positions_in_lists
 from rectrain.data.schema import ITEM, LABEL, LABEL_VALUE, POS, USER, negative_splits
 from rectrain.models import task_of
 from rectrain.models.base import RETRIEVAL
+from rectrain.serve.checks import check_keys, conform, event_rows as _event_rows, unique_keys
+from rectrain.serve.checks import key_rows as _key_rows
 from rectrain.serve.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,13 @@ def latest_state(prepared: str, user_keys: pa.Array, sequences: list[tuple[str, 
     state = {name: append_truncate(ev[name].combine_chunks(), ev[src].to_numpy(), max_len)
              for name, src in sequences}
     state.update({c: ev[c] for c in extra})
-    idx = pc.index_in(user_keys, value_set=ev[USER])
-    has, take = pc.is_valid(idx), pc.fill_null(idx, 0)
+    rows = _key_rows(user_keys, ev[USER], f"{prepared}: the users against the events' "
+                                          f"column '{USER}'")
+    has, take = pa.array(rows >= 0), pa.array(np.maximum(rows, 0))
     out = {}
     for c, col in state.items():
-        col = col.take(take)
+        # no events at all (0-row files): nothing to take, every user gets the empty value
+        col = col.take(take) if len(col) else pa.nulls(len(take), col.type)
         empty = pa.array([[]] * len(col), col.type) if pa.types.is_list(col.type) else \
             pc.cast(pa.array(np.zeros(len(col), dtype=np.int64)), col.type)
         out[c] = pc.if_else(has, col, empty)
@@ -100,26 +104,25 @@ def iter_split_batches(prepared: str, splits: tuple[str, ...], columns: list[str
     :data:`BATCH_ROWS` by default.
 
     Raises:
-        rectrain.data.door.PreparedDataError: a bad id in a file, or a file whose schema
-            differs from the first file of its split (names file, column and both types).
+        rectrain.data.door.PreparedDataError: a bad id in a file, a null ``_user``,
+            ``_item`` or ``_pos`` (:func:`~rectrain.serve.checks.check_keys`), or a file whose
+            column types differ from the first file read (names both files and types).
+        FileNotFoundError: a split folder that holds no data file (names the folder).
     """
     from rectrain.data.door import prepared_bounds, read_checked
 
     bounds, neg = prepared_bounds(prepared), negative_splits(prepared)
     rows = BATCH_ROWS if rows is None else rows
-    buf, n = [], 0
+    buf, n, first = [], 0, None  # first: (file, table) whose schema every file must have
     for s in splits:
-        files = _event_files(prepared, (s,))
         cols = list(dict.fromkeys([*columns, LABEL])) if s in neg else columns
-        first = None
-        for f in files:
+        for f in _event_files(prepared, (s,)):
             t = read_checked([f], cols, bounds)
-            if first is None:
-                first = t.schema
-            elif t.schema != first:  # read_checked names the file, column and both types
-                read_checked([files[0], f], cols, bounds)
-            buf.append(t.filter(pc.greater_equal(t[LABEL], 0.5)).select(columns)
-                       if s in neg else t)
+            check_keys(t, f)
+            if s in neg:
+                t = t.filter(pc.greater_equal(t[LABEL], 0.5)).select(columns)
+            first = first or (f, t)  # across splits too: one batch may span two
+            buf.append(conform(t, first[1], f, first[0]))
             n += buf[-1].num_rows
             if n >= rows:
                 yield pa.concat_tables(buf)
@@ -131,6 +134,8 @@ def iter_split_batches(prepared: str, splits: tuple[str, ...], columns: list[str
 def _last_per_user(user: np.ndarray, *cols: np.ndarray) -> tuple[np.ndarray, ...]:
     """``(user, *cols)`` at each user's last row by ``cols[0]`` (the position), sorted by user;
     ties go to the later row (stable sort), so a running merge equals one sort of the whole."""
+    if not len(user):  # 0-row files only
+        return (user, *cols)
     order = np.lexsort((cols[0], user))
     u = user[order]
     last = order[np.r_[u[1:] != u[:-1], True]]
@@ -145,6 +150,7 @@ def _last_events(prepared: str, splits: tuple[str, ...], cols: list[str]) -> pa.
 
     Raises:
         ValueError: the splits have no event files.
+        rectrain.data.door.PreparedDataError: as :func:`iter_split_batches`.
     """
     from rectrain.data.door import prepared_bounds, read_checked
 
@@ -156,6 +162,7 @@ def _last_events(prepared: str, splits: tuple[str, ...], cols: list[str]) -> pa.
     best, buf, n = None, [], 0  # (user, pos, file, row) of each user's last event so far
     for k, f in enumerate(files):
         t = read_checked([f], [USER, POS, LABEL] if neg else [USER, POS], bounds)
+        check_keys(t, f)
         pos = t[POS].to_numpy()
         if neg:  # a sampled negative (label 0) shares its event's position: never the last
             pos = np.where(t[LABEL].to_numpy() >= 0.5, pos, -1)
@@ -169,10 +176,13 @@ def _last_events(prepared: str, splits: tuple[str, ...], cols: list[str]) -> pa.
                 *([best] if best is not None else []), *buf)))
             buf, n = [], 0
     _, _, sel_file, sel_row = best
+    if not len(sel_file):  # every file has 0 rows: no user has a last event
+        return read_checked(files[:1], cols, bounds).slice(0, 0)
     where, parts = [], []
     for f in np.unique(sel_file):
         m = np.flatnonzero(sel_file == f)
-        parts.append(read_checked([files[f]], cols, bounds).take(pa.array(sel_row[m])))
+        t = read_checked([files[f]], cols, bounds).take(pa.array(sel_row[m]))
+        parts.append(conform(t, parts[0] if parts else t, files[f], files[sel_file.min()]))
         where.append(m)
     ev = pa.concat_tables(parts)
     return ev.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
@@ -192,27 +202,27 @@ def _padded(seq: pa.ListArray, width: int) -> np.ndarray:
 def serve_users(prepared: str, users: pa.Table | None = None) -> pa.Array:
     """Raw ids of the users to recommend for: the users catalog (``users``, or
     ``catalog/users.parquet``) when there is one, else the distinct users of the prepared
-    events (train, valid, test) sorted by id."""
+    events (train, valid, test) sorted by id.
+
+    Raises:
+        rectrain.data.door.PreparedDataError: the catalog has a null or duplicate id (names
+            the file, row and value), or as :func:`iter_split_batches`.
+        FileNotFoundError: no catalog and no observed events."""
     url = storage.join(prepared, "catalog", "users.parquet")
     if users is None and storage.exists(url):
         users = storage.read_parquet(url, columns=[USER])
     if users is not None:
+        unique_keys(users[USER], url, USER)
         return pa.array(users[USER].to_numpy())
     seen = None  # the distinct users so far, merged file by file
     for t in iter_split_batches(prepared, ("train", "valid", "test"), [USER]):
         u = pc.unique(t[USER])
         seen = u if seen is None else pc.unique(pa.concat_arrays([seen, u]))
-    if seen is None:
+    if seen is None or not len(seen):
         raise FileNotFoundError(f"{prepared}: no users to recommend for: neither "
                                 f"catalog/users.parquet nor train/valid/test samples; prepare "
                                 f"the data again")
     return seen.sort()
-
-
-def _key_rows(keys: pa.Array, values: pa.Array) -> np.ndarray:
-    """Row of each of ``keys`` in ``values`` (int64, -1 where absent)."""
-    return pc.fill_null(pc.index_in(keys, value_set=values), -1).to_numpy(
-        zero_copy_only=False).astype(np.int64)
 
 
 def train_counts(prepared: str, user_keys: pa.Array, item_keys: pa.Array
@@ -222,7 +232,7 @@ def train_counts(prepared: str, user_keys: pa.Array, item_keys: pa.Array
     train_users = np.zeros(len(user_keys), dtype=bool)
     popularity = np.zeros(len(item_keys), dtype=np.int64)
     for t in iter_split_batches(prepared, ("train",), [USER, ITEM]):
-        u, i = _key_rows(t[USER], user_keys), _key_rows(t[ITEM], item_keys)
+        u, i = _event_rows(t, user_keys, item_keys, prepared)
         train_users[u[u >= 0]] = True
         popularity += np.bincount(i[i >= 0], minlength=len(item_keys))
     return train_users, popularity
@@ -278,7 +288,7 @@ def seen_csr(prepared: str, splits: tuple[str, ...], user_keys: pa.Array, item_k
     buf, n = [], 0
     for t in itertools.chain(iter_split_batches(prepared, splits, [USER, ITEM]), [None]):
         if t is not None:
-            u, i = _key_rows(t[USER], user_keys), _key_rows(t[ITEM], item_keys)
+            u, i = _event_rows(t, user_keys, item_keys, prepared)
             ok = (u >= 0) & (i >= 0)
             buf.append(_sorted_unique(u[ok] * n_items + i[ok]))
             n += len(buf[-1])
@@ -301,7 +311,7 @@ def recent_csr(prepared: str, n: int, user_keys: pa.Array, item_keys: pa.Array
     done = 0
     for t in iter_split_batches(prepared, ("train",) if n > 0 else (), [USER, ITEM, POS],
                                 max(BATCH_ROWS, len(user_keys))):  # O(users) per merge
-        u, i = _key_rows(t[USER], user_keys), _key_rows(t[ITEM], item_keys)
+        u, i = _event_rows(t, user_keys, item_keys, prepared)
         ev = np.arange(done, done + t.num_rows, dtype=np.int64)
         done += t.num_rows
         ok = (u >= 0) & (i >= 0)
@@ -357,6 +367,7 @@ class RunContext:
         self.seq_names = seq_names
         self.item_keys = self.items[ITEM].combine_chunks() \
             if isinstance(self.items[ITEM], pa.ChunkedArray) else self.items[ITEM]
+        unique_keys(self.item_keys, storage.join(cat, "items.parquet"), ITEM)
         self.user_keys = serve_users(prepared, self.users)
         if self.users is None:
             self.users = pa.table({USER: self.user_keys})
@@ -381,7 +392,10 @@ class RunContext:
             ev = pa.concat_tables(firsts + [t])  # earlier events first: they win
             _, first = np.unique(ev[ITEM].to_numpy(), return_index=True)
             firsts = [ev.take(pa.array(first))]
-        return pa.concat_tables(firsts)
+        if not firsts:
+            raise FileNotFoundError(f"{self.prepared}: no items to recommend: neither {url} "
+                                    f"nor train/valid/test samples; prepare the data again")
+        return firsts[0]
 
     def rows(self, users: pa.Array, items: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(user rows, item rows) int64 of raw ids; -1 where an id is not in this run."""
