@@ -240,15 +240,18 @@ def _has_files(url: str) -> bool:
 
 
 def _run_here(rec, out: str, todo, bar, ph) -> list[dict]:
-    """The blocks ``todo`` in this process (no Ray)."""
-    from rectrain.serve.recommend import do_block
+    """The blocks ``todo`` in this process (no Ray; :func:`rectrain.serve.recommend.do_blocks`,
+    one block per core at a time)."""
+    from rectrain.serve.recommend import do_blocks
 
-    t, stats = time.perf_counter(), []
-    for b in todo:
-        stats.append(do_block(rec, out, *b))
-        if len(stats) == 1:
+    t = time.perf_counter()
+
+    def done(s: dict, n_done: int) -> None:
+        if n_done == 1:
             ph.add("first_block_s", time.perf_counter() - t)
-        bar.update(b[2] - b[1])
+        bar.update(s["users"])
+
+    stats = do_blocks(rec, out, todo, done)
     ph.add("blocks_s", time.perf_counter() - t)
     ph.add("write_s", sum(s["write_ms"] for s in stats) / 1000)
     return stats

@@ -170,8 +170,9 @@ class Recommender:
         models = sum(c.timings["models_s"] for c in ctxs)
         self.timings = {"models_s": models, "index_s": t2 - t1,
                         "context_s": (t1 - t0) - models + (time.perf_counter() - t2)}
-        #: the stage-1 candidates of the last two-stage block: ``(block, u, i, src)``
-        self.last_candidates = None
+        #: the stage-1 candidates of each two-stage block computed and not yet written:
+        #: ``{block: (u, i, src)}`` (per block, as blocks may run on several threads)
+        self.last_candidates = {}
 
     def _count(self, name: str) -> int:
         s = next(s for s in self.spec.sources if s.name == name)
@@ -247,7 +248,7 @@ class Recommender:
                 src = np.full(len(u), SOURCE_NAMES.index("brute_force"), np.int8)
             else:
                 u, i, src = self.candidates(lo, hi)
-                self.last_candidates = (block, u, i, src)  # written beside the lists
+                self.last_candidates[block] = (u, i, src)  # written beside the lists
             n_cand = len(u)
             s = self._score(u, i)
             top = cand.top_k_per_user(u, i, s, k)

@@ -14,6 +14,7 @@ the final lists with :func:`finalize`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -54,13 +55,11 @@ def do_block(rec: Recommender, out: str, block: int, lo: int, hi: int) -> dict:
     ``ms``: its wall milliseconds (compute and write), ``write_ms``: the writing alone,
     ``done_ms``: epoch milliseconds when it was written."""
     t0 = time.perf_counter()
-    rec.last_candidates = None
     table, stats = rec.block(block, lo, hi, out)
     t1 = time.perf_counter()
+    kept = rec.last_candidates.pop(block, None)  # stage 1 of this block, as block() made it
     if rec.spec.mode == "two_stage" and not rec.rank.retrieval:
-        kept = rec.last_candidates  # stage 1 of this block, as block() computed it
-        u, i, src = kept[1:] if kept is not None and kept[0] == block else \
-            rec.candidates(lo, hi)
+        u, i, src = kept if kept is not None else rec.candidates(lo, hi)
         write_block(pa.table({"user_id": rec.rank.user_keys.take(pa.array(u)),
                               "item_id": rec.rank.item_keys.take(pa.array(i)),
                               "source": pa.DictionaryArray.from_arrays(
@@ -75,6 +74,71 @@ def do_block(rec: Recommender, out: str, block: int, lo: int, hi: int) -> dict:
             "done_ms": int(1000 * time.time())}
 
 
+def do_blocks(rec: Recommender, out: str, todo: list[tuple[int, int, int]],
+              done=None) -> list[dict]:
+    """:func:`do_block` for each ``(block, lo, hi)`` of ``todo`` in this process, on
+    :func:`here_threads` threads; returns the blocks' stats in block order. ``done(stats,
+    n_done)`` is called after each block (one at a time).
+
+    With T > 1 threads each runs whole blocks with torch and faiss on one intra-op thread, as
+    the Ray Data path's one-CPU actors do, instead of splitting each of the ranker's small
+    matmuls over T threads (torch's ops release the GIL). Each block is computed the same way
+    whatever T, so the lists are the same; only the order the blocks finish in may differ.
+    A block's error is raised here."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    stats: list[dict] = []
+    lock = threading.Lock()
+
+    def one(b):
+        s = do_block(rec, out, *b)
+        with lock:
+            stats.append(s)
+            if done is not None:
+                done(s, len(stats))
+
+    threads = here_threads(len(todo))
+    if threads == 1:
+        for b in todo:
+            one(b)
+    else:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with _faiss_threads(1), ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, todo))
+        finally:
+            torch.set_num_threads(before)
+    return sorted(stats, key=lambda s: s["block"])
+
+
+def here_threads(n_blocks: int) -> int:
+    """Block threads in this process: torch's intra-op thread count (the cores it would use),
+    at most one per block."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), n_blocks))
+
+
+@contextlib.contextmanager
+def _faiss_threads(n: int):
+    """faiss's OpenMP threads set to ``n`` inside (restored after); nothing without faiss."""
+    try:
+        import faiss
+    except ImportError:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def run_blocks(spec: RecommendSpec, out: str, progress=None,
                wall_from: float | None = None) -> dict:
     """All blocks of ``spec`` in this process, skipping blocks already written; returns the
@@ -85,11 +149,8 @@ def run_blocks(spec: RecommendSpec, out: str, progress=None,
     todo = [b for b in blocks if not block_done(block_url(out, b[0]))]
     stats = []
     if todo:
-        rec = Recommender(spec)
-        for b in todo:
-            stats.append(do_block(rec, out, *b))
-            if progress:
-                progress(b[2] - b[1])
+        stats = do_blocks(Recommender(spec), out, todo,
+                          (lambda s, _: progress(s["users"])) if progress else None)
     return finalize(out, blocks, stats, spec,
                     None if wall_from is None else time.perf_counter() - wall_from)
 
