@@ -18,6 +18,7 @@ import pytest
 from rectrain.data.door import PreparedDataError
 from rectrain.data.schema import ITEM, POS, USER
 from rectrain.serve import context as ctx
+from rectrain.serve import reductions
 
 HIST = "hist_item_id"
 COLS = [USER, POS, HIST, ITEM]
@@ -83,8 +84,8 @@ def _check_against_whole(p, whole, user_keys, item_keys, train_rows):
 
 @pytest.fixture
 def small_batches(monkeypatch):
-    monkeypatch.setattr(ctx, "BATCH_ROWS", 25)  # batches of one to a few files: many merges
-    monkeypatch.setattr(ctx, "MERGE_PAIRS", 8)
+    monkeypatch.setattr(reductions, "BATCH_ROWS", 25)  # batches of one to a few files: many merges
+    monkeypatch.setattr(reductions, "MERGE_PAIRS", 8)
 
 
 def test_odd_but_valid_files_give_what_one_whole_table_gives(tmp_path, small_batches):

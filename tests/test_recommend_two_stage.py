@@ -97,6 +97,7 @@ def test_serving_context_streamed_by_batches_equals_the_whole_table(tmp_path, mo
 
     from rectrain.data.schema import LABEL, POS
     from rectrain.serve import context as ctx
+    from rectrain.serve import reductions
 
     rng = np.random.default_rng(4)
     files = {"train": 5, "valid": 2, "test": 2}
@@ -113,8 +114,8 @@ def test_serving_context_streamed_by_batches_equals_the_whole_table(tmp_path, mo
             (tmp_path / s).mkdir(exist_ok=True)
             pq.write_table(t, tmp_path / s / f"p{f}.parquet")
     (tmp_path / "manifest.json").write_text(json.dumps({"negatives": {"splits": ["train"]}}))
-    monkeypatch.setattr(ctx, "BATCH_ROWS", 70)  # batches of 1-3 files
-    monkeypatch.setattr(ctx, "MERGE_PAIRS", 16)  # the CSR merged in many user ranges
+    monkeypatch.setattr(reductions, "BATCH_ROWS", 70)  # batches of 1-3 files
+    monkeypatch.setattr(reductions, "MERGE_PAIRS", 16)  # the CSR merged in many user ranges
     p, splits = str(tmp_path), ("train", "valid", "test")
     cols = [USER, POS, "hist_item_id", ITEM, "cat", LABEL]
     whole = pa.concat_tables([pq.read_table(tmp_path / s / f"p{f}.parquet")
