@@ -24,7 +24,7 @@ fi
 hash="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
 stamp=".venv/.rectrain-$hash-${extras//,/-}"
 # done already (an install with the test tools also serves the runtime)
-if [ -f "$stamp" ] || [ -f "$stamp-test" ]; then exit 0; fi
+if [ -f "$stamp" ] || [ -f "$stamp-test-text-bench" ]; then exit 0; fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[$extras]"
 .venv/bin/python -m pip install -q --no-deps torchrec==1.8.0

@@ -218,6 +218,10 @@ def test_config_reference_is_up_to_date():
     assert committed == reference(), "run: python -m rectrain.config.reference > docs/config.md"
     for name in ("sasrec_all_steps", "attention_hidden", "tower_hidden", "cross_rank"):
         assert f"| `{name}` |" in committed
+    # every type link of the reference lands on a section it writes
+    import re
+    anchors = set(re.findall(r'<a id="([^"]+)"', committed))
+    assert set(re.findall(r"\]\(#([^)]+)\)", committed)) <= anchors
 
 
 def test_unreadable_config_files_are_named(tmp_path):

@@ -99,8 +99,9 @@ def reference() -> str:
     """The whole reference as Markdown."""
     out = [HEADER, *_section(job.JobConfig, "Job (top level): JobConfig")]
     for cls in (sections.DatasetSpec, sections.SideTable, sections.LabelSpec,
-                sections.SplitSpec, sections.SynthSource, sections.FeatureSpec,
-                sections.Transform, sections.ZchSpec):
+                sections.SplitSpec, sections.WindowSpec, sections.NegativesSpec,
+                sections.SynthSource, sections.FeatureSpec, sections.Transform,
+                sections.ZchSpec):
         out += _section(cls)
     out += ["## model", "", "`model.name` chooses the class; a field of another model is an "
             "error. Fields every model has:", "", *_table(models.ModelBase), ""]
