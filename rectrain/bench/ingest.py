@@ -74,15 +74,16 @@ def _ingest_worker(config: dict) -> None:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         sm = t.clone()
         dist.all_reduce(sm)
-        after = cpu_snapshot(config["tree_pid"]) if rank0 else None
-        cpu = cpu_seconds(snap, after) if rank0 else {}
-        by_title = cpu_seconds_by_title(snap, after) if rank0 else {}
-        rss = rss_by_title(config["tree_pid"]) if rank0 else {}
-        priv = rss_by_title(config["tree_pid"], private=True) if rank0 else {}
+        tree = {"cpu_seconds": {}, "cpu_by_title": {}, "rss_mb": {}, "private_mb": {}}
+        if rank0:  # the process tree's CPU and memory, sampled by one rank
+            after = cpu_snapshot(config["tree_pid"])
+            tree = {"cpu_seconds": cpu_seconds(snap, after),
+                    "cpu_by_title": cpu_seconds_by_title(snap, after),
+                    "rss_mb": rss_by_title(config["tree_pid"]),
+                    "private_mb": rss_by_title(config["tree_pid"], private=True)}
         history.append({"epoch": epoch, "seconds": float(mx[0]),
                         "steady_seconds": float(mx[1]), "first_batch_seconds": float(mx[2]),
-                        "rows": int(sm[3]), "cpu_seconds": cpu, "cpu_by_title": by_title, "rss_mb": rss,
-                        "private_mb": priv})
+                        "rows": int(sm[3]), **tree})
         ray.train.report(history[-1])
     if ctx.get_world_rank() == 0:  # Ray Train 2.60 keeps no metrics without a checkpoint
         from rectrain.data import storage

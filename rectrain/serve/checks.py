@@ -71,8 +71,7 @@ def unique_keys(keys: pa.Array | pa.ChunkedArray, source: str, column: str) -> N
     row, prev = int(second[k]), int(order[dup[k]])
     raise PreparedDataError(f"{source}: column '{column}' row {row}: duplicate id (value "
                             f"{keys[row].as_py()!r}, also at row {prev}); a catalog needs one "
-                            f"row per "
-                            f"id; {_HINT}")
+                            f"row per id; {_HINT}")
 
 
 def key_rows(keys: pa.Array, values: pa.Array, source: str = "ids") -> np.ndarray:

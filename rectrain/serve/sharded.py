@@ -180,8 +180,8 @@ def score_rank(spec: RecommendSpec, out: str, blocks: list[tuple[int, int, int]]
     """This rank's share of ``blocks`` (``(block, lo, hi)``; block ``b`` goes to rank
     ``b % env.world``), scored on the model's shards and written as the unsharded path writes
     them (:func:`rectrain.serve.recommend.do_block`); collective. Returns the blocks' stats,
-    the first with ``rank``, ``rank_blocks`` (how many), ``forwards`` / ``padding_forwards`` (this rank's collective
-    forwards, all of them / on padding only) and ``load_ms``. Rank 0 reports each block it
+    the first with ``rank``, ``rank_blocks`` (how many), ``forwards`` / ``padding_forwards``
+    (this rank's collective forwards, all of them / on padding only) and ``load_ms``. Rank 0 reports each block it
     finishes through ``say``."""
     from rectrain.serve.recommend import do_block
 
