@@ -29,6 +29,6 @@ def test_in_process_pairs_rejected(tmp_path, value):
 
 def test_read_blocks_degenerate_inputs():
     # empty split, no workers, batch 0: still a valid positive block count
-    assert read_blocks(0, 16, 2) == 8
-    assert read_blocks(100, 16, 0) == 4
-    assert read_blocks(100, 0, 2) == 8
+    assert read_blocks(0, 16, 2) == 4 and read_blocks(0, 16, 2, "valid") == 8
+    assert read_blocks(100, 16, 0) == 2 and read_blocks(100, 16, 0, "test") == 4
+    assert read_blocks(100, 0, 2) == 4 and read_blocks(100, 0, 2, "valid") == 8

@@ -147,14 +147,24 @@ def _job(tmp, run):
     return config_from_dict(job)
 
 
-def test_read_blocks_large_blocks_but_four_per_worker():
+def test_read_blocks_large_blocks_but_four_per_worker_for_evaluation():
     from rectrain.launch.ray_launch import MIN_BLOCK_ROWS, read_blocks
 
-    assert read_blocks(265, 16, 2) == 8  # a tiny split still spreads over both workers
-    assert read_blocks(409_600, 1024, 2) == 8
-    assert read_blocks(2_048_000, 1024, 2) == 2_048_000 // MIN_BLOCK_ROWS
-    assert read_blocks(10_000_000, 16_384, 2) == 10_000_000 // (8 * 16_384)
-    assert read_blocks(0, 1024, 1) == 4
+    assert read_blocks(265, 16, 2, "valid") == 8  # a tiny split still spreads over both workers
+    assert read_blocks(409_600, 1024, 2, "test") == 8
+    assert read_blocks(2_048_000, 1024, 2, "valid") == 2_048_000 // MIN_BLOCK_ROWS
+    assert read_blocks(10_000_000, 16_384, 2, "valid") == 10_000_000 // (8 * 16_384)
+    assert read_blocks(0, 1024, 1, "valid") == 4
+
+
+def test_read_blocks_train_larger_blocks_two_per_worker():
+    from rectrain.launch.ray_launch import TRAIN_BLOCK_ROWS, read_blocks
+
+    assert read_blocks(265, 16, 2) == 4 == read_blocks(265, 16, 2, "train")
+    assert read_blocks(409_600, 1024, 2) == 4  # 3 blocks of 131,072 would leave one worker 1
+    assert read_blocks(2_048_000, 1024, 2) == 2_048_000 // TRAIN_BLOCK_ROWS == 15
+    assert read_blocks(10_000_000, 32_768, 2) == 10_000_000 // (8 * 32_768)
+    assert read_blocks(0, 1024, 3) == 6
 
 
 def test_ray_train_awkward_files_equal_steps_and_every_row_once(awkward_prepared):

@@ -4,6 +4,9 @@
   process: the floor cost of reading the bytes.
 - ``pyarrow read + to_batch``: the same read, sliced into batches of ``B`` rows and converted by
   :meth:`FeatureLayout.to_batch` (Arrow offsets → KeyedJaggedTensor), one process.
+- ``pyarrow read + shuffle + to_batch``: the same, each block of the Ray path's size permuted
+  first as the training loader does (:func:`~rectrain.data.loader.rebatch` with a generator),
+  one process: the work the Ray path does, without Ray.
 - ``rectrain Ray Data``: the path training uses, inside ``W`` Ray Train workers (blocks as
   training asks for them, :func:`rectrain.launch.ray_launch.read_blocks`):
   ``ray.data.read_parquet`` (files in a seeded per-epoch order) → exact ``streaming_split`` → whole
@@ -11,6 +14,8 @@
   (:func:`~rectrain.data.loader.rebatch`) → ``to_batch`` in a prefetch thread, with no model:
   global rows/s per epoch (all rows / slowest worker's time), with and without each epoch's
   wait for its first batch (the streaming executor's start-up).
+- ``Ray Data delivery``: the same read and split with workers that only receive the blocks
+  (no shuffle, no ``to_batch``): what Ray Data itself costs to hand the rows over.
 
 Per core used: each path's CPU seconds (user + system, all threads) over the same work, and
 ``rows / CPU seconds`` = rows/s per core used (cores used = CPU seconds / wall seconds). One
@@ -18,7 +23,10 @@ process: its own ``time.process_time``. Ray: every process under the driver (Ray
 the 2 workers, the read tasks' pooled workers, the split coordinator, Ray Train's controller),
 summed by :func:`rectrain.bench.proctree.cpu_snapshot` between rank 0's epoch barriers; so
 Ray Data's scheduling loops and idle polling are counted, which on a loaded machine grow with
-the wall time.
+the wall time. Each figure per core is the least CPU of its repeats (one process) or epochs
+after the first (Ray, whose first epoch starts the workers): on the 2-core development machine
+the same one-process work took 0.56-0.84 CPU-s from run to run, so one repeat a side could
+move the ratio by a third.
 """
 
 from __future__ import annotations
@@ -61,13 +69,17 @@ def _ingest_worker(config: dict) -> None:
         t0 = time.perf_counter()
         first = None
         rows = 0
-        feed = prefetch((layout.to_batch(t.select(layout.columns)) for t in
-                         rebatch(shard.tables(epoch), config["batch"], True, rng)),
-                        config["prefetch"])
-        for b in feed:
+        if config.get("convert", True):
+            feed = prefetch((layout.to_batch(t.select(layout.columns)) for t in
+                             rebatch(shard.tables(epoch), config["batch"], True, rng)),
+                            config["prefetch"])
+            sizes = (b.batch_size for b in feed)
+        else:  # delivery only: the blocks as the loader receives them, nothing done with them
+            sizes = (t.num_rows for t in shard.tables(epoch))
+        for n in sizes:
             if first is None:
                 first = time.perf_counter() - t0
-            rows += b.batch_size
+            rows += n
         dt = time.perf_counter() - t0
         t = torch.tensor([dt, dt - (first or 0.0), first or 0.0, rows], dtype=torch.float64)
         mx = t.clone()
@@ -90,9 +102,10 @@ def _ingest_worker(config: dict) -> None:
         storage.write_json({"epochs": history}, config["result_path"])
 
 
-def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: int = 2
-                   ) -> list[dict]:
-    """rectrain's Ray Data path in ``world`` Ray Train workers; per-epoch figures."""
+def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: int = 2,
+                   convert: bool = True) -> list[dict]:
+    """rectrain's Ray Data path in ``world`` Ray Train workers; per-epoch figures. With
+    ``convert=False`` the workers only receive the blocks (Ray Data's delivery cost)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -109,12 +122,12 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     train = os.path.join(wl.prepared_dir, "train")
     # the block count train() uses (read_blocks)
     files = storage.list_parquet_files(train)[0]
-    blocks = read_blocks(sum(pq.read_metadata(f).num_rows for f in files), batch, world)
+    blocks = read_blocks(sum(pq.read_metadata(f).num_rows for f in files), batch, world, "train")
     ds = ray.data.read_parquet(train, columns=layout.columns,
                                shuffle=FileShuffleConfig(seed=cfg.train.seed),
                                override_num_blocks=blocks)
     fit(_ingest_worker,
-        {"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch,
+        {"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch, "convert": convert,
          "tree_pid": os.getpid(),
          "threads": max(1, (os.cpu_count() or 1) // world), "result_path": result_path},
         num_workers=world, datasets={"train": ds}, name="bench_ingest",
@@ -128,14 +141,20 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
             for h in history]
 
 
-def run_pyarrow(wl: Workload, batch: int, repeats: int = 2) -> dict:
-    """The single-process pyarrow read, and read + ``to_batch``; best of ``repeats``."""
+def run_pyarrow(wl: Workload, batch: int, repeats: int = 3, block_rows: int | None = None
+                ) -> dict:
+    """The single-process pyarrow read, read + ``to_batch`` and read + shuffle + ``to_batch``
+    (blocks of ``block_rows`` rows permuted first, as :func:`~rectrain.data.loader.rebatch`
+    does in training); rows/s of the fastest of ``repeats``, CPU seconds the least."""
     from rectrain.bench.trainstep import _layout, bench_config
+    from rectrain.data.loader import rebatch
 
     cfg = bench_config(wl.job("/tmp/rectrain-bench-ingest"))
     layout = _layout(cfg)
     path = os.path.join(wl.prepared_dir, "train")
-    best_read, best_conv, rows, conv_rows, conv_cpu = float("inf"), float("inf"), 0, 0, 0.0
+    rng = np.random.default_rng(0)
+    best_read, best_conv, rows, conv_rows = float("inf"), float("inf"), 0, 0
+    conv_cpu, shuf_cpu, shuf_rows = float("inf"), float("inf"), 0
     for _ in range(repeats):
         t0 = time.perf_counter()
         t = pq.read_table(path, columns=layout.columns)
@@ -146,33 +165,53 @@ def run_pyarrow(wl: Workload, batch: int, repeats: int = 2) -> dict:
         conv_rows = 0
         for lo in range(0, t.num_rows - batch + 1, batch):
             conv_rows += layout.to_batch(t.slice(lo, batch)).batch_size
-        dt = time.perf_counter() - t0
-        if dt < best_conv:
-            best_conv, conv_cpu = dt, time.process_time() - c0
+        best_conv = min(best_conv, time.perf_counter() - t0)
+        conv_cpu = min(conv_cpu, time.process_time() - c0)
+        step = block_rows or t.num_rows
+        c0 = time.process_time()
+        t = pq.read_table(path, columns=layout.columns)
+        shuf_rows = sum(layout.to_batch(b).batch_size for b in rebatch(
+            (t.slice(lo, step) for lo in range(0, t.num_rows, step)), batch, True, rng))
+        shuf_cpu = min(shuf_cpu, time.process_time() - c0)
     return {"rows": rows, "read_rows_per_s": rows / best_read,
             "read_to_batch_rows": conv_rows, "read_to_batch_rows_per_s": conv_rows / best_conv,
             "read_to_batch_cpu_s": conv_cpu,
-            "read_to_batch_rows_per_cpu_s": conv_rows / max(conv_cpu, 1e-9)}
+            "read_to_batch_rows_per_cpu_s": conv_rows / max(conv_cpu, 1e-9),
+            "read_shuffle_to_batch_cpu_s": shuf_cpu,
+            "read_shuffle_to_batch_rows_per_cpu_s": shuf_rows / max(shuf_cpu, 1e-9)}
+
+
+def _least_cpu(epochs: list[dict]) -> dict:
+    """The epoch with the least Ray CPU seconds among those after the first (all if one)."""
+    steady = epochs[1:] or epochs
+    return min(steady, key=lambda e: e["cpu_seconds"].get("total") or float("inf"))
 
 
 def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world: int = 2,
-               epochs: int = 2, progress=None) -> dict:
+               epochs: int = 3, progress=None) -> dict:
     """The ingest job; writes ``ingest.json``/``.md``/``.png``."""
     rows = []
     for wl in workloads:
         if progress:
             progress.set_description(f"ingest {wl.name}: pyarrow")
-        pa_res = run_pyarrow(wl, batch)
+        ray_res = run_ray_ingest(wl, batch, world, epochs)
         if progress:
             progress.update(1)
-            progress.set_description(f"ingest {wl.name}: Ray Data in {world} Ray Train workers")
-        ray_res = run_ray_ingest(wl, batch, world, epochs)
+            progress.set_description(f"ingest {wl.name}: Ray Data delivery only")
+        bare = run_ray_ingest(wl, batch, world, epochs, convert=False)
+        if progress:
+            progress.update(1)
+            progress.set_description(f"ingest {wl.name}: pyarrow")
+        pa_res = run_pyarrow(wl, batch, block_rows=-(-ray_res[0]["rows"] // ray_res[0]["blocks"]))
         if progress:
             progress.update(1)
         best = max(ray_res, key=lambda e: e["rows"] / e["seconds"])
         ray_rps = best["rows"] / best["seconds"]
-        ray_cpu = best["cpu_seconds"].get("total") or float("nan")
-        ray_per_core = best["rows"] / ray_cpu
+        least = _least_cpu(ray_res)
+        ray_cpu = least["cpu_seconds"].get("total") or float("nan")
+        ray_per_core = least["rows"] / ray_cpu
+        bare_least = _least_cpu(bare)
+        bare_cpu = bare_least["cpu_seconds"].get("total") or float("nan")
         ray_steady = max(e["rows"] / max(e["steady_seconds"], 1e-9) for e in ray_res)
         rows.append({
             "workload": wl.name, "rows": pa_res["rows"],
@@ -187,32 +226,51 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
             "ray_cpu_s": ray_cpu, "ray_cores_used": ray_cpu / best["seconds"],
             "ray_rows_per_core": ray_per_core,
             "ray_over_pyarrow_per_core": ray_per_core / pa_res["read_to_batch_rows_per_cpu_s"],
-            "ray_cpu_s_by_class": best["cpu_seconds"], "ray_blocks": best["blocks"],
-            "epochs": ray_res, "pyarrow": pa_res})
+            "pyarrow_shuffle_to_batch_rows_per_core":
+                pa_res["read_shuffle_to_batch_rows_per_cpu_s"],
+            "ray_over_pyarrow_shuffle_per_core":
+                ray_per_core / pa_res["read_shuffle_to_batch_rows_per_cpu_s"],
+            "ray_delivery_cpu_s": bare_cpu, "ray_delivery_share": bare_cpu / ray_cpu,
+            "ray_cpu_s_by_class": least["cpu_seconds"], "ray_blocks": best["blocks"],
+            "ray_delivery_cpu_s_by_class": bare_least["cpu_seconds"],
+            "epochs": ray_res, "delivery_epochs": bare, "pyarrow": pa_res})
     cols = ["workload", "rows", "pyarrow_read_rows_per_s", "pyarrow_to_batch_rows_per_s",
             "ray_rows_per_s", "ray_steady_rows_per_s", "ray_first_batch_s",
             "ray_over_pyarrow_to_batch"]
     core_cols = ["workload", "pyarrow_to_batch_cpu_s", "pyarrow_to_batch_rows_per_core",
                  "ray_cpu_s", "ray_cores_used", "ray_rows_per_core",
                  "ray_over_pyarrow_per_core"]
-    by_class = [{"workload": r["workload"], "blocks": r["ray_blocks"],
-                 **{k: r["ray_cpu_s_by_class"].get(k, 0.0) for k in CLASSES}} for r in rows]
+    split_cols = ["workload", "pyarrow_shuffle_to_batch_rows_per_core",
+                  "ray_over_pyarrow_shuffle_per_core", "ray_delivery_cpu_s",
+                  "ray_delivery_share"]
+    by_class = [{"workload": r["workload"], "run": run, "blocks": r["ray_blocks"],
+                 **{k: r[key].get(k, 0.0) for k in CLASSES}}
+                for r in rows for run, key in (("convert", "ray_cpu_s_by_class"),
+                                               ("delivery", "ray_delivery_cpu_s_by_class"))]
     md = ("### Ingest: Parquet → Batch(KJT), rows/s over the same files\n\n"
           f"pyarrow: one process; Ray: rectrain's Ray Data path in {world} Ray Train workers, "
           f"batch {batch}, best of {epochs} epochs ('steady' excludes the wait for the first "
-          "batch).\n\n"
+          "batch); pyarrow best of 3.\n\n"
           + report.markdown_table(rows, cols, {"ray_over_pyarrow_to_batch": ".2f",
                                                "ray_first_batch_s": ".2f"})
           + "\n\nPer core used (rows/s per core = rows / CPU seconds; cores used = CPU seconds "
-          "/ wall seconds). pyarrow: the read + to_batch process; Ray: every process of the "
+          "/ wall seconds), the least CPU of the pyarrow repeats and of the Ray epochs after "
+          "the first. pyarrow: the read + to_batch process; Ray: every process of the "
           "embedded Ray over the same epoch (workers, read tasks, split coordinator, Ray's "
           "servers; `rectrain.bench.proctree.cpu_snapshot`):\n\n"
           + report.markdown_table(rows, core_cols, {
               "pyarrow_to_batch_cpu_s": ".2f", "ray_cpu_s": ".2f", "ray_cores_used": ".2f",
               "ray_over_pyarrow_per_core": ".2f"})
-          + "\n\nRay's CPU seconds of that epoch by process class (rectrain.bench.proctree), "
+          + "\n\nWhere the Ray path's CPU goes: against one process doing the same shuffle "
+          "(each block of the Ray path's size permuted, as the training loader does), and "
+          "Ray Data's delivery alone (the same read and split into workers that only receive "
+          "the blocks; its CPU seconds and their share of the Ray path's):\n\n"
+          + report.markdown_table(rows, split_cols, {
+              "ray_over_pyarrow_shuffle_per_core": ".2f", "ray_delivery_cpu_s": ".2f",
+              "ray_delivery_share": ".2f"})
+          + "\n\nRay's CPU seconds of those epochs by process class (rectrain.bench.proctree), "
           "and the read's block count:\n\n"
-          + report.markdown_table(by_class, ["workload", "blocks", *CLASSES], {
+          + report.markdown_table(by_class, ["workload", "run", "blocks", *CLASSES], {
               k: ".2f" for k in CLASSES})
           + "\n\n" + report.LOADED_NOTE + "\n")
     labels, vals = [], []

@@ -41,27 +41,37 @@ def exact_split_config():
     return ExactSplitDataConfig()
 
 
-#: fewest rows a Ray Data read block of a split should hold (see :func:`read_blocks`)
+#: fewest rows a Ray Data read block of an evaluation split should hold (see :func:`read_blocks`)
 MIN_BLOCK_ROWS = 65_536
+#: fewest rows a read block of the train split should hold (see :func:`read_blocks`)
+TRAIN_BLOCK_ROWS = 131_072
 
 
-def read_blocks(rows: int, batch_size: int, workers: int) -> int:
+def read_blocks(rows: int, batch_size: int, workers: int, split: str = "train") -> int:
     """``override_num_blocks`` for ``ray.data.read_parquet`` of a split of ``rows`` rows read by
-    ``workers`` training workers: blocks of about ``max(MIN_BLOCK_ROWS, 8 * batch_size)`` rows,
-    and at least 4 blocks per worker so that ``streaming_split(equal=False)`` (evaluation)
-    still spreads a small split over the workers.
+    ``workers`` training workers.
 
-    Ray Data's own choice (at least ``DataContext.read_op_min_num_blocks`` = 200 blocks) cut
-    the 25 files of 16,384 rows of the DIN benchmark into 150 blocks of 2,730 rows
-    (``ReadParquet->SplitBlocks(6)``), under 3 batches each: every block is a task output, an
-    object in the store and a hand-off by the split coordinator, which cost 2.6 CPU-s per epoch
-    of 409,600 rows against 0.7 CPU-s in 4 blocks (docs/benchmarks.md, "Ingest: where the time
-    went"). The read still caps a block at ``DataContext.target_max_block_size`` bytes, so a
-    large file does not make one block too large for memory. The rows and the exact split
-    are the same whatever the count; only their grouping into blocks (and so the streaming
-    order) changes."""
-    per_block = max(MIN_BLOCK_ROWS, 8 * batch_size)
-    return max(4 * max(workers, 1), rows // per_block)
+    - ``train``: blocks of about ``max(TRAIN_BLOCK_ROWS, 8 * batch_size)`` rows, at least 2
+      per worker (the exact split, ``streaming_split(equal=True)``, evens the rows out);
+    - any other split: blocks of about ``max(MIN_BLOCK_ROWS, 8 * batch_size)`` rows, at least
+      4 per worker, so that ``streaming_split(equal=False)`` (evaluation) still spreads a small
+      split over the workers.
+
+    Every block costs about 0.03 CPU-s per epoch whatever its size (a read task, an object in
+    the store, the split coordinator's scheduling steps and hand-off): on the DIN benchmark
+    (2 workers, 2 cores) 8 blocks of 51,200 rows took 1.68-1.77 CPU-s per epoch of 409,600
+    rows and 4 blocks 1.57-1.62; at 2,048,000 rows 31 blocks 7.7 and 15 blocks 6.8 CPU-s, while
+    8 blocks (too few to keep the read ahead of the workers) took 7.2 (docs/benchmarks.md,
+    "Ingest: where the time went"). Ray Data's own choice (at least
+    ``DataContext.read_op_min_num_blocks`` = 200 blocks) cut those 25 files of 16,384 rows into
+    150 blocks of 2,730 rows, 2.6 CPU-s per epoch. The read still caps a block at
+    ``DataContext.target_max_block_size`` bytes, so wide rows do not make one block too large
+    for memory. The rows and the exact split are the same whatever the count; only their
+    grouping into blocks (and so the streaming order and each block's shuffle) changes."""
+    workers = max(workers, 1)
+    if split == "train":
+        return max(2 * workers, rows // max(TRAIN_BLOCK_ROWS, 8 * batch_size))
+    return max(4 * workers, rows // max(MIN_BLOCK_ROWS, 8 * batch_size))
 
 
 def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
@@ -119,7 +129,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
         # prepare and each block is permuted again by the loader (loader.rebatch).
         shuffle = FileShuffleConfig(seed=tc.seed) if split == "train" else None
         blocks = read_blocks(manifest["rows_per_split"].get(split, 0), tc.batch_size,
-                             tc.num_workers)
+                             tc.num_workers, split)
         datasets[split] = ray.data.read_parquet(path, columns=cols, filesystem=fs,
                                                 shuffle=shuffle, override_num_blocks=blocks)
     cpus = os.cpu_count() or 1
