@@ -371,10 +371,23 @@ def test_ingest_epochs_top_0_and_an_epoch_without_cpu_seconds(capsys, monkeypatc
     from benchmarks import ingest_epochs
 
     monkeypatch.setattr(ingest_epochs, "_workloads", lambda names, data, s: [names[0]])
-    monkeypatch.setattr(ingest_epochs, "run_ray_ingest", lambda wl, b, w, n: [
-        {"epoch": k, "seconds": 1.0, "rows": 10, "cpu_seconds": {"total": 0.0 if k else 2.0},
-         "cpu_by_title": {"ray::SplitCoordinator": 1.5}} for k in range(n)])
+    seen = {}
+
+    def fake(wl, b, w, n, convert=True, blocks=None):
+        seen.update(convert=convert, blocks=blocks)
+        return [{"epoch": k, "seconds": 1.0, "rows": 10, "blocks": blocks or 4,
+                 "cpu_seconds": {"total": 0.0 if k else 2.0},
+                 "cpu_by_title": {"ray::SplitCoordinator": 1.5}} for k in range(n)]
+
+    monkeypatch.setattr(ingest_epochs, "run_ray_ingest", fake)
     ingest_epochs.main(["--epochs", "2", "--top", "0"])
     assert capsys.readouterr().out.splitlines() == [
         "epoch 0: 1.00 s, 10 rows, Ray CPU 2.00 s, 5 rows/CPU s",
-        "epoch 1: 1.00 s, 10 rows, Ray CPU 0.00 s, - rows/CPU s"]
+        "epoch 1: 1.00 s, 10 rows, Ray CPU 0.00 s, - rows/CPU s",
+        "4 blocks; Ray CPU s per epoch after the first: median 0.00, least 0.00"]
+    assert seen == {"convert": True, "blocks": None}
+    # one epoch: no epoch after the first to summarise; --blocks and --delivery reach the run
+    ingest_epochs.main(["--epochs", "1", "--top", "0", "--blocks", "8", "--delivery"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "8 blocks; Ray CPU s per epoch after the first: median nan, least nan")
+    assert seen == {"convert": False, "blocks": 8}

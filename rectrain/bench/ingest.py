@@ -103,9 +103,11 @@ def _ingest_worker(config: dict) -> None:
 
 
 def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: int = 2,
-                   convert: bool = True) -> list[dict]:
+                   convert: bool = True, blocks: int | None = None) -> list[dict]:
     """rectrain's Ray Data path in ``world`` Ray Train workers; per-epoch figures. With
-    ``convert=False`` the workers only receive the blocks (Ray Data's delivery cost)."""
+    ``convert=False`` the workers only receive the blocks (Ray Data's delivery cost);
+    ``blocks`` overrides the read's block count (default: training's,
+    :func:`~rectrain.launch.ray_launch.read_blocks`)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -122,7 +124,8 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     train = os.path.join(wl.prepared_dir, "train")
     # the block count train() uses (read_blocks)
     files = storage.list_parquet_files(train)[0]
-    blocks = read_blocks(sum(pq.read_metadata(f).num_rows for f in files), batch, world, "train")
+    blocks = blocks or read_blocks(sum(pq.read_metadata(f).num_rows for f in files), batch,
+                                   world, "train")
     ds = ray.data.read_parquet(train, columns=layout.columns,
                                shuffle=FileShuffleConfig(seed=cfg.train.seed),
                                override_num_blocks=blocks)
