@@ -156,6 +156,9 @@ def test_trainstep_and_ingest_tiny(tmp_path, ray_local):
     assert all(e["rows"] == 2048 for e in row["delivery_epochs"])
     assert row["ray_delivery_cpu_s"] > 0 and row["ray_delivery_share"] > 0
     assert row["pyarrow_shuffle_to_batch_rows_per_core"] > 0
+    # train.input: files — the workers read their shares: every row, 8 batches of 128 each
+    assert all(e["rows"] == 2048 for e in row["files_epochs"])
+    assert row["files_cpu_s"] > 0 and row["files_over_pyarrow_per_core"] > 0
     assert os.path.getsize(os.path.join(out, "ingest.png")) > 0
 
 

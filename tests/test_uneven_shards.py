@@ -194,3 +194,21 @@ def test_ray_train_awkward_files_equal_steps_and_every_row_once(awkward_prepared
     got = pred[key].sort_values(key).to_numpy()
     exp = want.sort_values(["_user", "_item", "_ts"]).to_numpy()
     assert (got == exp).all() and len(got) == 60  # each test row scored exactly once
+
+
+def test_ray_train_input_files_each_worker_reads_its_share(awkward_prepared):
+    """train.input: files (rectrain.data.file_stream): no Ray Dataset for train; each worker
+    reads its own contiguous share of the awkward files (132 and 133 of the 265 rows), so both
+    take the same 8 batches of 16 per epoch, and evaluation still goes through Ray Data."""
+    from rectrain.config import config_from_dict
+    from rectrain.launch.ray_launch import train
+    from tests.support.tiny import tiny_job
+
+    tmp, _ = awkward_prepared
+    job = tiny_job(str(tmp), run_dir=str(tmp / "run_files"))
+    job["train"] = {**job["train"], "epochs": 2, "num_workers": 2, "input": "files"}
+    m = train(config_from_dict(job))
+    for ep in m["epochs"]:
+        assert ep["train_rows"] == 2 * 16 * ((265 // 2) // 16)
+        assert ep["valid_rows"] == 60 and np.isfinite(ep["train_loss"])
+    assert m["test_rows"] == 60

@@ -231,7 +231,7 @@ def run(args) -> dict:
         from rectrain.bench.scale import SIZES, STAGES
         n_scale = len(STAGES) * len(events or SIZES[args.size]["events"])
     wl_of = {n: (args.workloads or default_wl.get(n, "")).split(",") for n in names}
-    total = sum({"ingest": 3 * len(wl_of["ingest"]) if "ingest" in wl_of else 0,
+    total = sum({"ingest": 4 * len(wl_of["ingest"]) if "ingest" in wl_of else 0,
                  "trainstep": (5 if args.ablations or args.name == "all" else 3)
                  * len(wl_of.get("trainstep", [])),
                  "scaling": 6, "peers": 3,

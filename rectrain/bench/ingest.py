@@ -16,6 +16,8 @@
   wait for its first batch (the streaming executor's start-up).
 - ``Ray Data delivery``: the same read and split with workers that only receive the blocks
   (no shuffle, no ``to_batch``): what Ray Data itself costs to hand the rows over.
+- ``train.input: files``: the same workers, shuffle and ``to_batch``, each worker reading its
+  own share of the files (:class:`~rectrain.data.file_stream.FileStream`), no Ray Dataset.
 
 Per core used: each path's CPU seconds (user + system, all threads) over the same work, and
 ``rows / CPU seconds`` = rows/s per core used (cores used = CPU seconds / wall seconds). One
@@ -60,7 +62,12 @@ def _ingest_worker(config: dict) -> None:
     layout = _layout(cfg)
     ctx = ray.train.get_context()
     rng = np.random.default_rng(ctx.get_world_rank())
-    shard = RayShard(ray.train.get_dataset_shard("train"))
+    if config.get("source") == "files":  # train.input: files
+        from rectrain.data.file_stream import FileStream
+        shard = FileStream(config["train_url"], ctx.get_world_rank(), ctx.get_world_size(),
+                           layout.columns, cfg.train.seed)
+    else:
+        shard = RayShard(ray.train.get_dataset_shard("train"))
     history = []
     rank0 = ctx.get_world_rank() == 0
     for epoch in range(config["epochs"]):
@@ -103,11 +110,14 @@ def _ingest_worker(config: dict) -> None:
 
 
 def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: int = 2,
-                   convert: bool = True, blocks: int | None = None) -> list[dict]:
+                   convert: bool = True, blocks: int | None = None, source: str = "ray_data"
+                   ) -> list[dict]:
     """rectrain's Ray Data path in ``world`` Ray Train workers; per-epoch figures. With
     ``convert=False`` the workers only receive the blocks (Ray Data's delivery cost);
     ``blocks`` overrides the read's block count (default: training's,
-    :func:`~rectrain.launch.ray_launch.read_blocks`)."""
+    :func:`~rectrain.launch.ray_launch.read_blocks`). ``source="files"``: the workers read
+    their own shares of the files instead (``train.input: files``,
+    :class:`~rectrain.data.file_stream.FileStream`; no Ray Dataset, ``blocks`` is 0)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -126,14 +136,19 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     files = storage.list_parquet_files(train)[0]
     blocks = blocks or read_blocks(sum(pq.read_metadata(f).num_rows for f in files), batch,
                                    world, "train")
-    ds = ray.data.read_parquet(train, columns=layout.columns,
-                               shuffle=FileShuffleConfig(seed=cfg.train.seed),
-                               override_num_blocks=blocks)
+    datasets = {}
+    if source == "files":
+        blocks = 0
+    else:
+        datasets["train"] = ray.data.read_parquet(
+            train, columns=layout.columns, shuffle=FileShuffleConfig(seed=cfg.train.seed),
+            override_num_blocks=blocks)
     fit(_ingest_worker,
         {"job": job, "batch": batch, "epochs": epochs, "prefetch": prefetch, "convert": convert,
+         "source": source, "train_url": train,
          "tree_pid": os.getpid(),
          "threads": max(1, (os.cpu_count() or 1) // world), "result_path": result_path},
-        num_workers=world, datasets={"train": ds}, name="bench_ingest",
+        num_workers=world, datasets=datasets, name="bench_ingest",
         storage_path="/tmp/rectrain-bench-ingest/ray",
         resources_per_worker={"CPU": cfg.train.cpus_per_worker})
     with open(result_path) as f:
@@ -204,6 +219,10 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
         bare = run_ray_ingest(wl, batch, world, epochs, convert=False)
         if progress:
             progress.update(1)
+            progress.set_description(f"ingest {wl.name}: workers reading their files")
+        own = run_ray_ingest(wl, batch, world, epochs, source="files")
+        if progress:
+            progress.update(1)
             progress.set_description(f"ingest {wl.name}: pyarrow")
         pa_res = run_pyarrow(wl, batch, block_rows=-(-ray_res[0]["rows"] // ray_res[0]["blocks"]))
         if progress:
@@ -215,6 +234,9 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
         ray_per_core = least["rows"] / ray_cpu
         bare_least = _least_cpu(bare)
         bare_cpu = bare_least["cpu_seconds"].get("total") or float("nan")
+        own_least = _least_cpu(own)
+        own_cpu = own_least["cpu_seconds"].get("total") or float("nan")
+        own_per_core = own_least["rows"] / own_cpu
         ray_steady = max(e["rows"] / max(e["steady_seconds"], 1e-9) for e in ray_res)
         rows.append({
             "workload": wl.name, "rows": pa_res["rows"],
@@ -234,6 +256,11 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
             "ray_over_pyarrow_shuffle_per_core":
                 ray_per_core / pa_res["read_shuffle_to_batch_rows_per_cpu_s"],
             "ray_delivery_cpu_s": bare_cpu, "ray_delivery_share": bare_cpu / ray_cpu,
+            "files_rows_per_s": max(e["rows"] / e["seconds"] for e in own),
+            "files_cpu_s": own_cpu, "files_rows_per_core": own_per_core,
+            "files_over_pyarrow_per_core":
+                own_per_core / pa_res["read_to_batch_rows_per_cpu_s"],
+            "files_cpu_s_by_class": own_least["cpu_seconds"], "files_epochs": own,
             "ray_cpu_s_by_class": least["cpu_seconds"], "ray_blocks": best["blocks"],
             "ray_delivery_cpu_s_by_class": bare_least["cpu_seconds"],
             "epochs": ray_res, "delivery_epochs": bare, "pyarrow": pa_res})
@@ -246,10 +273,14 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
     split_cols = ["workload", "pyarrow_shuffle_to_batch_rows_per_core",
                   "ray_over_pyarrow_shuffle_per_core", "ray_delivery_cpu_s",
                   "ray_delivery_share"]
-    by_class = [{"workload": r["workload"], "run": run, "blocks": r["ray_blocks"],
+    files_cols = ["workload", "files_rows_per_s", "files_cpu_s", "files_rows_per_core",
+                  "files_over_pyarrow_per_core"]
+    by_class = [{"workload": r["workload"], "run": run,
+                 "blocks": r["ray_blocks"] if run != "files" else "-",
                  **{k: r[key].get(k, 0.0) for k in CLASSES}}
                 for r in rows for run, key in (("convert", "ray_cpu_s_by_class"),
-                                               ("delivery", "ray_delivery_cpu_s_by_class"))]
+                                               ("delivery", "ray_delivery_cpu_s_by_class"),
+                                               ("files", "files_cpu_s_by_class"))]
     md = ("### Ingest: Parquet → Batch(KJT), rows/s over the same files\n\n"
           f"pyarrow: one process; Ray: rectrain's Ray Data path in {world} Ray Train workers, "
           f"batch {batch}, best of {epochs} epochs ('steady' excludes the wait for the first "
@@ -271,6 +302,11 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
           + report.markdown_table(rows, split_cols, {
               "ray_over_pyarrow_shuffle_per_core": ".2f", "ray_delivery_cpu_s": ".2f",
               "ray_delivery_share": ".2f"})
+          + "\n\n`train.input: files`: the same workers reading their own shares of the "
+          "files (rectrain.data.file_stream; no Ray Dataset for train), the same shuffle and "
+          "to_batch, every process of the embedded Ray counted:\n\n"
+          + report.markdown_table(rows, files_cols, {"files_cpu_s": ".2f",
+                                                     "files_over_pyarrow_per_core": ".2f"})
           + "\n\nRay's CPU seconds of those epochs by process class (rectrain.bench.proctree), "
           "and the read's block count:\n\n"
           + report.markdown_table(by_class, ["workload", "run", "blocks", *CLASSES], {
@@ -281,7 +317,8 @@ def run_ingest(workloads: list[Workload], out_dir: str, batch: int = 1024, world
         for k, lab in (("pyarrow_read_rows_per_s", "pyarrow read"),
                        ("pyarrow_to_batch_rows_per_s", "pyarrow+to_batch"),
                        ("ray_rows_per_s", "Ray Data path"),
-                       ("ray_steady_rows_per_s", "Ray Data steady")):
+                       ("ray_steady_rows_per_s", "Ray Data steady"),
+                       ("files_rows_per_s", "workers read files")):
             labels.append(f"{r['workload']}\n{lab}")
             vals.append(r[k])
     report.plot_bars(os.path.join(out_dir, "ingest.png"), labels, vals, "rows/s",

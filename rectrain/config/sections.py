@@ -343,6 +343,15 @@ class TrainSpec(_Model):
                              "(0: inline). Off by default: on 2 cores with 2 workers the thread "
                              "competes with the step (DLRM -8 to -13 %, DIN -1 to +2 % in "
                              "paired benchmark runs); worth trying where cores idle, e.g. GPUs")
+    input: Literal["ray_data", "files"] = Field(
+        "ray_data", description="how the train split reaches the workers. ray_data: Ray Data's "
+                                "read tasks and exact streaming split (reads can run on other "
+                                "CPUs and nodes); files: each worker reads its own share of "
+                                "the Parquet files, a new share each epoch "
+                                "(rectrain.data.file_stream), which skips Ray Data's object "
+                                "store and split coordinator but reads on the worker's cores "
+                                "(checkpoint.every_n_steps' deterministic order, when set, "
+                                "takes precedence over both)")
 
 
 class ShardingSpec(_Model):

@@ -117,8 +117,10 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else resources.get("GPU", 0) >= tc.num_workers
     datasets = {}
-    # with checkpoint.every_n_steps the workers read train in a deterministic order themselves
-    for split in ("train", "valid", "test")[1 if cfg.checkpoint.every_n_steps else 0:]:
+    # with checkpoint.every_n_steps (a deterministic order) or train.input: files the workers
+    # read train themselves
+    own_train = bool(cfg.checkpoint.every_n_steps) or tc.input == "files"
+    for split in ("train", "valid", "test")[1 if own_train else 0:]:
         url = storage.join(cfg.prepared_dir, split)
         cols = list(dict.fromkeys(layout.columns + ([USER, ITEM, TS] if split != "train" else [])))
         path, fs = storage.ray_paths(url)
@@ -136,7 +138,7 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     threads = max(1, cpus // tc.num_workers) if not address else None
     t0 = time.perf_counter()
     try:
-        _fit_job(cfg, datasets, threads, use_gpu)
+        _fit_job(cfg, datasets, threads, use_gpu, layout.columns)
     except BaseException:
         print(f"[rectrain] the run failed: {run_dir} keeps the last good run's outputs; this "
               f"attempt's files are in {attempt} (resume it with --resume {attempt})",
@@ -155,10 +157,11 @@ def train(cfg: JobConfig, address: Optional[str] = None) -> dict:
     return metrics
 
 
-def _fit_job(cfg: JobConfig, datasets: dict, threads: Optional[int], use_gpu: bool) -> None:
+def _fit_job(cfg: JobConfig, datasets: dict, threads: Optional[int], use_gpu: bool,
+             columns: list[str]) -> None:
     tc = cfg.train
     fit(ray_train_worker,
-        {"job": cfg.model_dump(mode="json"), "threads": threads,
+        {"job": cfg.model_dump(mode="json"), "threads": threads, "columns": columns,
          "env": {k: v for k, v in os.environ.items() if k.startswith("RECTRAIN_")}},
         num_workers=tc.num_workers, min_workers=tc.min_workers, datasets=datasets,
         name=cfg.name,
@@ -271,6 +274,7 @@ def ray_train_worker(config: dict) -> None:
     import torch
 
     from rectrain.config import config_from_dict
+    from rectrain.data.file_stream import FileStream
     from rectrain.data.loader import RayShard
     from rectrain.train.env import WorkerEnv
     from rectrain.train.loop import run
@@ -289,13 +293,19 @@ def ray_train_worker(config: dict) -> None:
     threads = config.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
-    env = WorkerEnv(
-        rank=rank, world=ctx.get_world_size(), device=ray.train.torch.get_device(),
-        shard=lambda split: RayShard(ray.train.get_dataset_shard(split),
-                                     timeout_s=config["job"]["train"].get("batch_timeout_s"),
-                                     split=split),
-        report=lambda m: ray.train.report(m))
-    run(config_from_dict(config["job"]), env)
+    cfg = config_from_dict(config["job"])
+    world = ctx.get_world_size()
+
+    def shard(split: str):
+        if split == "train" and cfg.train.input == "files":
+            return FileStream(storage.join(cfg.prepared_dir, "train"), rank, world,
+                              config.get("columns"), cfg.train.seed)
+        return RayShard(ray.train.get_dataset_shard(split),
+                        timeout_s=cfg.train.batch_timeout_s, split=split)
+
+    env = WorkerEnv(rank=rank, world=world, device=ray.train.torch.get_device(), shard=shard,
+                    report=lambda m: ray.train.report(m))
+    run(cfg, env)
 
 
 def read_placement(run_dir: str) -> list[dict]:
