@@ -9,7 +9,8 @@ The workload's prepared data is written under ``--data`` on first use (as ``rect
 ingest`` does). Prints one line per epoch: seconds, rows, Ray CPU seconds, rows per CPU second,
 and the titles that spent the most; then the median and least CPU seconds of the epochs after
 the first. ``--blocks N`` reads in N blocks instead of training's count; ``--delivery`` has
-the workers only receive the blocks (Ray Data's delivery cost alone); ``--size full`` takes
+the workers only receive the blocks (Ray Data's delivery cost alone); ``--files`` has them read
+their own shares of the files (``train.input: files``) instead; ``--size full`` takes
 the ``full`` bench size's workload (DIN 2,048,000 rows) instead of ``quick``'s.
 """
 
@@ -48,9 +49,12 @@ def main(argv=None) -> None:
                     help="the read's block count (default: training's, read_blocks)")
     ap.add_argument("--delivery", action="store_true",
                     help="workers only receive the blocks (no shuffle, no to_batch)")
+    ap.add_argument("--files", action="store_true",
+                    help="train.input: files (the workers read their own shares of the files)")
     a = ap.parse_args(argv)
     wl = _workloads([a.workload], a.data, SETTINGS[a.size])[0]
-    epochs = run_ray_ingest(wl, a.batch, 2, a.epochs, convert=not a.delivery, blocks=a.blocks)
+    epochs = run_ray_ingest(wl, a.batch, 2, a.epochs, convert=not a.delivery, blocks=a.blocks,
+                            source="files" if a.files else "ray_data")
     for e in epochs:
         tot = e["cpu_seconds"]["total"]
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(e["cpu_by_title"].items())[:a.top])

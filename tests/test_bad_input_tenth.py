@@ -373,8 +373,8 @@ def test_ingest_epochs_top_0_and_an_epoch_without_cpu_seconds(capsys, monkeypatc
     monkeypatch.setattr(ingest_epochs, "_workloads", lambda names, data, s: [names[0]])
     seen = {}
 
-    def fake(wl, b, w, n, convert=True, blocks=None):
-        seen.update(convert=convert, blocks=blocks)
+    def fake(wl, b, w, n, convert=True, blocks=None, source="ray_data"):
+        seen.update(convert=convert, blocks=blocks, source=source)
         return [{"epoch": k, "seconds": 1.0, "rows": 10, "blocks": blocks or 4,
                  "cpu_seconds": {"total": 0.0 if k else 2.0},
                  "cpu_by_title": {"ray::SplitCoordinator": 1.5}} for k in range(n)]
@@ -385,9 +385,10 @@ def test_ingest_epochs_top_0_and_an_epoch_without_cpu_seconds(capsys, monkeypatc
         "epoch 0: 1.00 s, 10 rows, Ray CPU 2.00 s, 5 rows/CPU s",
         "epoch 1: 1.00 s, 10 rows, Ray CPU 0.00 s, - rows/CPU s",
         "4 blocks; Ray CPU s per epoch after the first: median 0.00, least 0.00"]
-    assert seen == {"convert": True, "blocks": None}
+    assert seen == {"convert": True, "blocks": None, "source": "ray_data"}
     # one epoch: no epoch after the first to summarise; --blocks and --delivery reach the run
-    ingest_epochs.main(["--epochs", "1", "--top", "0", "--blocks", "8", "--delivery"])
+    ingest_epochs.main(["--epochs", "1", "--top", "0", "--blocks", "8", "--delivery",
+                        "--files"])
     assert capsys.readouterr().out.splitlines()[-1] == (
         "8 blocks; Ray CPU s per epoch after the first: median nan, least nan")
-    assert seen == {"convert": False, "blocks": 8}
+    assert seen == {"convert": False, "blocks": 8, "source": "files"}

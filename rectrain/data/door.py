@@ -135,9 +135,10 @@ def parent(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0]
 
 
-def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds) -> pa.Table:
-    """The prepared ``files`` read (``columns``), each checked (:func:`check_table`, rows
-    counted within the file), as one table.
+def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds,
+                 use_threads: bool = True) -> pa.Table:
+    """The prepared ``files`` read (``columns``; ``use_threads``: on pyarrow's thread pool),
+    each checked (:func:`check_table`, rows counted within the file), as one table.
 
     Raises:
         PreparedDataError: a finding in a file, or two files whose schemas differ (names the
@@ -145,7 +146,7 @@ def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds) ->
     """
     tables = []
     for f in files:
-        t = storage.read_parquet(f, columns)
+        t = storage.read_parquet(f, columns, use_threads)
         check_table(t, bounds, f"{f}")
         if tables and t.schema != tables[0].schema:
             first = tables[0].schema

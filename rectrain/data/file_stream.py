@@ -109,5 +109,8 @@ class FileStream:
     def _read(self, group: list[tuple[int, int, int]]) -> pa.Table:
         # the group's files are consecutive in the epoch's order, so this rank's rows of them
         # are one slice of their concatenation
-        t = read_checked([self.files[i] for i, _, _ in group], self.columns, self.bounds)
+        # one decode thread: the worker's other threads (the step, the conversion ahead of
+        # it) and the other workers on the node already hold the cores
+        t = read_checked([self.files[i] for i, _, _ in group], self.columns, self.bounds,
+                         use_threads=False)
         return t.slice(group[0][1], sum(n for _, _, n in group))

@@ -124,8 +124,10 @@ def list_parquet_files(url: str) -> tuple[list[str], list[str]]:
     return files, markers
 
 
-def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
-    """Read one Parquet file at any fsspec URL into an Arrow table.
+def read_parquet(url: str, columns: list[str] | None = None, use_threads: bool = True
+                 ) -> pa.Table:
+    """Read one Parquet file at any fsspec URL into an Arrow table (``use_threads``: decode
+    columns on pyarrow's thread pool).
 
     Raises:
         ValueError: the file is not valid Parquet (message names the file).
@@ -133,7 +135,7 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = url_to_fs(url)
     try:
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            return pq.read_table(f, columns=columns, use_threads=use_threads)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{url}: cannot read as Parquet: {e}") from None
 
