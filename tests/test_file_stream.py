@@ -58,8 +58,11 @@ def test_groups_of_block_rows_and_only_the_files_it_needs(split, monkeypatch):
 
     read = []
     real = fsm.read_checked
-    monkeypatch.setattr(fsm, "read_checked",
-                        lambda files, cols, b, **kw: read.append(len(files)) or real(files, cols, b, **kw))
+    def spy(files, cols, bounds, **kw):
+        read.append(len(files))
+        return real(files, cols, bounds, **kw)
+
+    monkeypatch.setattr(fsm, "read_checked", spy)
     s = FileStream(split, 1, 3, ["row", "item_id"], seed=0, block_rows=100)
     tables = list(s.tables(0))
     assert [t.column_names for t in tables] == [["row", "item_id"]] * len(tables)
