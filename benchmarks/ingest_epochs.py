@@ -10,8 +10,9 @@ ingest`` does). Prints one line per epoch: seconds, rows, Ray CPU seconds, rows 
 and the titles that spent the most; then the median and least CPU seconds of the epochs after
 the first. ``--blocks N`` reads in N blocks instead of training's count; ``--delivery`` has
 the workers only receive the blocks (Ray Data's delivery cost alone); ``--files`` has them read
-their own shares of the files (``train.input: files``) instead; ``--size full`` takes
-the ``full`` bench size's workload (DIN 2,048,000 rows) instead of ``quick``'s.
+their own shares of the files (``train.input: files``; not with ``--blocks``) instead;
+``--size full`` takes the ``full`` bench size's workload (DIN 2,048,000 rows) instead of
+``quick``'s.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main(argv=None) -> None:
     ap.add_argument("--files", action="store_true",
                     help="train.input: files (the workers read their own shares of the files)")
     a = ap.parse_args(argv)
+    if a.files and a.blocks is not None:  # the workers' own reads have no Ray Data blocks
+        ap.error("--blocks is the Ray Data read's block count: not with --files")
     wl = _workloads([a.workload], a.data, SETTINGS[a.size])[0]
     epochs = run_ray_ingest(wl, a.batch, 2, a.epochs, convert=not a.delivery, blocks=a.blocks,
                             source="files" if a.files else "ray_data")
@@ -62,7 +65,8 @@ def main(argv=None) -> None:
         print(f"epoch {e['epoch']}: {e['seconds']:.2f} s, {e['rows']:,} rows, Ray CPU "
               f"{tot:.2f} s, {per_cpu} rows/CPU s" + (f" | {top}" if top else ""))
     steady = sorted(e["cpu_seconds"]["total"] for e in epochs[1:]) or [float("nan")]
-    print(f"{epochs[0]['blocks']} blocks; Ray CPU s per epoch after the first: median "
+    head = "files read by the workers" if a.files else f"{epochs[0]['blocks']} blocks"
+    print(f"{head}; Ray CPU s per epoch after the first: median "
           f"{steady[len(steady) // 2]:.2f}, least {steady[0]:.2f}")
 
 

@@ -138,7 +138,8 @@ def parent(url: str) -> str:
 def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds,
                  use_threads: bool = True) -> pa.Table:
     """The prepared ``files`` read (``columns``; ``use_threads``: on pyarrow's thread pool),
-    each checked (:func:`check_table`, rows counted within the file), as one table.
+    each checked (:func:`check_table`, rows counted within the file), as one table (every
+    column nullable: files that differ only in which columns are marked required concatenate).
 
     Raises:
         PreparedDataError: a finding in a file, or two files whose schemas differ (names the
@@ -147,6 +148,10 @@ def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds,
     tables = []
     for f in files:
         t = storage.read_parquet(f, columns, use_threads)
+        if any(not x.nullable for x in t.schema):
+            # a writer's "required" columns: the same data as another writer's optional ones
+            # (zero-copy), which would otherwise differ in schema and not concatenate
+            t = t.cast(pa.schema([x.with_nullable(True) for x in t.schema], t.schema.metadata))
         check_table(t, bounds, f"{f}")
         if tables and t.schema != tables[0].schema:
             first = tables[0].schema

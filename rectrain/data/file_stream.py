@@ -8,7 +8,9 @@ footers): every row once per epoch, the same number of rows on every rank (to on
 different set of files per rank each epoch. Each rank reads only the files that overlap its
 range (at most two of them partly), in groups of about ``block_rows`` rows, each file checked by
 the door (:func:`rectrain.data.door.read_checked`: file, column, row and value on a bad id); the
-loader's local shuffle then permutes each group (:func:`rectrain.data.loader.rebatch`).
+loader's local shuffle then permutes each group (:func:`rectrain.data.loader.rebatch`). Every
+file's footer schema is checked once, when the stream is made, so that a file lacking a column
+or of other types fails on every rank alike, before any read.
 
 Why: on the ingest benchmark (2 workers, 2 cores) Ray Data's delivery alone (read tasks that copy
 each block into the object store, the split coordinator's executor, Ray's servers) cost 0.81
@@ -27,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rectrain.data import storage
-from rectrain.data.door import parent, prepared_bounds, read_checked
+from rectrain.data.door import (_HINT, PreparedDataError, parent, prepared_bounds,
+                                 read_checked)
 
 #: rows per group of files read at once (and so per local shuffle), as Ray Data's train blocks
 BLOCK_ROWS = 131_072
@@ -39,15 +42,64 @@ def file_rows(files: list[str]) -> np.ndarray:
     Raises:
         ValueError: a file is not valid Parquet (names the file).
     """
+    return _footers(files)[0]
+
+
+def _footers(files: list[str]) -> tuple[np.ndarray, list[pa.Schema]]:
+    """Rows (int64 ``[F]``) and Arrow schema of each Parquet file, from the footers.
+
+    Raises:
+        ValueError: a file is not valid Parquet (names the file).
+    """
     out = np.zeros(len(files), dtype=np.int64)
+    schemas = []
     for i, f in enumerate(files):
         fs, path = storage.url_to_fs(f)
         try:
             with fs.open(path, "rb") as fh:
-                out[i] = pq.ParquetFile(fh).metadata.num_rows
+                meta = pq.ParquetFile(fh).metadata
+                out[i] = meta.num_rows
+                schemas.append(meta.schema.to_arrow_schema())
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{f}: cannot read as Parquet: {e}") from None
-    return out
+    return out, schemas
+
+
+def _check_schemas(files: list[str], rows: np.ndarray, schemas: list[pa.Schema],
+                   columns: list[str] | None) -> None:
+    """Every non-empty file holds ``columns`` (None: exactly the first non-empty file's), of
+    the same types as the first non-empty file: a rank reads only its own files, so without
+    this a file that differs fails only on the rank, and in the epoch, that reads it (or not at
+    all, when it is in another group than the file it differs from), and a missing column fails
+    as "cannot read as Parquet". Files of 0 rows are never read (:meth:`FileStream.ranges`),
+    so their schema does not matter (writers often give an empty file null-typed columns).
+
+    Raises:
+        rectrain.data.door.PreparedDataError: names the file and the columns it lacks (or,
+            reading all columns, has in addition), or the file, column and both types.
+    """
+    full = [k for k in range(len(files)) if rows[k]]
+    if not full:
+        return
+    first = schemas[full[0]]
+    names = list(columns) if columns is not None else first.names
+    for k in full:
+        have = schemas[k]
+        missing = [c for c in names if c not in have.names]
+        if missing:
+            raise PreparedDataError(f"{files[k]}: no column {missing}, which this job reads; "
+                                    f"run `rectrain prepare` with this job's features")
+        extra = [c for c in have.names if c not in names] if columns is None else []
+        if extra:  # all columns read: the groups' tables would differ in columns
+            raise PreparedDataError(f"{files[k]}: columns {extra} that {files[full[0]]} lacks: "
+                                    f"every prepared file of a split needs the same schema; "
+                                    f"{_HINT}")
+        for c in names:
+            if k != full[0] and have.field(c).type != first.field(c).type:
+                raise PreparedDataError(
+                    f"{files[k]}: column '{c}' has type {have.field(c).type}, but "
+                    f"{files[full[0]]} has {first.field(c).type}: every prepared file of a "
+                    f"split needs the same schema; {_HINT}")
 
 
 class FileStream:
@@ -62,20 +114,40 @@ class FileStream:
         block_rows: rows per group of files read and yielded at once.
 
     Raises:
+        ValueError: ``world`` or ``block_rows`` below 1, ``rank`` outside ``0..world-1`` or a
+            negative ``seed`` (numpy's seed sequence takes none); a file is not valid Parquet.
         FileNotFoundError: ``url`` holds no data file.
-        ValueError: a file is not valid Parquet.
+        rectrain.data.door.PreparedDataError: a non-empty file lacks one of ``columns`` or
+            its types differ from the first non-empty file's (names the file and column).
     """
 
     def __init__(self, url: str, rank: int, world: int, columns: list[str] | None = None,
                  seed: int = 0, block_rows: int = BLOCK_ROWS):
-        self.url, self.rank, self.world = url, rank, max(world, 1)
-        self.columns, self.seed, self.block_rows = columns, seed, max(block_rows, 1)
+        # the ranks come from Ray Train's context: one out of range is a caller's bug, which
+        # clamping would turn into silently missing or doubled rows
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of world {world}: need world >= 1 and "
+                             f"0 <= rank < world")
+        if block_rows < 1:
+            raise ValueError(f"block_rows {block_rows}: need at least 1 row per group")
+        if seed < 0:
+            raise ValueError(f"seed {seed} (train.seed): the file order needs a seed >= 0")
+        self.url, self.rank, self.world = url, rank, world
+        self.columns, self.seed, self.block_rows = columns, seed, block_rows
         self.files, _ = storage.list_parquet_files(url)
-        self.rows = file_rows(self.files)
+        self.rows, schemas = _footers(self.files)
+        _check_schemas(self.files, self.rows, schemas, columns)
         self.bounds = prepared_bounds(parent(url))
 
     def ranges(self, epoch: int) -> list[tuple[int, int, int]]:
-        """``(file index, first row, rows)`` this rank reads in ``epoch``, in reading order."""
+        """``(file index, first row, rows)`` this rank reads in ``epoch``, in reading order;
+        only files it reads rows of (none of 0 rows, none when its range is empty).
+
+        Raises:
+            ValueError: a negative ``epoch``.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch}: the file order needs an epoch >= 0")
         order = np.random.default_rng([self.seed, 7919, epoch]).permutation(len(self.files))
         ends = np.cumsum(self.rows[order])
         starts = ends - self.rows[order]
@@ -84,6 +156,8 @@ class FileStream:
         out = []
         for k in np.flatnonzero((ends > lo) & (starts < hi)):
             a, b = max(lo, int(starts[k])), min(hi, int(ends[k]))
+            if b == a:  # a 0-row file inside the range, or an empty range at a file's edge
+                continue
             out.append((int(order[k]), a - int(starts[k]), b - a))
         return out
 
@@ -91,9 +165,10 @@ class FileStream:
         """This rank's rows of ``epoch`` as Arrow tables of about ``block_rows`` rows.
 
         Raises:
-            rectrain.data.door.PreparedDataError: a file breaks the prepared data's bounds or
-                its schema differs from the group's first file (names file, column, row,
-                value).
+            ValueError: a negative ``epoch``.
+            rectrain.data.door.PreparedDataError: a file breaks the prepared data's bounds
+                (names file, column, row, value), or (rewritten since the stream was made)
+                its schema differs from the group's first file.
         """
         group: list[tuple[int, int, int]] = []
         have = 0

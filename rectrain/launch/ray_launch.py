@@ -67,7 +67,17 @@ def read_blocks(rows: int, batch_size: int, workers: int, split: str = "train") 
     150 blocks of 2,730 rows, 2.6 CPU-s per epoch. The read still caps a block at
     ``DataContext.target_max_block_size`` bytes, so wide rows do not make one block too large
     for memory. The rows and the exact split are the same whatever the count; only their
-    grouping into blocks (and so the streaming order and each block's shuffle) changes."""
+    grouping into blocks (and so the streaming order and each block's shuffle) changes.
+
+    Raises:
+        ValueError: negative ``rows`` (a broken manifest's ``rows_per_split``), or a ``split``
+            other than train, valid and test (a misspelt train would get evaluation's
+            blocks and no error).
+    """
+    if rows < 0:
+        raise ValueError(f"read_blocks: {rows} rows of split {split!r}; a row count is >= 0")
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"read_blocks: unknown split {split!r} (train, valid or test)")
     workers = max(workers, 1)
     if split == "train":
         return max(2 * workers, rows // max(TRAIN_BLOCK_ROWS, 8 * batch_size))
