@@ -57,12 +57,12 @@ def read_blocks(rows: int, batch_size: int, workers: int, split: str = "train") 
       4 per worker, so that ``streaming_split(equal=False)`` (evaluation) still spreads a small
       split over the workers.
 
-    Every block costs about 0.03 CPU-s per epoch whatever its size (a read task, an object in
-    the store, the split coordinator's scheduling steps and hand-off): on the DIN benchmark
-    (2 workers, 2 cores) 8 blocks of 51,200 rows took 1.68-1.77 CPU-s per epoch of 409,600
-    rows and 4 blocks 1.57-1.62; at 2,048,000 rows 31 blocks 7.7 and 15 blocks 6.8 CPU-s, while
-    8 blocks (too few to keep the read ahead of the workers) took 7.2 (docs/benchmarks.md,
-    "Ingest: where the time went"). Ray Data's own choice (at least
+    Every block costs a few hundredths of a CPU second per epoch whatever its size (a read
+    task, an object in the store, the split coordinator's scheduling steps and hand-off): on
+    the DIN benchmark (2 workers, 2 cores) an epoch of 409,600 rows took a median 1.86 Ray
+    CPU-s in 8 blocks and 1.55 in 4; at 2,048,000 rows 15 blocks beat both 31 and 8 (too few
+    to keep the read ahead of the workers) (docs/benchmarks.md, "Ray Data's delivery
+    alone"). Ray Data's own choice (at least
     ``DataContext.read_op_min_num_blocks`` = 200 blocks) cut those 25 files of 16,384 rows into
     150 blocks of 2,730 rows, 2.6 CPU-s per epoch. The read still caps a block at
     ``DataContext.target_max_block_size`` bytes, so wide rows do not make one block too large
