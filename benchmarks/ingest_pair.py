@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 
+from benchmarks.ingest_epochs import _int_at_least
+
 
 def _work(args) -> float:
     name, data, size = args
@@ -31,10 +33,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workload", default="din_synth", choices=("din_synth", "dlrm_criteo"))
     ap.add_argument("--data", default="data/bench", help="where the workloads are written")
     ap.add_argument("--size", choices=("quick", "full"), default="quick")
-    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--repeats", type=_int_at_least(1), default=4)
     a = ap.parse_args(argv)
-    if a.repeats < 1:
-        ap.error("--repeats must be at least 1")
     job = (a.workload, a.data, a.size)
     ctx = mp.get_context("spawn")
     alone, pair = [], []

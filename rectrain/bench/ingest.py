@@ -132,14 +132,14 @@ def run_ray_ingest(wl: Workload, batch: int, world: int, epochs: int, prefetch: 
     init_ray(cfg)
     layout = _layout(cfg)
     train = os.path.join(wl.prepared_dir, "train")
-    # the block count train() uses (read_blocks)
-    files = storage.list_parquet_files(train)[0]
-    blocks = blocks or read_blocks(sum(pq.read_metadata(f).num_rows for f in files), batch,
-                                   world, "train")
     datasets = {}
     if source == "files":
         blocks = 0
     else:
+        # the block count train() uses (read_blocks)
+        files = storage.list_parquet_files(train)[0]
+        blocks = blocks or read_blocks(sum(pq.read_metadata(f).num_rows for f in files),
+                                       batch, world, "train")
         datasets["train"] = ray.data.read_parquet(
             train, columns=layout.columns, shuffle=FileShuffleConfig(seed=cfg.train.seed),
             override_num_blocks=blocks)

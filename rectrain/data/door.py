@@ -135,6 +135,29 @@ def parent(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0]
 
 
+def type_differs(f: str, name: str, ty, first_file: str, first_ty) -> PreparedDataError:
+    """The error for column ``name`` of file ``f`` having type ``ty`` where the split's first
+    file ``first_file`` has ``first_ty`` (None: lacks the column)."""
+    return PreparedDataError(f"{f}: column '{name}' has type {ty}, but {first_file} has "
+                             f"{first_ty}: every prepared file of a split needs the same "
+                             f"schema; {_HINT}")
+
+
+def require_columns(f: str, schema: pa.Schema, columns, prepared_dir: str) -> None:
+    """``f`` (whose footer schema is ``schema``) holds every one of the job's ``columns``.
+
+    Raises:
+        PreparedDataError: naming the file and the columns it lacks.
+    """
+    missing = [c for c in columns or () if c not in schema.names]
+    if missing:
+        hint = (f" (match features and model.time_bias: true read the event times _ts "
+                f"and _hist_ts, which prepare writes only for such jobs; {prepared_dir} "
+                f"was prepared without them)" if "_hist_ts" in missing else "")
+        raise PreparedDataError(f"{f}: no column {missing}, which this job reads; run "
+                                f"`rectrain prepare` with this job's features{hint}")
+
+
 def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds,
                  use_threads: bool = True) -> pa.Table:
     """The prepared ``files`` read (``columns``; ``use_threads``: on pyarrow's thread pool),
@@ -158,10 +181,7 @@ def read_checked(files: list[str], columns: list[str] | None, bounds: Bounds,
             for field in t.schema:
                 other = first.field(field.name).type if field.name in first.names else None
                 if other != field.type:
-                    raise PreparedDataError(
-                        f"{f}: column '{field.name}' has type {field.type}, but {files[0]} has "
-                        f"{other}: every prepared file of a split needs the same schema; "
-                        f"{_HINT}")
+                    raise type_differs(f, field.name, field.type, files[0], other)
             missing = [n for n in first.names if n not in t.schema.names]
             raise PreparedDataError(f"{f}: columns {missing or t.schema.names} differ from "
                                     f"{files[0]}; {_HINT}")
@@ -204,23 +224,15 @@ def check_footers(prepared_dir: str, bounds: Bounds, splits: tuple[str, ...],
             with fs.open(path, "rb") as fh:
                 meta = pq.read_metadata(fh)
             schema = meta.schema.to_arrow_schema()
-            missing = [c for c in columns or () if c not in schema.names]
-            if missing and meta.num_rows:
-                hint = (f" (match features and model.time_bias: true read the event times _ts "
-                        f"and _hist_ts, which prepare writes only for such jobs; {prepared_dir} "
-                        f"was prepared without them)"
-                        if "_hist_ts" in missing else "")
-                raise PreparedDataError(f"{f}: no column {missing}, which this job reads; run "
-                                        f"`rectrain prepare` with this job's features{hint}")
+            if meta.num_rows:
+                require_columns(f, schema, columns, prepared_dir)
             for name, spec in bounds.items():
                 if name in schema.names:
                     _check_type(f, name, spec[0], schema.field(name).type)
                     if first is not None and name in first.names and \
                             first.field(name).type != schema.field(name).type:
-                        raise PreparedDataError(
-                            f"{f}: column '{name}' has type {schema.field(name).type}, but "
-                            f"{files[0]} has {first.field(name).type}: every prepared file of "
-                            f"a split needs the same schema; {_HINT}")
+                        raise type_differs(f, name, schema.field(name).type, files[0],
+                                           first.field(name).type)
             first = first or schema
             if _stats_out_of_bounds(meta, bounds):
                 cols = [n for n in bounds if n in schema.names]

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from rectrain.data import storage
 from rectrain.data.door import (_HINT, PreparedDataError, parent, prepared_bounds,
-                                 read_checked)
+                                 read_checked, require_columns, type_differs)
 
 #: rows per group of files read at once (and so per local shuffle), as Ray Data's train blocks
 BLOCK_ROWS = 131_072
@@ -66,7 +66,7 @@ def _footers(files: list[str]) -> tuple[np.ndarray, list[pa.Schema]]:
 
 
 def _check_schemas(files: list[str], rows: np.ndarray, schemas: list[pa.Schema],
-                   columns: list[str] | None) -> None:
+                   columns: list[str] | None, prepared_dir: str) -> None:
     """Every non-empty file holds ``columns`` (None: exactly the first non-empty file's), of
     the same types as the first non-empty file: a rank reads only its own files, so without
     this a file that differs fails only on the rank, and in the epoch, that reads it (or not at
@@ -85,10 +85,7 @@ def _check_schemas(files: list[str], rows: np.ndarray, schemas: list[pa.Schema],
     names = list(columns) if columns is not None else first.names
     for k in full:
         have = schemas[k]
-        missing = [c for c in names if c not in have.names]
-        if missing:
-            raise PreparedDataError(f"{files[k]}: no column {missing}, which this job reads; "
-                                    f"run `rectrain prepare` with this job's features")
+        require_columns(files[k], have, names, prepared_dir)
         extra = [c for c in have.names if c not in names] if columns is None else []
         if extra:  # all columns read: the groups' tables would differ in columns
             raise PreparedDataError(f"{files[k]}: columns {extra} that {files[full[0]]} lacks: "
@@ -96,10 +93,8 @@ def _check_schemas(files: list[str], rows: np.ndarray, schemas: list[pa.Schema],
                                     f"{_HINT}")
         for c in names:
             if k != full[0] and have.field(c).type != first.field(c).type:
-                raise PreparedDataError(
-                    f"{files[k]}: column '{c}' has type {have.field(c).type}, but "
-                    f"{files[full[0]]} has {first.field(c).type}: every prepared file of a "
-                    f"split needs the same schema; {_HINT}")
+                raise type_differs(files[k], c, have.field(c).type, files[full[0]],
+                                   first.field(c).type)
 
 
 class FileStream:
@@ -136,7 +131,7 @@ class FileStream:
         self.columns, self.seed, self.block_rows = columns, seed, block_rows
         self.files, _ = storage.list_parquet_files(url)
         self.rows, schemas = _footers(self.files)
-        _check_schemas(self.files, self.rows, schemas, columns)
+        _check_schemas(self.files, self.rows, schemas, columns, parent(url))
         self.bounds = prepared_bounds(parent(url))
 
     def ranges(self, epoch: int) -> list[tuple[int, int, int]]:

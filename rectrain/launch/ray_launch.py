@@ -305,11 +305,15 @@ def ray_train_worker(config: dict) -> None:
         torch.set_num_threads(int(threads))
     cfg = config_from_dict(config["job"])
     world = ctx.get_world_size()
+    # made once: the loop asks for the train shard every epoch, and a FileStream reads every
+    # file's footer when it is made
+    own_train = (FileStream(storage.join(cfg.prepared_dir, "train"), rank, world,
+                            config.get("columns"), cfg.train.seed)
+                 if cfg.train.input == "files" and cfg.checkpoint.every_n_steps is None else None)
 
     def shard(split: str):
-        if split == "train" and cfg.train.input == "files":
-            return FileStream(storage.join(cfg.prepared_dir, "train"), rank, world,
-                              config.get("columns"), cfg.train.seed)
+        if split == "train" and own_train is not None:
+            return own_train
         return RayShard(ray.train.get_dataset_shard(split),
                         timeout_s=cfg.train.batch_timeout_s, split=split)
 
